@@ -1,0 +1,101 @@
+"""Our safetensors weight files: tensors plus the metadata that rebuilds the model (DESIGN.md).
+
+Metadata keys (all values are strings; JSON where structured):
+  format   -- ``FORMAT``, a version tag of ours; a file without it is not one of ours
+  task     -- the task that trained the weights (e.g. ``finola``), or ``""``
+  model    -- JSON ``{"arch": NAME, "config": {...}}``: ``ARCHS[NAME]`` rebuilds the module from ``config``
+  train    -- JSON of the run's flags;  data -- the data source string;  metrics -- JSON of final metrics
+
+``load_model(path)`` is the one function that rebuilds any of our models from a file alone.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "finola-weights/1"
+
+# arch name -> (module, function taking the config dict and returning an nn.Module). Later issues add theirs.
+ARCHS: dict[str, tuple[str, str]] = {
+    "mobileformer": ("mobileformer", "from_config"),
+}
+
+
+def save(path, state_dict: dict[str, torch.Tensor], *, arch: str, config: dict, task: str = "",
+         train: dict | None = None, data: str = "", metrics: dict | None = None) -> Path:
+    """Write ``state_dict`` and our metadata to ``path`` atomically (temporary file, then rename)."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch: unknown architecture {arch!r}; expected one of {sorted(ARCHS)}")
+    path = Path(path)
+    meta = {
+        "format": FORMAT,
+        "task": task,
+        "model": json.dumps({"arch": arch, "config": config}),
+        "train": json.dumps(train or {}),
+        "data": data,
+        "metrics": json.dumps(metrics or {}),
+    }
+    # safetensors refuses shared or non-contiguous storage: store independent contiguous copies.
+    tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def read_metadata(path) -> dict:
+    """The parsed metadata of one of our files (JSON fields decoded); a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights: no such file {str(path)!r}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for non-safetensors files
+        raise ValueError(f"weights: {str(path)!r} is not a safetensors file ({e})") from e
+    if raw.get("format") != FORMAT:
+        raise ValueError(f"weights: {str(path)!r} is not a finola weights file "
+                         f"(metadata 'format' is {raw.get('format')!r}, expected {FORMAT!r})")
+    meta = dict(raw)
+    for key in ("model", "train", "metrics"):
+        meta[key] = json.loads(raw.get(key) or "{}")
+    return meta
+
+
+def read(path, *, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """``(state_dict, metadata)`` of one of our files."""
+    meta = read_metadata(path)
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, meta
+
+
+def build(model_meta: dict) -> torch.nn.Module:
+    """A fresh (randomly initialised) module from the ``model`` metadata ``{"arch", "config"}``."""
+    arch = model_meta.get("arch")
+    if arch not in ARCHS:
+        raise ValueError(f"weights: unknown architecture {arch!r} in metadata; expected one of {sorted(ARCHS)}")
+    module, fn = ARCHS[arch]
+    return getattr(importlib.import_module(module), fn)(model_meta["config"])
+
+
+def load_model(path, *, device="cpu") -> torch.nn.Module:
+    """Rebuild one of our models from a ``.safetensors`` file alone, weights loaded, in eval mode."""
+    tensors, meta = read(path, device=device)
+    model = build(meta["model"]).to(device)
+    model.load_state_dict(tensors, strict=True)
+    model.metadata = meta
+    return model.eval()
