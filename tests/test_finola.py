@@ -1,0 +1,265 @@
+"""The FINOLA core (finola.py): the parallel expansion against the obviously-correct sequential one, gradients,
+Eq. 3's shift, the moving-average variant, the PDE residual, and input checks."""
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import finola
+
+
+def params64(C, *, seed=0, std=0.5):
+    """Independent random matrices (not init's A_neg = -A), large enough to make the map vary a lot."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(C, C, generator=g, dtype=torch.float64) * std / math.sqrt(C) for k in finola.KEYS}
+
+
+def q64(B, C, *, seed=1):
+    return torch.randn(B, C, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def origins(H, W):
+    """Centre, the four corners and the middle of the left edge."""
+    return sorted({(H // 2, W // 2), (0, 0), (0, W - 1), (H - 1, 0), (H - 1, W - 1), (H // 2, 0)})
+
+
+CASES = [(size, o) for size in [(1, 1), (1, 7), (7, 1), (5, 8), (16, 16)] for o in origins(*size)]
+
+
+@pytest.mark.parametrize("size,origin", CASES, ids=[f"{s[0]}x{s[1]}-at{o[0]},{o[1]}" for s, o in CASES])
+def test_expand_equals_sequential(size, origin):
+    p, q = params64(6), q64(2, 6)
+    fast = finola.expand(p, q, size=size, origin=origin)
+    slow = finola.expand_sequential(p, q, size=size, origin=origin)
+    assert fast.shape == (2, 6, *size)
+    assert_close(fast, slow, rtol=0, atol=1e-10)
+    assert torch.equal(fast[:, :, origin[0], origin[1]], q), "the origin must hold q exactly"
+
+
+def test_expand_default_origin_is_centre():
+    p, q = params64(4), q64(1, 4)
+    z = finola.expand(p, q)
+    assert z.shape == (1, 4, 16, 16)
+    assert torch.equal(z[:, :, 8, 8], q)
+    assert_close(z, finola.expand(p, q, origin=(8, 8)), rtol=0, atol=0)
+
+
+def test_expand_value_is_eq3_shift_from_q():
+    """Each position (r, c) is shift(q, u=c-c0, v=r-r0): Eq. 3's average of the two paths."""
+    p, q = params64(5), q64(3, 5)
+    z = finola.expand(p, q, size=(6, 7), origin=(2, 4))
+    for r, c in [(0, 0), (5, 6), (2, 0), (4, 4), (0, 6)]:
+        assert_close(z[:, :, r, c], finola.shift(p, q, c - 4, r - 2), rtol=0, atol=1e-12)
+
+
+def test_expand_gradcheck():
+    p = {k: v.requires_grad_() for k, v in params64(3).items()}
+    q = q64(2, 3).requires_grad_()
+
+    def f(q, *ws):
+        return finola.expand(dict(zip(finola.KEYS, ws)), q, size=(4, 5), origin=(1, 3))
+
+    assert torch.autograd.gradcheck(f, (q, *p.values()))
+
+
+def test_expand_gradients_match_sequential():
+    """The hand-written backward against autograd through the sequential form, on a larger map."""
+    p, q = params64(8), q64(2, 8)
+    g = torch.randn(2, 8, 9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for fn in (finola.expand, finola.expand_sequential):
+        leaves = [q.clone().requires_grad_()] + [p[k].clone().requires_grad_() for k in finola.KEYS]
+        z = fn(dict(zip(finola.KEYS, leaves[1:])), leaves[0], size=(9, 6), origin=(6, 1))
+        grads.append(torch.autograd.grad((z * g).sum(), leaves))
+    for a, b in zip(*grads):
+        assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_expand_gradient_only_to_requested_inputs():
+    p = params64(4)
+    p["A"].requires_grad_()
+    z = finola.expand(p, q64(1, 4), size=(3, 3))
+    z.sum().backward()
+    assert p["A"].grad is not None and p["A"].grad.abs().sum() > 0
+    assert p["B"].grad is None
+
+
+def test_batch_items_are_independent():
+    p = params64(5)
+    q = q64(4, 5).requires_grad_()
+    z = finola.expand(p, q, size=(5, 4), origin=(1, 2))
+    for i in range(4):
+        assert_close(z[i:i + 1], finola.expand(p, q[i:i + 1].detach(), size=(5, 4), origin=(1, 2)),
+                     rtol=0, atol=1e-12)
+    (gq,) = torch.autograd.grad(z[1].sum(), q)
+    assert gq[1].abs().sum() > 0
+    assert torch.equal(gq[[0, 2, 3]], torch.zeros_like(gq[[0, 2, 3]]))
+
+
+# --- Eq. 1 and Eq. 3 ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dim", [1, -1])
+def test_normalize_is_eq1(dim):
+    z = torch.randn(2, 7, 3, 4, dtype=torch.float64)
+    zn = finola.normalize(z, dim=dim, eps=1e-6)
+    mean = z.mean(dim, keepdim=True)
+    var = ((z - mean) ** 2).mean(dim, keepdim=True)  # biased
+    assert_close(zn, (z - mean) / torch.sqrt(var + 1e-6))
+
+
+def test_step_is_z_plus_W_zn():
+    z, W = torch.randn(3, 5, dtype=torch.float64), torch.randn(5, 5, dtype=torch.float64)
+    assert_close(finola.step(z, W), z + finola.normalize(z) @ W.T)
+    z4 = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    manual = z4 + torch.einsum("ij,bjhw->bihw", W, finola.normalize(z4))
+    assert_close(finola.step(z4, W), manual)
+
+
+def test_shift_composes_with_step():
+    p = params64(6)
+    z = q64(3, 6)
+    assert torch.equal(finola.shift(p, z, 0, 0), z)
+    assert_close(finola.shift(p, z, 1, 0), finola.step(z, p["A"]), rtol=0, atol=0)
+    assert_close(finola.shift(p, z, -1, 0), finola.step(z, p["A_neg"]), rtol=0, atol=0)
+    assert_close(finola.shift(p, z, 0, 1), finola.step(z, p["B"]), rtol=0, atol=0)
+    assert_close(finola.shift(p, z, 0, -1), finola.step(z, p["B_neg"]), rtol=0, atol=0)
+    # Diagonal: the average of the two orders, which differ (norm+linear steps do not commute).
+    xy = finola.step(finola.step(z, p["B"]), p["A"])
+    yx = finola.step(finola.step(z, p["A"]), p["B"])
+    assert (xy - yx).abs().max() > 1e-6
+    assert_close(finola.shift(p, z, 1, 1), (xy + yx) / 2)
+
+
+def test_shift_on_maps_is_elementwise():
+    p = params64(4)
+    z = torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    out = finola.shift(p, z, 2, -1)
+    assert out.shape == z.shape
+    for r, c in [(0, 0), (2, 4), (1, 3)]:
+        assert_close(out[:, :, r, c], finola.shift(p, z[:, :, r, c], 2, -1))
+
+
+# --- bf16 autocast --------------------------------------------------------------------------------------------------
+
+def test_bf16_autocast_close_to_float32():
+    torch.manual_seed(0)
+    C = 64
+    p = {k: v.requires_grad_() for k, v in finola.init(C, std=0.5 / math.sqrt(C)).items()}
+    q = torch.randn(4, C, requires_grad=True)
+    ref = finola.expand(p, q)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = finola.expand(p, q)
+        assert finola.normalize(q.to(torch.bfloat16)).dtype == torch.float32
+    assert low.dtype == torch.float32, "the map stays float32 under autocast"
+    err = (low - ref).abs().max() / ref.abs().max()
+    assert err < 3e-2, f"bf16 relative error {err:.3g}"
+    low.square().mean().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all() and torch.isfinite(p["A"].grad).all()
+
+
+# --- init ------------------------------------------------------------------------------------------------------------
+
+def test_init_keys_shapes_and_seed():
+    p = finola.init(16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert set(p) == set(finola.KEYS)
+    assert all(v.shape == (16, 16) and v.dtype == torch.float64 for v in p.values())
+    p2 = finola.init(16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert all(torch.equal(p[k], p2[k]) for k in finola.KEYS)
+    assert torch.equal(p["A_neg"], -p["A"]) and torch.equal(p["B_neg"], -p["B"])
+    assert_close(p["A"].std().item(), 0.1 / 4, rtol=0.2, atol=0)
+
+
+@pytest.mark.parametrize("C", [64, 256, 1024, 4096])
+def test_init_keeps_16x16_expansion_tame(C):
+    """The property init's docstring argues: finite, growth at most linear (~2 * 0.1 per step in per-channel RMS),
+    the map still varies, and float32 tracks float64 (no amplification of rounding)."""
+    g = torch.Generator().manual_seed(C)
+    p = finola.init(C, generator=g)
+    q = torch.randn(2, C, generator=g)
+    z = finola.expand(p, q)
+    assert torch.isfinite(z).all()
+    rms = z.square().mean(1).sqrt()  # per position (B, H, W)
+    q_rms = q.square().mean(1).sqrt().view(2, 1, 1)
+    assert (rms <= q_rms + 16 * 2 * 0.1 * 1.1).all(), f"max RMS {rms.max():.3g}"
+    spread = (z - q.view(2, C, 1, 1)).square().mean(1).sqrt().mean()
+    assert spread > 0.1, f"the map barely moves from q (mean RMS distance {spread:.3g})"
+    z64 = finola.expand({k: v.double() for k, v in p.items()}, q.double())
+    assert (z.double() - z64).abs().max() < 1e-4 * z64.abs().max()
+
+
+# --- §4's moving-average normalisation -----------------------------------------------------------------------------
+
+def test_running_stats_and_moving_average_expand():
+    z = torch.randn(4, 6, 5, 5, dtype=torch.float64) * 3 + 1
+    batch = finola.running_stats(z)
+    var, mean = torch.var_mean(z, dim=1, correction=0)
+    assert_close(batch["mean"], mean.mean())
+    assert_close(batch["var"], var.mean())
+    running = {"mean": torch.tensor(0.0, dtype=torch.float64), "var": torch.tensor(1.0, dtype=torch.float64)}
+    ema = finola.running_stats(z, running, momentum=0.25)
+    assert_close(ema["mean"], 0.75 * 0 + 0.25 * batch["mean"])
+    assert_close(ema["var"], 0.75 * 1 + 0.25 * batch["var"])
+
+    p, q = params64(6), q64(2, 6)
+    fast = finola.expand(p, q, size=(5, 6), origin=(1, 4), stats=batch)
+    assert_close(fast, finola.expand_sequential(p, q, size=(5, 6), origin=(1, 4), stats=batch), rtol=0, atol=1e-10)
+    assert (fast - finola.expand(p, q, size=(5, 6), origin=(1, 4))).abs().max() > 1e-3
+    leaves = [q.clone().requires_grad_()] + [p[k].clone().requires_grad_() for k in finola.KEYS]
+    assert torch.autograd.gradcheck(
+        lambda q, *ws: finola.expand(dict(zip(finola.KEYS, ws)), q, size=(3, 4), origin=(2, 1), stats=batch), leaves)
+
+
+def test_fixed_statistics_make_a_step_affine():
+    """With running statistics the step no longer depends on z's own scale: f is affine, unlike Eq. 1's step."""
+    W = torch.randn(5, 5, dtype=torch.float64)
+    stats = {"mean": torch.tensor(0.3, dtype=torch.float64), "var": torch.tensor(2.0, dtype=torch.float64)}
+    z1, z2 = torch.randn(2, 3, 5, dtype=torch.float64)
+    mix = lambda f: f(0.3 * z1 + 0.7 * z2) - (0.3 * f(z1) + 0.7 * f(z2))  # noqa: E731
+    assert_close(mix(lambda z: finola.step(z, W, stats=stats)), torch.zeros(3, 5, dtype=torch.float64))
+    assert mix(lambda z: finola.step(z, W)).abs().max() > 1e-3
+
+
+# --- Eq. 2 -------------------------------------------------------------------------------------------------------------
+
+def test_pde_residual_vanishes_along_q_row_and_column():
+    p, q = params64(6), q64(2, 6)
+    r0, c0 = 3, 2
+    z = finola.expand(p, q, size=(7, 6), origin=(r0, c0))
+    rx, ry = finola.pde_residual(p, z)
+    assert rx.shape == (2, 6, 7, 5) and ry.shape == (2, 6, 6, 6)
+    assert rx[:, :, r0, c0:].abs().max() < 1e-12, "right of q on q's row, Eq. 1 holds exactly"
+    assert ry[:, :, r0:, c0].abs().max() < 1e-12, "below q on q's column, Eq. 1 holds exactly"
+    assert rx.abs().max() > 1e-3, "elsewhere the averaged paths are not an exact solution"
+
+
+# --- bad input ------------------------------------------------------------------------------------------------------
+
+def _bad_calls():
+    p, q = params64(4), q64(2, 4)
+    square = dict(p, A=torch.zeros(4, 3, dtype=torch.float64))
+    missing = {k: p[k] for k in ("A", "B", "A_neg")}
+    return [
+        ("q: expected shape", ValueError, lambda: finola.expand(p, q[0])),
+        ("q: expected shape", ValueError, lambda: finola.expand(p, q.view(2, 4, 1))),
+        ("C=5", ValueError, lambda: finola.expand(p, q64(2, 5))),
+        ("origin", ValueError, lambda: finola.expand(p, q, size=(4, 4), origin=(4, 0))),
+        ("origin", ValueError, lambda: finola.expand(p, q, size=(4, 4), origin=(0, -1))),
+        ("size", ValueError, lambda: finola.expand(p, q, size=(0, 4))),
+        ("size", ValueError, lambda: finola.expand(p, q, size=(4,))),
+        ("q: expected a floating dtype", TypeError, lambda: finola.expand(p, torch.ones(2, 4, dtype=torch.long))),
+        ("params: expected a dict with keys", ValueError, lambda: finola.expand(missing, q)),
+        ("params['A']: expected a square", ValueError, lambda: finola.expand(square, q)),
+        ("params['B']: expected a floating", TypeError,
+         lambda: finola.expand(dict(p, B=torch.ones(4, 4, dtype=torch.int32)), q)),
+        ("z: expected shape", ValueError, lambda: finola.shift(p, q.view(2, 4, 1), 1, 0)),
+        ("channels", ValueError, lambda: finola.init(0)),
+        ("W: expected a square", ValueError, lambda: finola.step(q, torch.zeros(3, 3, dtype=torch.float64))),
+    ]
+
+
+@pytest.mark.parametrize("i", range(len(_bad_calls())))
+def test_bad_input_names_the_argument(i):
+    match, exc, call = _bad_calls()[i]
+    with pytest.raises(exc, match=match.replace("[", r"\[").replace("]", r"\]")):
+        call()
