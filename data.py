@@ -1,0 +1,674 @@
+"""Data: every source as a HuggingFace dataset, the paper's augmentations (Tables 12-14), a sharded loader.
+
+Rows are ``{"image": PIL image, "label": int}`` (classification; unlabelled folders have no ``label``) or
+``{"image": …, "objects": {"bbox": [[x, y, w, h], …], "category_id": […]}, "image_id": int}`` (detection, COCO
+conventions, absolute pixels). Class and category names live in ``ClassLabel`` features; :func:`categories` reads them.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import importlib.util
+import io
+import json
+import math
+import os
+import warnings
+import xml.etree.ElementTree as ET
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import datasets.distributed
+import kornia.augmentation as K
+import numpy as np
+import torch
+from PIL import Image
+
+MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics; batches are in [0, 1] and the model normalises if it wants
+STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+FORMS = ("accepted sources: 'hf:NAME' (a HuggingFace hub dataset); a local path: a folder of images, a folder with "
+         "one subfolder per class, a COCO instances_*.json, a saved dataset folder or a .parquet file/folder; or an "
+         "embedded name: 'photos', 'fashion-mnist', 'trees', 'shapes'")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad data: skipped, counted, reported at the end of a run
+# ----------------------------------------------------------------------------------------------------------------
+class BadImages:
+    """Counts images that could not be decoded; ``report()`` is the line a run prints at its end."""
+
+    def __init__(self):
+        self.skipped: Counter[str] = Counter()
+
+    def add(self, where: str, error: Exception):
+        self.skipped[f"{where} ({type(error).__name__}: {error})"] += 1
+
+    def total(self) -> int:
+        return sum(self.skipped.values())
+
+    def report(self) -> str:
+        if not self.skipped:
+            return "bad images: none"
+        lines = [f"  {n}× {what}" for what, n in self.skipped.most_common(20)]
+        return f"bad images: {self.total()} skipped\n" + "\n".join(lines)
+
+    def reset(self):
+        self.skipped.clear()
+
+
+BAD = BadImages()
+
+
+def decode(cell) -> Image.Image:
+    """An RGB PIL image from a dataset cell (PIL image, ``{"bytes", "path"}`` dict or path); grey, CMYK, palette
+    and alpha images become RGB. Corrupt or truncated files raise (the loader counts and skips them)."""
+    if isinstance(cell, dict):
+        cell = io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]
+    image = cell if isinstance(cell, Image.Image) else Image.open(cell)
+    image.load()
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sources
+# ----------------------------------------------------------------------------------------------------------------
+def load(source: str, *, split: str = "train", streaming: bool = False, **options):
+    """A ``datasets.Dataset`` (or ``IterableDataset`` when ``streaming``) of classification or detection rows.
+
+    ``source``: ``hf:NAME``, a local path, or an embedded name (``photos``, ``fashion-mnist``, ``trees``,
+    ``shapes``); ``options`` go to the source (embedded sources' options are documented on their functions)."""
+    if source.startswith("hf:"):
+        return _hub(source[3:], split=split, streaming=streaming, **options)
+    if source in EMBEDDED:
+        ds = EMBEDDED[source](split=split, **options)
+    elif Path(source).exists():
+        ds = _local(Path(source), split=split, **options)
+    else:
+        raise ValueError(f"source={source!r} is neither an existing path nor a known name; {FORMS}")
+    if streaming and isinstance(ds, datasets.Dataset):
+        ds = ds.to_iterable_dataset(num_shards=max(1, min(len(ds), 64)))
+    return ds
+
+
+def _hub(name: str, *, split: str, streaming: bool, bbox_format: str = "xywh", **options):
+    """A hub dataset with its columns mapped to ours (``img``→``image``, ``labels``/``fine_label``→``label``,
+    ``objects.category``→``category_id``, ``xyxy`` boxes → ``xywh`` when ``bbox_format="xyxy"``)."""
+    try:
+        ds = datasets.load_dataset(name, split=split, streaming=streaming, **options)
+    except ConnectionError as error:
+        raise ConnectionError(
+            f"source='hf:{name}': the HuggingFace hub is unreachable (offline: HF_HUB_OFFLINE="
+            f"{os.environ.get('HF_HUB_OFFLINE', '0')}) and the dataset is not cached under "
+            f"{datasets.config.HF_DATASETS_CACHE}. Run where the hub is reachable, or use a local copy; {FORMS}"
+        ) from error
+    renames = {old: new for old, new in (("img", "image"), ("labels", "label"), ("fine_label", "label"))
+               if old in (ds.column_names or []) and new not in ds.column_names}
+    ds = ds.rename_columns(renames) if renames else ds
+
+    def objects(row):
+        obj = dict(row["objects"])
+        obj["category_id"] = obj.pop("category", obj.get("category_id"))
+        if bbox_format == "xyxy":
+            obj["bbox"] = [[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in obj["bbox"]]
+        return {"objects": obj}
+
+    return ds.map(objects) if "objects" in (ds.column_names or []) else ds
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _local(path: Path, *, split: str, images: str | None = None):
+    """A folder of images (unlabelled), a class-per-subfolder folder (ids = subfolder names in sorted order), a
+    COCO json (+ ``images`` folder), a saved dataset or parquet. A folder holding a subfolder named after ``split``
+    (``validation`` also finds ``val``) is read from that subfolder."""
+    if path.suffix == ".json":
+        return _coco_json(path, images=Path(images) if images else None)
+    if path.suffix == ".parquet" or (path.is_dir() and any(path.glob("*.parquet"))):
+        files = [str(path)] if path.is_file() else sorted(map(str, path.glob("*.parquet")))
+        return datasets.load_dataset("parquet", data_files=files, split="train")
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        ds = datasets.load_from_disk(str(path))
+        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    for name in (split, "val", "valid") if split == "validation" else (split,):
+        if (path / name).is_dir():
+            path = path / name
+            break
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir() and _images_in(p))
+    if classes:
+        files = [(str(f), i) for i, c in enumerate(classes) for f in _images_in(path / c)]
+        features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=classes))
+        return datasets.Dataset.from_dict({"image": [f for f, _ in files], "label": [i for _, i in files]},
+                                          features=features)
+    files = _images_in(path)
+    if not files:
+        raise FileNotFoundError(f"source={str(path)!r}: no images ({sorted(IMAGE_SUFFIXES)}) in it or in class "
+                                f"subfolders; {FORMS}")
+    return datasets.Dataset.from_dict({"image": list(map(str, files))},
+                                      features=datasets.Features(image=datasets.Image()))
+
+
+def _detection_features(names: list[str]) -> datasets.Features:
+    return datasets.Features(image=datasets.Image(), image_id=datasets.Value("int64"), objects={
+        "bbox": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
+        "category_id": datasets.List(datasets.ClassLabel(names=names))})
+
+
+def _coco_json(path: Path, *, images: Path | None):
+    """A COCO ``instances_*.json``; boxes outside the image, zero-area boxes and unknown category ids are dropped
+    (partly outside: clipped) with a warning that counts them. Crowd annotations are left out of training rows."""
+    coco = json.loads(path.read_text())
+    if images is None:  # COCO layout: annotations/instances_val2017.json next to val2017/
+        stem = path.stem.removeprefix("instances_")
+        candidates = [path.parent.parent / stem, path.parent / stem, path.parent / "images", path.parent]
+        images = next((c for c in candidates if c.is_dir() and _images_in(c)), None)
+        if images is None:
+            raise FileNotFoundError(f"source={str(path)!r}: no image folder among {[str(c) for c in candidates]}; "
+                                    "pass images=FOLDER")
+    cats = {c["id"]: c["name"] for c in coco["categories"]}
+    sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
+    rows = {im["id"]: {"image": str(images / im["file_name"]), "image_id": im["id"],
+                       "objects": {"bbox": [], "category_id": []}} for im in coco["images"]}
+    dropped = Counter()
+    for a in coco["annotations"]:
+        if a.get("iscrowd", 0):
+            dropped["crowd"] += 1
+            continue
+        if a["category_id"] not in cats or a["image_id"] not in sizes:
+            dropped["unknown category or image id"] += 1
+            continue
+        w, h = sizes[a["image_id"]]
+        x, y, bw, bh = a["bbox"]
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + bw, w), min(y + bh, h)
+        if x1 - x0 <= 0 or y1 - y0 <= 0:
+            dropped["outside the image" if bw > 0 and bh > 0 else "zero-area"] += 1
+            continue
+        dropped["clipped to the image"] += (x0, y0, x1, y1) != (x, y, x + bw, y + bh)
+        rows[a["image_id"]]["objects"]["bbox"].append([x0, y0, x1 - x0, y1 - y0])
+        rows[a["image_id"]]["objects"]["category_id"].append(a["category_id"])
+    if +dropped:
+        warnings.warn(f"{path.name}: cleaned annotations: " + ", ".join(f"{k}: {n}" for k, n in sorted((+dropped).items())))
+    names = [cats.get(i, f"N/A {i}") for i in range(max(cats, default=-1) + 1)]  # ClassLabel wants unique names
+    return datasets.Dataset.from_list(list(rows.values()), features=_detection_features(names))
+
+
+def categories(dataset) -> dict[int, str]:
+    """``{id: name}`` of a classification (``label``) or detection (``objects.category_id``) dataset; ids that
+    name no category (gaps in COCO's ids, named "N/A i") are left out."""
+    features = dataset.features
+    label = features["objects"]["category_id"].feature if "objects" in features else features.get("label")
+    if not isinstance(label, datasets.ClassLabel):
+        raise ValueError(f"dataset has no ClassLabel names (features: {list(features)})")
+    return {i: n for i, n in enumerate(label.names) if not n.startswith("N/A ")}
+
+
+def coco(dataset):
+    """The COCO ground truth of any detection dataset as a ``pycocotools.coco.COCO`` (its ``.dataset`` is the
+    json dict), so evaluation is pycocotools' COCOeval everywhere."""
+    from pycocotools.coco import COCO
+
+    rows = dataset.cast_column("image", datasets.Image(decode=False))
+    images, annotations = [], []
+    for row in rows:
+        cell = row["image"]
+        with Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]) as im:
+            width, height = im.size  # reads the header only
+        images.append({"id": row["image_id"], "width": width, "height": height})
+        for box, cat in zip(row["objects"]["bbox"], row["objects"]["category_id"]):
+            annotations.append({"id": len(annotations) + 1, "image_id": row["image_id"], "bbox": list(box),
+                                "area": box[2] * box[3], "category_id": cat, "iscrowd": 0})
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": annotations,
+                  "categories": [{"id": i, "name": n} for i, n in categories(dataset).items()]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Embedded sources (offline, no download). Each is generated once and cached by `datasets` under HF_HOME.
+# ----------------------------------------------------------------------------------------------------------------
+def _package_dir(package: str, install: str) -> Path:
+    """A package's folder found without importing it (find_spec on a top-level package runs no code of it)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed; {install}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _cached(generator, features, **kwargs) -> datasets.Dataset:
+    with contextlib.redirect_stderr(io.StringIO()):  # silence the progress bar of the first generation
+        return datasets.Dataset.from_generator(generator, features=features, gen_kwargs=kwargs)
+
+
+def _check_split(name: str, split: str, splits: tuple[str, ...]):
+    if split not in splits:
+        raise ValueError(f"split={split!r}: the embedded source {name!r} has the splits {list(splits)}")
+
+
+# photos: scikit-image's colour photos (CC0 / public domain), split by photo.
+PHOTOS = {"train": ("astronaut.png", "chelsea.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png",
+                    "motorcycle_right.png", "retina.jpg"),
+          "validation": ("coffee.png", "rocket.jpg")}
+PHOTO_SIDE = 256  # photos are stored with this shorter side, so a 64² crop covers 1/16 to 1/4 of a photo's side
+
+
+def _photos(split: str) -> list[Image.Image]:
+    folder = _package_dir("skimage", "pip install scikit-image") / "data"
+    out = []
+    for name in PHOTOS[split]:
+        im = decode(str(folder / name))
+        scale = PHOTO_SIDE / min(im.size)
+        out.append(im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.LANCZOS))
+    return out
+
+
+def _photo_rows(split: str, size: int, crops_per_photo: int):
+    rng = np.random.default_rng(0)  # validation: the same crops for everyone, always
+    for i, im in enumerate(_photos(split)):
+        if split == "train":
+            yield {"image": im, "label": i}
+            continue
+        for _ in range(crops_per_photo):
+            side = int(rng.integers(size, min(im.size) + 1))
+            x, y = rng.integers(0, im.width - side + 1), rng.integers(0, im.height - side + 1)
+            crop = im.crop((int(x), int(y), int(x) + side, int(y) + side))
+            yield {"image": crop.resize((size, size), Image.Resampling.LANCZOS), "label": i}
+
+
+def photos(*, split: str = "train", size: int = 64, crops_per_photo: int = 64) -> datasets.Dataset:
+    """Colour photos from the scikit-image wheel, split by photo (``PHOTOS``), stored at a shorter side of 256.
+    ``train``: each photo ``crops_per_photo`` times (rows per epoch); random crops come from the training transform
+    (Table 12's RandomResizedCrop), new each epoch. ``validation``: ``crops_per_photo`` fixed ``size``² crops per
+    photo (random squares of side ``size``..256, resized), identical on every run so PSNR is comparable.
+    ``label`` is the photo's index within its split."""
+    _check_split("photos", split, ("train", "validation"))
+    names = [Path(n).stem for n in PHOTOS[split]]
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=names))
+    if split == "validation":
+        return _cached(_photo_rows, features, split=split, size=size, crops_per_photo=crops_per_photo)
+    ds = _cached(_photo_rows, features, split=split, size=0, crops_per_photo=0)
+    return ds.select(np.repeat(np.arange(len(ds)), crops_per_photo))  # an index mapping, no copies
+
+
+# fashion-mnist: Debian's dataset-fashion-mnist (MIT), the official 60k / 10k split.
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+
+
+def _fashion_rows(prefix: str):
+    with gzip.open(FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    for image, label in zip(images, labels):
+        yield {"image": image, "label": int(label)}
+
+
+def fashion_mnist(*, split: str = "train") -> datasets.Dataset:
+    """Fashion-MNIST, 28×28 grey (the loader makes it RGB), 10 classes: ``train`` 60,000, ``test`` 10,000
+    (``validation`` is the same official test split)."""
+    _check_split("fashion-mnist", split, ("train", "test", "validation"))
+    if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
+        raise FileNotFoundError(f"source='fashion-mnist' reads {FASHION_DIR}, which is missing: install it with "
+                                "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or use "
+                                "'hf:zalando-datasets/fashion_mnist' where the hub is reachable")
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=FASHION_CLASSES))
+    return _cached(_fashion_rows, features, prefix="train" if split == "train" else "t10k")
+
+
+# trees: the deepforest wheel's NEON aerial images with their tree-crown boxes (Pascal VOC), split by image.
+TREES = {"train": ("2019_YELL_2_528000_4978000_image_crop2", "OSBS_029"),
+         "validation": ("2019_YELL_2_541000_4977000_image_crop", "SOAP_061")}
+NODEPS = "install it with `pip install --no-deps -r requirements-nodeps.txt` (never with its dependencies)"
+
+
+def _tree_rows(split: str, size: int, min_visible: float):
+    folder = _package_dir("deepforest", NODEPS) / "data"
+    image_id = 0
+    for stem in TREES[split]:
+        image = decode(str(folder / f"{stem}.png"))
+        xml = ET.parse(folder / f"{stem}.xml").getroot()
+        boxes = np.array([[float(o.find("bndbox").find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")]
+                          for o in xml.iter("object")])
+        for y in range(0, image.height, size):  # tiles past the right and bottom edges are padded black
+            for x in range(0, image.width, size):
+                clip = np.clip(boxes - [x, y, x, y], 0, size)
+                visible = np.prod(clip[:, 2:] - clip[:, :2], 1) / np.prod(boxes[:, 2:] - boxes[:, :2], 1)
+                kept = clip[visible >= min_visible]
+                yield {"image": image.crop((x, y, x + size, y + size)), "image_id": image_id,
+                       "objects": {"bbox": np.c_[kept[:, :2], kept[:, 2:] - kept[:, :2]].tolist(),
+                                   "category_id": [0] * len(kept)}}
+                image_id += 1
+
+
+def trees(*, split: str = "train", size: int = 400, min_visible: float = 0.5) -> datasets.Dataset:
+    """Tree crowns in NEON aerial RGB (10 cm/px) from the deepforest wheel: 951 boxes (``Tree``; SOAP_061's
+    ``Dead``/``Alive`` are also crowns) in four images, split by image, cut into ``size``² tiles (edge tiles
+    padded black). A box cut by a tile border is kept (clipped) where at least ``min_visible`` of its area is inside. One category: 0 ``tree``.
+    ``train``: YELL 2299×2472 (574 boxes) + OSBS_029 400² (61); ``validation``: YELL 1249×1035 (279) +
+    SOAP_061 400² (37)."""
+    _check_split("trees", split, ("train", "validation"))
+    return _cached(_tree_rows, _detection_features(["tree"]), split=split, size=size, min_visible=min_visible)
+
+
+# shapes: synthetic detection, generated deterministically from a seed.
+SHAPES = ("circle", "square", "triangle", "cross")
+PALETTE = np.array([[1, 0, 0], [0, 0.8, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 1, 1], [0, 0, 0]])
+
+
+def _shape_mask(kind: int, cx: float, cy: float, r: float, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    dx, dy = np.abs(xx - cx), np.abs(yy - cy)
+    if kind == 0:
+        return dx ** 2 + dy ** 2 <= r ** 2
+    if kind == 1:
+        return (dx <= r) & (dy <= r)
+    if kind == 2:  # apex up, base down
+        return (dy <= r) & (dx <= (yy - cy + r) / 2)
+    return ((dx <= r) & (dy <= r / 3)) | ((dx <= r / 3) & (dy <= r))
+
+
+def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth random colour field with oriented stripes and grain, in [0.1, 0.9]."""
+    coarse = Image.fromarray(rng.integers(40, 215, (4, 4, 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC), np.float64) / 255
+    yy, xx = np.mgrid[:size, :size]
+    angle, period = rng.uniform(0, np.pi), rng.uniform(4, 16)
+    stripes = 0.08 * np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period)
+    return np.clip(smooth + stripes[..., None] + rng.normal(0, 0.03, (size, size, 3)), 0.1, 0.9)
+
+
+def _shape_rows(split: str, n: int, size: int, max_objects: int, background: str, seed: int):
+    rng = np.random.default_rng([seed, ("train", "validation").index(split)])
+    backdrops = _photos(split) if background == "photo" else None
+    yy, xx = np.mgrid[:size, :size] + 0.5  # pixel centres
+    for image_id in range(n):
+        if backdrops:
+            photo = backdrops[rng.integers(len(backdrops))]
+            x, y = rng.integers(0, photo.width - size + 1), rng.integers(0, photo.height - size + 1)
+            canvas = np.asarray(photo.crop((int(x), int(y), int(x) + size, int(y) + size)), np.float64) / 255
+        else:
+            canvas = _texture(rng, size)
+        boxes, kinds = [], []
+        for _ in range(rng.integers(1, max_objects + 1)):
+            kind, r = int(rng.integers(len(SHAPES))), rng.uniform(size / 14, size / 5)
+            cx, cy = rng.uniform(r, size - r, 2)
+            mask = _shape_mask(kind, cx, cy, r, yy, xx)
+            ys, xs = np.nonzero(mask)
+            box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+            if any((box[:2] <= b[2:] + 1).all() and (b[:2] <= box[2:] + 1).all() for b in boxes):
+                continue  # objects never touch, so every box frames exactly one whole object
+            canvas[mask] = PALETTE[rng.integers(len(PALETTE))]
+            boxes.append(box)
+            kinds.append(kind)
+        boxes = np.array(boxes, np.float64)
+        yield {"image": Image.fromarray((canvas * 255).round().astype(np.uint8)), "image_id": image_id,
+               "objects": {"bbox": np.c_[boxes[:, :2], boxes[:, 2:] - boxes[:, :2]].tolist(), "category_id": kinds}}
+
+
+def shapes(*, split: str = "train", n: int | None = None, size: int = 64, max_objects: int = 3,
+           background: str = "texture", seed: int = 0) -> datasets.Dataset:
+    """Synthetic detection: 1..``max_objects`` non-touching shapes (``SHAPES``: circle, square, triangle, cross;
+    ids 0..3) of random size and colour on ``size``² images, with exact boxes (the tight extent of the drawn pixels).
+    ``background``: ``"texture"`` (random smooth colour field with stripes) or ``"photo"`` (crops of the
+    ``photos`` of the same split). ``n`` images: 2000 for ``train``, 200 for ``validation`` by default; the two
+    splits draw from independent streams of ``seed``."""
+    _check_split("shapes", split, ("train", "validation"))
+    if background not in ("texture", "photo"):
+        raise ValueError(f"background={background!r}: expected 'texture' or 'photo'")
+    n = n if n is not None else (2000 if split == "train" else 200)
+    return _cached(_shape_rows, _detection_features(list(SHAPES)), split=split, n=n, size=size,
+                   max_objects=max_objects, background=background, seed=seed)
+
+
+EMBEDDED = {"photos": photos, "fashion-mnist": fashion_mnist, "trees": trees, "shapes": shapes}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Transforms (Tables 12-14). kornia modules run on one image at a time in the loader's workers, so every image
+# draws its own parameters (RandAugment its own operations, as in timm). Label smoothing (0.1, Table 13) is a
+# loss setting: `F.cross_entropy(..., label_smoothing=0.1)`; nothing here.
+# ----------------------------------------------------------------------------------------------------------------
+class Transform:
+    """``transform(image: PIL) -> (3, size, size)`` float in [0, 1]; for detection ``transform(image, boxes)``
+    with ``boxes`` (n, 4) xyxy in pixels returns ``(image, boxes, keep)``: boxes moved with the image, clipped to
+    it, and ``keep`` marking those still at least 1 px wide and high."""
+
+    def __init__(self, augment: K.AugmentationSequential, *, size: int, detection: bool):
+        self.augment, self.size, self.detection = augment, size, detection
+
+    def __call__(self, image: Image.Image, boxes: torch.Tensor | None = None):
+        w, h = image.size
+        shrink = min(1.0, 4 * self.size / min(w, h))  # kornia's crops don't antialias: downsample ≤ 4× there
+        if shrink < 1:
+            image = image.resize((round(w * shrink), round(h * shrink)), Image.Resampling.BOX)
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
+        if not self.detection:
+            return self.augment(x)[0]
+        # kornia maps pixel centres (index i); COCO boxes have pixel edges (pixel i spans [i, i + 1]): shift by ½
+        x, boxes = self.augment(x, boxes[None] * torch.tensor([image.width / w, image.height / h] * 2) - 0.5)
+        boxes = (boxes[0] + 0.5).clamp(0, self.size)
+        return x[0], boxes, ((boxes[:, 2:] - boxes[:, :2]) >= 1).all(1)
+
+
+def train_transform(kind: str, *, size: int, scale: tuple[float, float] | None = None,
+                    erase: float = 0.0) -> Transform:
+    """Training augmentation, output ``size``².
+    ``"crop"``: RandomResizedCrop(scale (0.08, 1)) + horizontal flip (pre-training, Table 12; linear probing,
+    Table 13). ``"randaug"``: that + RandAugment(9, 0.5) (tran-1 probing, Table 13; fine-tuning, Table 14) +
+    RandomErasing with probability ``erase`` (0.25 for MF-W2880, Table 14). RandAug(9, 0.5) is timm's
+    rand-m9-mstd0.5: 2 operations at magnitude 9/10, i.e. kornia's ``RandAugment(n=2, m=27)`` (kornia has no
+    magnitude noise). ``"detect"``: box-aware RandomResizedCrop(scale (0.3, 1)) + flip."""
+    flip = K.RandomHorizontalFlip()
+    if kind == "detect":
+        crop = K.RandomResizedCrop((size, size), scale=scale or (0.3, 1.0), cropping_mode="resample")
+        return Transform(K.AugmentationSequential(crop, flip, data_keys=["input", "bbox_xyxy"]), size=size,
+                         detection=True)
+    crop = K.RandomResizedCrop((size, size), scale=scale or (0.08, 1.0), cropping_mode="resample")
+    if kind == "crop":
+        return Transform(K.AugmentationSequential(crop, flip), size=size, detection=False)
+    if kind == "randaug":
+        erasing = [K.RandomErasing(p=erase)] if erase > 0 else []
+        return Transform(K.AugmentationSequential(crop, flip, K.auto.RandAugment(n=2, m=27), *erasing),
+                         size=size, detection=False)
+    raise ValueError(f"kind={kind!r}: expected 'crop', 'randaug' or 'detect'")
+
+
+def eval_transform(kind: str = "classify", *, size: int, crop_ratio: float = 0.875) -> Transform:
+    """Evaluation: ``"classify"`` resizes the shorter side to ``size / crop_ratio`` (antialiased) and centre-crops
+    ``size``² (``crop_ratio=1`` keeps a square input whole, e.g. ``photos`` validation crops); ``"detect"``
+    resizes the whole image to ``size``² (boxes normalised by the image stay the same)."""
+    if kind == "classify":
+        resize = K.Resize(round(size / crop_ratio), side="short", antialias=True)
+        return Transform(K.AugmentationSequential(resize, K.CenterCrop(size)), size=size, detection=False)
+    if kind == "detect":
+        resize = K.Resize((size, size), antialias=True)
+        return Transform(K.AugmentationSequential(resize, data_keys=["input", "bbox_xyxy"]), size=size,
+                         detection=True)
+    raise ValueError(f"kind={kind!r}: expected 'classify' or 'detect'")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: batches for one rank; each sample exactly once per epoch across ranks
+# ----------------------------------------------------------------------------------------------------------------
+def _batch(rows: list[dict], where: list[str], transform: Transform | None) -> dict:
+    """Decode, transform and stack rows; undecodable images are left out and listed under ``"bad"``."""
+    images, labels, targets, bad = [], [], [], []
+    for row, at in zip(rows, where):
+        try:
+            image = decode(row["image"])
+        except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for corrupt and truncated files
+            bad.append((at, error))
+            continue
+        if "objects" in row:
+            w, h = image.size
+            boxes = torch.tensor(row["objects"]["bbox"], dtype=torch.float32).reshape(-1, 4)
+            boxes[:, 2:] += boxes[:, :2]
+            cats = torch.tensor(row["objects"]["category_id"], dtype=torch.long)
+            x, boxes, keep = (transform(image, boxes) if transform else
+                              (torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255, boxes,
+                               torch.ones(len(boxes), dtype=torch.bool)))
+            boxes = boxes[keep] / torch.tensor([x.shape[2], x.shape[1]] * 2)
+            targets.append({"boxes": torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], 1),
+                            "labels": cats[keep], "image_id": int(row["image_id"]), "orig_size": (h, w)})
+        else:
+            x = transform(image) if transform else torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+            if "label" in row:
+                labels.append(row["label"])
+        images.append(x)
+    if len({tuple(x.shape) for x in images}) > 1:
+        raise ValueError("images of different sizes in one batch: pass transform= (data.train_transform or "
+                         "data.eval_transform) to loader()")
+    batch = {"images": torch.stack(images) if images else torch.empty(0), "bad": bad}
+    if labels:
+        batch["labels"] = torch.tensor(labels, dtype=torch.long)
+    if targets:
+        batch["targets"] = targets
+    return batch
+
+
+def _where(cell, index) -> str:
+    return cell.get("path") or f"row {index}" if isinstance(cell, dict) else f"row {index}"
+
+
+@contextlib.contextmanager
+def _seeded(*parts: int):
+    """Seed torch (kornia's source of randomness) for one batch, on one thread (per-image kernels are tiny; more
+    threads only contend), restoring the caller's RNG and threads afterwards."""
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0]))
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
+class _Rows(torch.utils.data.Dataset):
+    """A map-style dataset read a batch at a time; each batch's augmentations are seeded by (seed, epoch, batch),
+    so runs repeat exactly whatever the number of workers."""
+
+    def __init__(self, dataset, transform, seed: int, epoch: int):
+        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, epoch
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        columns = self.dataset[list(indices)]
+        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        with _seeded(self.seed, self.epoch, indices[0]):
+            return _batch(rows, [_where(r["image"], i) for r, i in zip(rows, indices)], self.transform)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """An IterableDataset read in batches (`datasets` gives each worker its own shards)."""
+
+    def __init__(self, dataset, transform, batch_size: int, seed: int):
+        self.dataset, self.transform, self.batch_size, self.seed = dataset, transform, batch_size, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, rows = (info.id if info else 0), []
+        for count, row in enumerate(self.dataset, 1):
+            rows.append(row)
+            if len(rows) == self.batch_size:
+                yield self._batch(rows, worker, count)
+                rows = []
+        if rows:
+            yield self._batch(rows, worker, -1)
+
+    def _batch(self, rows, worker, count):
+        with _seeded(self.seed, self.dataset.epoch, worker, count % 2**31):
+            return _batch(rows, [_where(r["image"], "stream") for r in rows], self.transform)
+
+
+def rank_batches(n: int, *, batch_size: int, rank: int, world_size: int, shuffle: bool, seed: int,
+                 epoch: int) -> list[list[int]]:
+    """Rank ``rank``'s batches of indices: one permutation per (seed, epoch), full batches of ``batch_size`` dealt
+    to the ranks in turn, and the remainder split evenly over all ranks (with the previous round when it holds
+    fewer samples than ranks), so every sample is seen exactly once and all ranks take the same number of steps
+    (possible unless ``n < 2·world_size`` or ``batch_size == 1`` with ``n`` not a multiple of ``world_size``)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    step = batch_size * world_size
+    full = n // step * step
+    if 0 < n - full < world_size and full:
+        full -= step
+    head = order[:full].reshape(-1, world_size, batch_size)[:, rank].tolist()
+    chunks = math.ceil((n - full) / step) * world_size
+    tail = [c.tolist() for c in np.array_split(order[full:], chunks)[rank::world_size]] if chunks else []
+    return head + [c for c in tail if c]
+
+
+class Loader:
+    """Batches for one rank: ``{"images": (B, 3, H, W) float in [0, 1], "labels": (B,) long}`` (classification),
+    ``{"images", "targets": [{"boxes": (n, 4) normalised cx, cy, w, h, "labels": (n,), "image_id", "orig_size":
+    (h, w)}]}`` (detection, DETR's convention) or just ``images`` (unlabelled). Call ``set_epoch(e)`` each epoch.
+    Undecodable images are skipped and counted in ``data.BAD``."""
+
+    def __init__(self, dataset, *, batch_size: int, transform, shuffle: bool, num_workers: int, seed: int,
+                 rank: int, world_size: int, device, buffer_size: int):
+        self.stream = isinstance(dataset, datasets.IterableDataset)
+        dataset = dataset.cast_column("image", datasets.Image(decode=False))
+        if self.stream:
+            dataset = datasets.distributed.split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+            dataset = dataset.shuffle(seed=seed, buffer_size=buffer_size) if shuffle else dataset
+        self.dataset, self.transform, self.batch_size, self.shuffle = dataset, transform, batch_size, shuffle
+        self.num_workers, self.seed, self.rank, self.world_size, self.device = (num_workers, seed, rank,
+                                                                                world_size, device)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        return rank_batches(len(self.dataset), batch_size=self.batch_size, rank=self.rank,
+                            world_size=self.world_size, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch)
+
+    def __len__(self) -> int:
+        if self.stream:
+            raise TypeError("a streamed dataset has no length")
+        return len(self._batches())
+
+    def __iter__(self):
+        common = {"num_workers": self.num_workers, "collate_fn": _identity}
+        if self.stream:
+            self.dataset.set_epoch(self.epoch)
+            source = torch.utils.data.DataLoader(_Stream(self.dataset, self.transform, self.batch_size,
+                                                         self.seed * 1000003 + self.rank), batch_size=None, **common)
+        else:
+            source = torch.utils.data.DataLoader(_Rows(self.dataset, self.transform, self.seed, self.epoch),
+                                                 batch_sampler=self._batches(), **common)
+        for batch in source:
+            for where, error in batch.pop("bad"):
+                BAD.add(where, error)
+            if not len(batch["images"]):
+                continue
+            if self.device is not None:
+                batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                if "targets" in batch:
+                    batch["targets"] = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()}
+                                        for t in batch["targets"]]
+            yield batch
+
+
+def _identity(batch):
+    return batch
+
+
+def loader(dataset, *, batch_size: int, transform: Transform | None = None, shuffle: bool = False,
+           num_workers: int = 0, seed: int = 0, accelerator=None, rank: int = 0, world_size: int = 1,
+           buffer_size: int = 1000) -> Loader:
+    """A :class:`Loader` over ``dataset`` for this process: with an ``accelerator``, its process index, count and
+    device (do not pass the result to ``accelerator.prepare``: it is sharded already); otherwise ``rank`` and
+    ``world_size``. Map-style datasets are dealt by :func:`rank_batches`; streams by
+    ``split_dataset_by_node`` (then a shuffle buffer of ``buffer_size`` when ``shuffle``)."""
+    if accelerator is not None:
+        rank, world_size = accelerator.process_index, accelerator.num_processes
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}, world_size={world_size}: expected 0 <= rank < world_size")
+    return Loader(dataset, batch_size=batch_size, transform=transform, shuffle=shuffle, num_workers=num_workers,
+                  seed=seed, rank=rank, world_size=world_size,
+                  device=accelerator.device if accelerator is not None else None, buffer_size=buffer_size)
