@@ -17,9 +17,11 @@ This file imports torch and the standard library only, so it can be copied alone
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 KEYS = ("A", "B", "A_neg", "B_neg")
 
@@ -309,3 +311,154 @@ def pde_residual(params: dict, z: torch.Tensor, *, eps: float = 1e-6,
     rx = z[..., :, 1:] - z[..., :, :-1] - a[..., :, :-1]
     ry = z[..., 1:, :] - z[..., :-1, :] - b[..., :-1, :]
     return rx, ry
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The encoder-FINOLA-upsampler network (§2, App. B, Table 10)
+# ---------------------------------------------------------------------------------------------------------------------
+
+Q_POSITIONS = ("center", "top-left", "top-right", "bottom-left", "bottom-right")
+
+
+def q_origin(position: str, size) -> tuple[int, int]:
+    """The (row, col) where q sits for a ``--q-position`` name (App. E.1 compares the centre and the corners)."""
+    H, W = size
+    table = {"center": (H // 2, W // 2), "top-left": (0, 0), "top-right": (0, W - 1),
+             "bottom-left": (H - 1, 0), "bottom-right": (H - 1, W - 1)}
+    if position not in table:
+        raise ValueError(f"q_position: expected one of {Q_POSITIONS}, got {position!r}")
+    return table[position]
+
+
+class AttentionPool(nn.Module):
+    """App. B "Pooling the compressed vector q": one multi-head attention layer whose learnable query attends over
+    the encoder's output map (keys = values = the map's positions); the result is q in R^C."""
+
+    def __init__(self, in_channels: int, channels: int, *, heads: int = 8):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"heads: {heads} must divide channels={channels}")
+        self.query = nn.Parameter(torch.randn(1, 1, channels) * channels ** -0.5)
+        self.attn = nn.MultiheadAttention(channels, heads, kdim=in_channels, vdim=in_channels, batch_first=True)
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        kv = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C_enc)
+        q, _ = self.attn(self.query.expand(kv.shape[0], -1, -1), kv, kv, need_weights=False)
+        return q[:, 0]
+
+
+def _norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, c // 4) if c >= 8 else 1, c, eps=1e-6)
+
+
+class ResConv(nn.Module):
+    """Table 10 "res-conv": a residual block of two 3x3 convs (VQGAN's layout: norm, swish, conv, twice), with a
+    1x1 projection on the shortcut when the width changes."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.body = nn.Sequential(_norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1),
+                                  _norm(cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        return self.skip(x) + self.body(x)
+
+
+class UpConv(nn.Module):
+    """Table 10 "up-conv": 2x nearest-neighbour upsampling followed by a 3x3 conv."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class ConvUpsampler(nn.Sequential):
+    """Table 10's FINOLA upsampler: res-conv at the grid resolution, then (up-conv, res-conv) per doubling, then
+    norm, swish and a 3x3 conv to RGB. ``widths`` are the res-conv widths; the paper's 16x16 -> 256x256 is
+    (512, 256, 256, 128, 128), each up-conv keeping the width of the res-conv before it."""
+
+    def __init__(self, in_channels: int, widths=(512, 256, 256, 128, 128), out_channels: int = 3):
+        layers = [ResConv(in_channels, widths[0])]
+        for prev, w in zip(widths, widths[1:]):
+            layers += [UpConv(prev, prev), ResConv(prev, w)]
+        layers += [_norm(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], out_channels, 3, padding=1)]
+        super().__init__(*layers)
+        self.scale = 2 ** (len(widths) - 1)
+
+
+@dataclass
+class FinolaConfig:
+    """The vanilla FINOLA network (§2, Tables 2, 10, 12). Paper defaults: 256^2 images, MF-W2880, C = 3072."""
+    encoder_channels: int = 2880            # width of the encoder's output map
+    channels: int = 3072                    # C: the latent channels of q and of the FINOLA map (Table 2a)
+    grid: tuple = (16, 16)                  # FINOLA map size
+    q_position: str = "center"              # App. E.1
+    norm: str = "layer"                     # "layer" (Eq. 1) or "moving-average" (§4's ablation)
+    momentum: float = 0.1                   # of the running statistics, for norm="moving-average"
+    heads: int = 8                          # of the attentional pooler
+    widths: tuple = (512, 256, 256, 128, 128)  # Table 10
+    mean: tuple = (0.485, 0.456, 0.406)     # input normalisation of [0, 1] images for the encoder
+    std: tuple = (0.229, 0.224, 0.225)
+    encoder: dict = field(default_factory=dict)  # the encoder's own config, so a weights file rebuilds both
+
+    def __post_init__(self):
+        if self.norm not in ("layer", "moving-average"):
+            raise ValueError(f"norm: expected 'layer' or 'moving-average', got {self.norm!r}")
+        q_origin(self.q_position, self.grid)
+        self.grid, self.widths, self.mean, self.std = (tuple(v) for v in (self.grid, self.widths, self.mean, self.std))
+
+
+class Finola(nn.Module):
+    """Encoder -> attentional pooling -> q -> ``expand`` -> upsampler -> image (Fig. 1), trained with pixel MSE.
+
+    Takes images in [0, 1] (B, 3, H, W) with H = W = grid * upsampler scale and returns the reconstruction in the
+    same range (not clamped). ``encoder(x)`` must return ``(feature_map, tokens)``. The FINOLA matrices live in
+    ``self.finola`` and go through this file's pure functions.
+    """
+
+    def __init__(self, encoder: nn.Module, config: FinolaConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.pool = AttentionPool(config.encoder_channels, config.channels, heads=config.heads)
+        self.finola = nn.ParameterDict({k: nn.Parameter(v) for k, v in init(config.channels).items()})
+        self.upsampler = ConvUpsampler(config.channels, config.widths)
+        self.origin = q_origin(config.q_position, config.grid)
+        self.image_size = tuple(g * self.upsampler.scale for g in config.grid)
+        self.register_buffer("pixel_mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+        if config.norm == "moving-average":
+            self.register_buffer("running_mean", torch.zeros(()))
+            self.register_buffer("running_var", torch.ones(()))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """q (B, C) of images x in [0, 1]."""
+        if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != self.image_size:
+            raise ValueError(f"x: expected images (B, 3, {self.image_size[0]}, {self.image_size[1]}), "
+                             f"got {tuple(x.shape)}")
+        fmap, _ = self.encoder((x - self.pixel_mean) / self.pixel_std)
+        return self.pool(fmap)
+
+    def expand(self, q: torch.Tensor) -> torch.Tensor:
+        """The FINOLA map (B, C, *grid) of q; with norm="moving-average", running statistics at inference."""
+        params = dict(self.finola)
+        if self.config.norm == "layer":
+            return expand(params, q, size=self.config.grid, origin=self.origin)
+        if not self.training:
+            stats = {"mean": self.running_mean, "var": self.running_var}
+            return expand(params, q, size=self.config.grid, origin=self.origin, stats=stats)
+        z = expand(params, q, size=self.config.grid, origin=self.origin)
+        new = running_stats(z, {"mean": self.running_mean, "var": self.running_var}, momentum=self.config.momentum)
+        self.running_mean.copy_(new["mean"])
+        self.running_var.copy_(new["var"])
+        return z
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.upsampler(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.expand(self.encode(x)))

@@ -25,6 +25,7 @@ FORMAT = "finola-weights/1"
 # arch name -> (module, function taking the config dict and returning an nn.Module). Later issues add theirs.
 ARCHS: dict[str, tuple[str, str]] = {
     "mobileformer": ("mobileformer", "from_config"),
+    "finola": ("weights", "finola_from_config"),
 }
 
 
@@ -99,3 +100,11 @@ def load_model(path, *, device="cpu") -> torch.nn.Module:
     model.load_state_dict(tensors, strict=True)
     model.metadata = meta
     return model.eval()
+
+
+def finola_from_config(config: dict) -> torch.nn.Module:
+    """The vanilla FINOLA network (finola.Finola) with its Mobile-Former encoder, from its saved config."""
+    import finola
+    import mobileformer
+
+    return finola.Finola(mobileformer.from_config(config["encoder"]), finola.FinolaConfig(**config))

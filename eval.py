@@ -1,0 +1,150 @@
+"""Metrics and evaluations of our checkpoints: ``python eval.py COMMAND --weights FILE ...``.
+
+Every command prints a rich table and ends with exactly one line of JSON holding its figures. Importing this module
+does no work, so its functions serve notebooks and tests.
+
+    reconstruct   PSNR of FINOLA reconstructions next to two baselines, and a PNG grid (§4, Table 2)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+import data
+import weights
+
+console = Console(stderr=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reconstruction (§4): PSNR and its baselines
+# ---------------------------------------------------------------------------------------------------------------------
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [0, 1], (B, 3, H, W) -> (B,): 10 log10(1 / MSE); y is clamped to [0, 1]."""
+    mse = (x - y.clamp(0, 1)).square().flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-12))
+
+
+def mean_colour(x: torch.Tensor) -> torch.Tensor:
+    """Baseline: every pixel replaced by its image's mean colour."""
+    return x.mean((2, 3), keepdim=True).expand_as(x)
+
+
+def bilinear(x: torch.Tensor, grid) -> torch.Tensor:
+    """Baseline: bilinear (antialiased) down to the FINOLA grid's resolution, then bilinear back up."""
+    small = F.interpolate(x, size=tuple(grid), mode="bilinear", antialias=True, align_corners=False)
+    return F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def reconstruct_transform(model):
+    """Resize the shorter side to the model's image size and centre-crop it (the whole square of a square image)."""
+    return data.eval_transform("classify", size=model.image_size[0], crop_ratio=1.0)
+
+
+@torch.no_grad()
+def reconstruct(model, loader, *, grid: Path | None = None, show: int = 8) -> dict:
+    """Mean per-image PSNR of ``model``'s reconstructions over ``loader``, next to the mean-colour and bilinear
+    baselines on the same images; optionally a PNG of originals (top row) above reconstructions (bottom row)."""
+    model.eval()
+    scores = {"psnr_db": [], "mean_colour_db": [], "bilinear_db": []}
+    shown = []
+    for batch in loader:
+        x = batch["images"]
+        y = model(x)
+        scores["psnr_db"].append(psnr(x, y))
+        scores["mean_colour_db"].append(psnr(x, mean_colour(x)))
+        scores["bilinear_db"].append(psnr(x, bilinear(x, model.config.grid)))
+        if len(shown) < show:
+            shown += list(zip(x, y))[: show - len(shown)]
+    if not scores["psnr_db"]:
+        raise ValueError("reconstruct: the data gave no images")
+    out = {k: round(torch.cat(v).mean().item(), 3) for k, v in scores.items()}
+    out["images"] = len(torch.cat(scores["psnr_db"]))
+    if grid is not None:
+        save_grid([torch.stack([a for a, _ in shown]), torch.stack([b for _, b in shown])], grid)
+    return out
+
+
+def save_grid(rows: list[torch.Tensor], path, *, pad: int = 2) -> Path:
+    """Save rows of images (each (N, 3, H, W) in [0, 1]) as one PNG, with a white ``pad`` between tiles."""
+    n = max(len(r) for r in rows)
+    h, w = rows[0].shape[-2:]
+    canvas = torch.ones(3, len(rows) * (h + pad) + pad, n * (w + pad) + pad)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            top, left = pad + i * (h + pad), pad + j * (w + pad)
+            canvas[:, top:top + h, left:left + w] = img.float().clamp(0, 1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _default_data(meta: dict, source: str | None) -> tuple[str, dict]:
+    """The data to evaluate on: --data, or what the weights were trained on (from the file's metadata)."""
+    options = meta["train"].get("data_options", {}) if source is None else {}
+    source = source or meta.get("data")
+    if not source:
+        raise ValueError("--data: the weights' metadata names no training data; pass --data SOURCE")
+    return source, options
+
+
+def cmd_reconstruct(args) -> dict:
+    model = weights.load_model(args.weights)
+    if model.metadata["model"]["arch"] != "finola":
+        raise ValueError(f"--weights: {args.weights} holds a {model.metadata['model']['arch']!r} model; "
+                         "reconstruct needs a FINOLA model (train.py --task finola)")
+    source, options = _default_data(model.metadata, args.data)
+    ds = data.load(source, split=args.split, **options)
+    loader = data.loader(ds, batch_size=args.batch_size, transform=reconstruct_transform(model))
+    result = reconstruct(model, loader, grid=args.grid)
+    table = Table(title=f"Reconstruction PSNR on {source} [{args.split}], {result['images']} images")
+    for col in ("model", "mean colour", f"bilinear via {model.config.grid[0]}x{model.config.grid[1]}"):
+        table.add_column(col, justify="right")
+    table.add_row(*(f"{result[k]:.2f} dB" for k in ("psnr_db", "mean_colour_db", "bilinear_db")))
+    console.print(table)
+    if args.grid:
+        console.print(f"grid of originals (top) and reconstructions (bottom): {args.grid}")
+    if data.BAD.total():
+        console.print(data.BAD.report())
+    return result
+
+
+COMMANDS = {"reconstruct": cmd_reconstruct}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("reconstruct", help="PSNR of a FINOLA model against baselines, and a PNG grid")
+    r.add_argument("--weights", required=True, help="a model.safetensors written by train.py --task finola")
+    r.add_argument("--data", help="source (default: the data the weights were trained on)")
+    r.add_argument("--split", default="validation")
+    r.add_argument("--grid", type=Path, help="write a PNG of originals above reconstructions here")
+    r.add_argument("--batch-size", type=int, default=32)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    result = COMMANDS[args.command](args)
+    print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""train.py --task finola and eval.py reconstruct end to end on a tiny model and tiny data."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+import eval as ev
+import train
+import weights
+
+ROOT = Path(__file__).resolve().parents[1]
+# 14 training rows (7 photos x 2), 4 validation crops; a 2x2 FINOLA grid decoded to 32x32 by four doublings.
+TINY = ["--task", "finola", "--data", "photos", "--data-options", '{"crops_per_photo": 2}', "--encoder", "mf-tiny",
+        "--channels", "16", "--grid", "2", "--image-size", "32", "--widths", "16", "16", "16", "16", "16",
+        "--batch-size", "4", "--lr", "0.05", "--warmup-epochs", "0", "--log-every", "1"]
+
+
+def run(tmp_path, *extra, name="run"):
+    out = tmp_path / name
+    train.main(TINY + ["--out", str(out), *extra])
+    return out
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_steps_then_rebuild_from_weights_alone(tmp_path):
+    out = run(tmp_path, "--max-steps", "2")
+    for name in ("model.safetensors", "metrics.jsonl", "args.json", "reconstructions.png", "state/trainer.json"):
+        assert (out / name).exists(), name
+    rows = metrics(out)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    final = rows[-1]["final"]
+    assert set(final) == {"psnr_db", "mean_colour_db", "bilinear_db", "images"} and final["images"] == 4
+
+    model = weights.load_model(out / "model.safetensors")
+    meta = model.metadata
+    assert meta["task"] == "finola" and meta["train"]["max_steps"] == 2 and meta["metrics"] == final
+    # The checkpoint's weights, loaded into a model built from the flags, give the same outputs.
+    args = train.parse_args(TINY + ["--max-steps", "2"])
+    fresh, _, _ = train.TASKS["finola"].build(args)
+    fresh.load_state_dict(load_file(out / "state" / "model.safetensors"))
+    x = torch.rand(2, 3, 32, 32)
+    assert_close(model(x), fresh.eval()(x), rtol=0, atol=0)
+
+
+def test_resume_continues_at_the_saved_step_with_the_same_schedule(tmp_path, monkeypatch):
+    saved = {}
+    real_save = train.save_checkpoint
+
+    def keep_step2(accelerator, out, step, epoch):
+        real_save(accelerator, out, step, epoch)
+        if step == 2:
+            shutil.copytree(out / "state", tmp_path / "step2")
+            saved["args"] = (out / "args.json").read_text()
+
+    monkeypatch.setattr(train, "save_checkpoint", keep_step2)
+    full = run(tmp_path, "--max-steps", "5", "--checkpoint-every", "2", name="full")
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+
+    resumed = tmp_path / "resumed"  # a run that stopped after its step-2 checkpoint
+    resumed.mkdir()
+    (resumed / "args.json").write_text(saved["args"])
+    shutil.copytree(tmp_path / "step2", resumed / "state")
+    train.main(["--task", "finola", "--resume", str(resumed)])
+
+    before = {r["step"]: r for r in metrics(full) if "loss" in r}
+    after = {r["step"]: r for r in metrics(resumed) if "loss" in r}
+    assert sorted(after) == [3, 4, 5], "resumed at the saved step"
+    for s in (3, 4, 5):
+        assert after[s]["lr"] == before[s]["lr"]
+        assert after[s]["loss"] == pytest.approx(before[s]["loss"], rel=1e-5)
+    a, b = (load_file(r / "model.safetensors") for r in (full, resumed))
+    for k in a:
+        assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real_loss = train.TASKS["finola"].loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss = real_loss(model, batch)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(train.TASKS["finola"], "loss", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss .* at step 3.*last good checkpoint is step 2"):
+        run(tmp_path, "--max-steps", "4", "--checkpoint-every", "2")
+    state = json.loads((tmp_path / "run" / "state" / "trainer.json").read_text())
+    assert state["step"] == 2
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_psnr_against_hand_computed_values():
+    x = torch.zeros(2, 3, 4, 4)
+    y = torch.full_like(x, 0.1)
+    y[1] = 0.01
+    assert_close(ev.psnr(x, y), torch.tensor([20.0, 40.0]))
+    assert_close(ev.psnr(x, y - 5), torch.tensor([120.0, 120.0]), msg="clamped to [0, 1], then MSE floor 1e-12")
+    img = torch.rand(1, 3, 8, 8)
+    flat = img.mean((2, 3), keepdim=True).expand_as(img)
+    assert_close(ev.mean_colour(img), flat)
+    assert_close(ev.bilinear(flat.clone(), (2, 2)), flat, msg="a constant image survives down-then-up")
+
+
+def test_eval_reconstruct_command(tmp_path, capsys):
+    out = run(tmp_path, "--max-steps", "1")
+    capsys.readouterr()
+    result = ev.main(["reconstruct", "--weights", str(out / "model.safetensors"), "--grid", str(tmp_path / "g.png")])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == result and last["images"] == 4
+    assert last["mean_colour_db"] < last["bilinear_db"], "a 2x2 bilinear thumbnail beats one colour"
+    from PIL import Image
+    assert Image.open(tmp_path / "g.png").size == (4 * 34 + 2, 2 * 34 + 2)
+
+
+def test_bad_flags_get_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="--image-size 48 must equal --grid 2"):
+        run(tmp_path, "--image-size", "48")
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "args.json").write_text(json.dumps(vars(train.parse_args(TINY))))
+        train.main(["--task", "finola", "--resume", str(tmp_path / "empty")])
+
+
+@pytest.mark.slow
+def test_two_processes_stay_in_sync_and_cover_the_data_once(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"),
+           *TINY, "--epochs", "2", "--out", str(out)]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = metrics(out)
+    epochs = [r for r in rows if "samples" in r]
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    assert all(r["samples"] == r["dataset"] == 14 for r in epochs), epochs
+    assert [r["ranks_in_sync"] for r in rows if "ranks_in_sync" in r] == [True]
+    assert json.loads((out / "args.json").read_text())["batch_size"] == 4
+    assert (out / "model.safetensors").exists()

@@ -1,0 +1,333 @@
+"""One training script for every experiment of the paper, chosen by flags:
+
+    accelerate launch train.py --task finola [--preset small|paper] [--data SOURCE] [--out DIR] [--max-steps N] ...
+
+A task is a row of ``TASKS``: how to build its model, its loss on a batch, its data transform and its final
+evaluation. ``--preset`` fills every flag the command line leaves unset (``small``: minutes on a laptop CPU;
+``paper``: the paper's appendix, Table 12 for ``finola``). One loop (nanoGPT-style) serves all tasks: AdamW, linear
+warm-up then cosine decay of lr = base_lr x effective batch / 256 (App. C), Accelerate for devices, processes, mixed
+precision and gradient accumulation, atomic checkpoints of the full training state, ``--resume``, ``metrics.jsonl``
+and a final ``model.safetensors`` whose metadata rebuilds the model (``weights.load_model``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+import data
+import eval as ev
+import finola
+import mobileformer
+import weights
+
+console = Console(stderr=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Task:
+    build: Callable      # args -> (model, arch, config dict)
+    loss: Callable       # (model, batch) -> scalar loss
+    transform: Callable  # args -> training transform
+    evaluate: Callable   # (model, args, out_dir) -> dict of final metrics (main process)
+    presets: dict        # preset name -> flag defaults
+
+
+def build_finola(args):
+    encoder = mobileformer.create(args.encoder)
+    config = finola.FinolaConfig(
+        encoder_channels=encoder.out_channels, channels=args.channels, grid=(args.grid, args.grid),
+        q_position=args.q_position, norm=args.norm, widths=tuple(args.widths), encoder=encoder.config_dict())
+    model = finola.Finola(encoder, config)
+    if model.image_size != (args.image_size, args.image_size):
+        raise ValueError(f"--image-size {args.image_size} must equal --grid {args.grid} x 2^(len(--widths) - 1) "
+                         f"= {model.image_size[0]}")
+    return model, "finola", dataclasses.asdict(config)
+
+
+def finola_loss(model, batch):
+    """Pixel MSE over the whole image (§2)."""
+    x = batch["images"]
+    return F.mse_loss(model(x), x)
+
+
+def evaluate_finola(model, args, out: Path) -> dict:
+    ds = data.load(args.data, split=args.eval_split, **args.data_options)
+    loader = data.loader(ds, batch_size=args.batch_size, transform=ev.reconstruct_transform(model))
+    return ev.reconstruct(model, loader, grid=out / "reconstructions.png")
+
+
+FINOLA_PAPER = dict(data="hf:ILSVRC/imagenet-1k", streaming=True, epoch_size=1_281_167, encoder="mf-w2880",
+                    channels=3072, grid=16, image_size=256, widths=[512, 256, 256, 128, 128], batch_size=128,
+                    epochs=100, warmup_epochs=10, lr=1.5e-4, weight_decay=0.1, checkpoint_every=2000)
+FINOLA_SMALL = dict(data="photos", encoder="mf-tiny", channels=256, grid=8, image_size=64, widths=[128, 64, 64, 32],
+                    batch_size=32, epochs=40, warmup_epochs=2, lr=2e-3, weight_decay=0.1, checkpoint_every=500)
+
+TASKS: dict[str, Task] = {
+    "finola": Task(build_finola, finola_loss, lambda a: data.train_transform("crop", size=a.image_size),
+                   evaluate_finola, {"small": FINOLA_SMALL, "paper": FINOLA_PAPER}),
+}
+
+# Flags every task understands, with the value used when neither the command line nor the preset sets them.
+DEFAULTS = dict(preset="small", data=None, streaming=False, epoch_size=None, eval_split="validation",
+                data_options={}, encoder="mf-tiny", channels=256, grid=8, image_size=64, widths=[128, 64, 64, 32],
+                q_position="center", norm="layer", batch_size=32, epochs=1, max_steps=None, warmup_epochs=0.0,
+                lr=1.5e-4, weight_decay=0.1, grad_accum=1, seed=0, num_workers=0, out=None, resume=None,
+                checkpoint_every=500, log_every=10)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=None,
+        epilog="Tasks: " + ", ".join(TASKS) + ". Presets: " + "; ".join(
+            f"{t}/{n}: " + ", ".join(f"{k}={v}" for k, v in d.items()) for t, task in TASKS.items()
+            for n, d in task.presets.items()))
+    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--preset", choices=["small", "paper"], help="defaults for every unset flag (default: small)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="source for data.load: an embedded name (photos, fashion-mnist, trees, shapes), "
+                                  "a local path or hf:NAME")
+    g.add_argument("--streaming", action=argparse.BooleanOptionalAction, help="stream the source (hub scale)")
+    g.add_argument("--epoch-size", type=int, help="images per epoch of a streamed source (it has no length)")
+    g.add_argument("--eval-split", help="split of the final evaluation (default: validation)")
+    g.add_argument("--data-options", type=json.loads, help='JSON options for the source, e.g. \'{"crops_per_photo": 8}\'')
+    g.add_argument("--num-workers", type=int, help="data loader worker processes")
+    m = p.add_argument_group("model")
+    m.add_argument("--encoder", choices=sorted(mobileformer.PRESETS), help="Mobile-Former variant (Table 9)")
+    m.add_argument("--channels", type=int, help="latent channels C of q and the FINOLA map (Table 2a)")
+    m.add_argument("--grid", type=int, help="side of the FINOLA map (16 in the paper)")
+    m.add_argument("--image-size", type=int, help="training image side")
+    m.add_argument("--widths", type=int, nargs="+", help="res-conv widths of the upsampler (Table 10)")
+    m.add_argument("--q-position", choices=finola.Q_POSITIONS, help="where q sits in the map (App. E.1)")
+    m.add_argument("--norm", choices=["layer", "moving-average"], help="FINOLA normalization (§4's ablation)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--batch-size", type=int, help="images per process per step")
+    o.add_argument("--epochs", type=int)
+    o.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (the schedule's length)")
+    o.add_argument("--warmup-epochs", type=float)
+    o.add_argument("--lr", type=float, help="base learning rate, scaled by effective batch / 256")
+    o.add_argument("--weight-decay", type=float)
+    o.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
+    o.add_argument("--seed", type=int)
+    r = p.add_argument_group("run")
+    r.add_argument("--out", help="run folder (default: runs/<task>-<YYYYmmdd-HHMMSS>)")
+    r.add_argument("--resume", help="a run folder to continue from its last checkpoint")
+    r.add_argument("--checkpoint-every", type=int, help="optimizer steps between checkpoints")
+    r.add_argument("--log-every", type=int, help="optimizer steps between metrics.jsonl lines")
+    args = p.parse_args(argv)
+    preset = TASKS[args.task].presets[args.preset or "small"]
+    for key, default in DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, preset.get(key, default))
+    if args.data is None:
+        p.error(f"--data is required for task {args.task!r}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints: Accelerate's full state in a folder, written to a temporary name and renamed into place
+# ---------------------------------------------------------------------------------------------------------------------
+
+def save_checkpoint(accelerator, out: Path, step: int, epoch: int):
+    tmp, final, old = out / "state.tmp", out / "state", out / "state.old"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "epoch": epoch}))
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def find_checkpoint(run: Path) -> Path:
+    """The last complete checkpoint of a run (``state``, or ``state.old`` if a crash hit the rename)."""
+    for name in ("state", "state.old"):
+        if (run / name / "trainer.json").exists():
+            return run / name
+    raise FileNotFoundError(f"--resume {str(run)!r}: no checkpoint (state/trainer.json) in that folder")
+
+
+def lr_at(step: int, *, base: float, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 0 (Table 12)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------------------
+
+def train(args) -> Path:
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=args.grad_accum)
+    if accelerator.device.type == "cpu" and accelerator.num_processes == 1:
+        torch.set_num_threads(os.cpu_count() or 1)  # accelerate sets OMP_NUM_THREADS=1 per process
+    task = TASKS[args.task]
+    out = Path(args.resume or args.out or f"runs/{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.resume:
+        saved = json.loads((out / "args.json").read_text())
+        args = argparse.Namespace(**{**saved, "resume": args.resume, "max_steps": args.max_steps or saved["max_steps"]})
+    set_seed(args.seed)
+    model, arch, config = task.build(args)
+    if accelerator.device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+
+    ds = data.load(args.data, split="train", streaming=args.streaming, **args.data_options)
+    loader = data.loader(ds, batch_size=args.batch_size, transform=task.transform(args), shuffle=True,
+                         num_workers=args.num_workers, seed=args.seed, accelerator=accelerator)
+    steps_per_epoch = (math.ceil(len(loader) / args.grad_accum) if not args.streaming
+                       else args.epoch_size // (args.batch_size * args.grad_accum * accelerator.num_processes))
+    if steps_per_epoch < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: the training data holds less than one step per epoch")
+    total = args.max_steps or args.epochs * steps_per_epoch
+    warmup = min(total, round(args.warmup_epochs * steps_per_epoch))
+    base_lr = args.lr * args.batch_size * args.grad_accum * accelerator.num_processes / 256
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=base_lr, betas=(0.9, 0.95),
+                                  fused=accelerator.device.type in ("cpu", "cuda"))
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    step = epoch = 0
+    if args.resume:
+        state = find_checkpoint(out)
+        accelerator.load_state(str(state))
+        step, epoch = (json.loads((state / "trainer.json").read_text())[k] for k in ("step", "epoch"))
+    elif accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+    log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=console, disable=not accelerator.is_main_process)
+    seen = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    with progress:
+        bar = progress.add_task(args.task, total=total, completed=step, stats="")
+        t0, images, last_good = time.perf_counter(), 0, step
+        while step < total:
+            loader.set_epoch(epoch)
+            n_batches = None if args.streaming else len(loader)
+            skip = step * args.grad_accum - epoch * steps_per_epoch * args.grad_accum  # resumed mid-epoch
+            for i, batch in enumerate(loader):
+                if i < skip:
+                    continue
+                model.train()
+                with accelerator.accumulate(model):
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr_at(step, base=base_lr, warmup=warmup, total=total)
+                    loss = task.loss(model, batch)
+                    check_finite(accelerator, loss, step, out, last_good)
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                images += len(batch["images"]) * accelerator.num_processes
+                seen += len(batch["images"])
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                if step % args.log_every == 0 or step == total:
+                    rate = images / (time.perf_counter() - t0)
+                    lr = optimizer.param_groups[0]["lr"]
+                    log.write(step=step, epoch=epoch, loss=loss.item(), lr=lr, img_per_s=rate)
+                    progress.update(bar, stats=f"loss {loss.item():.4f}  lr {lr:.2e}  {rate:.0f} img/s")
+                progress.update(bar, completed=step)
+                epoch_done = i + 1 == n_batches
+                if step % args.checkpoint_every == 0 or step == total:
+                    save_checkpoint(accelerator, out, step, epoch + epoch_done)
+                    last_good = step
+                if step >= total and not epoch_done:
+                    break
+            else:
+                samples = accelerator.reduce(seen, "sum").item()
+                log.write(epoch=epoch, samples=samples, dataset=None if args.streaming else len(ds))
+                seen.zero_()
+                epoch += 1
+
+    model = accelerator.unwrap_model(model)
+    log.write(step=step, ranks_in_sync=ranks_in_sync(accelerator, model))
+    if accelerator.is_main_process:
+        metrics = task.evaluate(model.eval(), args, out)
+        log.write(step=step, final=metrics)
+        weights.save(out / "model.safetensors", model.state_dict(), arch=arch, config=config, task=args.task,
+                     train=vars(args), data=args.data, metrics=metrics)
+        report(out, metrics)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def check_finite(accelerator, loss, step: int, out: Path, last_good: int):
+    """Stop every process with a clear message on a NaN/inf loss; the last checkpoint stays as it was."""
+    bad = accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), "sum")
+    if bad.item() > 0:
+        raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step + 1}; stopping. The last good "
+                                 f"checkpoint is step {last_good} in {out / 'state'} (resume with --resume {out} "
+                                 f"after lowering --lr)")
+
+
+def ranks_in_sync(accelerator, model) -> bool:
+    """True when every process holds bit-identical parameters (a fingerprint per tensor, gathered)."""
+    fp = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                      for p in model.parameters()]).flatten()
+    every = accelerator.gather(fp.to(accelerator.device)[None])
+    return bool((every == every[:1]).all().item())
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step, epoch or evaluation (main process only)."""
+
+    def __init__(self, path: Path, *, enabled: bool):
+        self.path, self.enabled, self.t0 = path, enabled, time.time()
+
+    def write(self, **fields):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({**fields, "time_s": round(time.time() - self.t0, 2)}) + "\n")
+
+
+def report(out: Path, metrics: dict):
+    console.print(f"[green]done[/green]: weights {out / 'model.safetensors'}, metrics {out / 'metrics.jsonl'}")
+    for name in sorted(p.name for p in out.glob("*.png")):
+        console.print(f"  figure {out / name}")
+    console.print("  final: " + json.dumps(metrics))
+    if data.BAD.total():
+        console.print(data.BAD.report())
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    train(args)
+    if distributed:  # gloo teardown sometimes aborts after the work is done (ENVIRONMENT.md): leave cleanly
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
