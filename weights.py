@@ -26,6 +26,7 @@ FORMAT = "finola-weights/1"
 ARCHS: dict[str, tuple[str, str]] = {
     "mobileformer": ("mobileformer", "from_config"),
     "finola": ("weights", "finola_from_config"),
+    "detr": ("detr", "from_config"),
 }
 
 
