@@ -4,6 +4,7 @@ Every command prints a rich table and ends with exactly one line of JSON holding
 does no work, so its functions serve notebooks and tests.
 
     reconstruct   PSNR of FINOLA reconstructions next to two baselines, and a PNG grid (§4, Table 2)
+    detect        COCO AP of a DETR model through pycocotools' COCOeval, and a PNG of boxes (Tables 4, 18)
 """
 from __future__ import annotations
 
@@ -12,11 +13,16 @@ import json
 import math
 from pathlib import Path
 
+import contextlib
+import io
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from rich.console import Console
+from rich.markup import escape
+from pycocotools.cocoeval import COCOeval
 from rich.table import Table
 
 import data
@@ -91,6 +97,68 @@ def save_grid(rows: list[torch.Tensor], path, *, pad: int = 2) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Detection (Tables 4, 18): COCO AP
+# ---------------------------------------------------------------------------------------------------------------------
+
+AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+@torch.no_grad()
+def detect(model, loader, coco_gt, *, figure: Path | None = None, show: int = 6, threshold: float = 0.5) -> dict:
+    """COCO box AP of a DETR model over ``loader`` against ``coco_gt`` (``data.coco(dataset)``), with
+    pycocotools' COCOeval; optionally a PNG of ``show`` images with true (green) and predicted (red, score >=
+    ``threshold``) boxes."""
+    import detr  # only this evaluation needs it
+
+    model.eval()
+    results, shown = [], []
+    for batch in loader:
+        targets = batch["targets"]
+        outputs = model(batch["images"])
+        dets = detr.postprocess(outputs, [t["orig_size"] for t in targets], image_ids=[t["image_id"] for t in targets])
+        results += dets
+        q = outputs["pred_logits"].shape[1]
+        for i in range(min(len(targets), show - len(shown))):
+            shown.append((batch["images"][i], targets[i], dets[i * q:(i + 1) * q]))
+    if not results:
+        raise ValueError("detect: the data gave no images")
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its own tables
+        coco_dt = coco_gt.loadRes(results)
+        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev.params.imgIds = sorted({r["image_id"] for r in results})
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    out = {name: round(float(v), 4) for name, v in zip(AP_NAMES, ev.stats[:6])}
+    out["images"] = len(ev.params.imgIds)
+    if figure is not None:
+        draw_detections(shown, figure, threshold=threshold)
+    return out
+
+
+def draw_detections(shown, path, *, threshold: float = 0.5, scale: int = 4) -> Path:
+    """One row of images (upscaled ``scale``x) with true boxes in green and predictions above ``threshold`` in red."""
+    tiles = []
+    for image, target, dets in shown:
+        h, w = image.shape[-2:]
+        tile = Image.fromarray((image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8))
+        tile = tile.resize((w * scale, h * scale), Image.Resampling.NEAREST)
+        pen = ImageDraw.Draw(tile)
+        oh, ow = target["orig_size"]
+        sx, sy = w * scale / ow, h * scale / oh
+        for cx, cy, bw, bh in target["boxes"].tolist():
+            pen.rectangle([(cx - bw / 2) * w * scale, (cy - bh / 2) * h * scale,
+                           (cx + bw / 2) * w * scale, (cy + bh / 2) * h * scale], outline=(0, 255, 0), width=2)
+        for d in dets:
+            if d["score"] >= threshold:
+                x, y, bw, bh = d["bbox"]
+                pen.rectangle([x * sx, y * sy, (x + bw) * sx, (y + bh) * sy], outline=(255, 0, 0), width=2)
+                pen.text((x * sx + 2, y * sy + 1), f"{d['category_id']}:{d['score']:.2f}", fill=(255, 0, 0))
+        tiles.append(torch.from_numpy(np.array(tile)).permute(2, 0, 1).float() / 255)
+    return save_grid([torch.stack(tiles)], path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -112,7 +180,7 @@ def cmd_reconstruct(args) -> dict:
     ds = data.load(source, split=args.split, **options)
     loader = data.loader(ds, batch_size=args.batch_size, transform=reconstruct_transform(model))
     result = reconstruct(model, loader, grid=args.grid)
-    table = Table(title=f"Reconstruction PSNR on {source} [{args.split}], {result['images']} images")
+    table = Table(title=escape(f"Reconstruction PSNR on {source} [{args.split}], {result['images']} images"))
     for col in ("model", "mean colour", f"bilinear via {model.config.grid[0]}x{model.config.grid[1]}"):
         table.add_column(col, justify="right")
     table.add_row(*(f"{result[k]:.2f} dB" for k in ("psnr_db", "mean_colour_db", "bilinear_db")))
@@ -124,7 +192,27 @@ def cmd_reconstruct(args) -> dict:
     return result
 
 
-COMMANDS = {"reconstruct": cmd_reconstruct}
+def cmd_detect(args) -> dict:
+    model = weights.load_model(args.weights)
+    if model.metadata["model"]["arch"] != "detr":
+        raise ValueError(f"--weights: {args.weights} holds a {model.metadata['model']['arch']!r} model; "
+                         "detect needs a DETR model (train.py --task detr-probe or detr-finetune)")
+    source, options = _default_data(model.metadata, args.data)
+    size = args.image_size or model.metadata["train"].get("image_size", 800)
+    ds = data.load(source, split=args.split, **options)
+    loader = data.loader(ds, batch_size=args.batch_size, transform=data.eval_transform("detect", size=size))
+    result = detect(model, loader, data.coco(ds), figure=args.figure)
+    table = Table(title=escape(f"COCO box AP on {source} [{args.split}], {result['images']} images at {size}x{size}"))
+    for name in AP_NAMES:
+        table.add_column(name, justify="right")
+    table.add_row(*(f"{100 * result[k]:.1f}" if result[k] >= 0 else "-" for k in AP_NAMES))  # -1: no such boxes
+    console.print(table)
+    if args.figure:
+        console.print(f"true (green) and predicted (red) boxes: {args.figure}")
+    return result
+
+
+COMMANDS = {"reconstruct": cmd_reconstruct, "detect": cmd_detect}
 
 
 def parse_args(argv=None):
@@ -136,6 +224,13 @@ def parse_args(argv=None):
     r.add_argument("--split", default="validation")
     r.add_argument("--grid", type=Path, help="write a PNG of originals above reconstructions here")
     r.add_argument("--batch-size", type=int, default=32)
+    d = sub.add_parser("detect", help="COCO AP of a DETR model, and a PNG of boxes")
+    d.add_argument("--weights", required=True, help="a model.safetensors written by train.py --task detr-*")
+    d.add_argument("--data", help="source (default: the data the weights were trained on)")
+    d.add_argument("--split", default="validation")
+    d.add_argument("--image-size", type=int, help="network input side (default: the training image size)")
+    d.add_argument("--figure", type=Path, help="write a PNG of true and predicted boxes here")
+    d.add_argument("--batch-size", type=int, default=16)
     return p.parse_args(argv)
 
 

@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import data
+import detr
 import eval as ev
 import finola
 import mobileformer
@@ -78,21 +79,69 @@ def evaluate_finola(model, args, out: Path) -> dict:
 
 FINOLA_PAPER = dict(data="hf:ILSVRC/imagenet-1k", streaming=True, epoch_size=1_281_167, encoder="mf-w2880",
                     channels=3072, grid=16, image_size=256, widths=[512, 256, 256, 128, 128], batch_size=128,
-                    epochs=100, warmup_epochs=10, lr=1.5e-4, weight_decay=0.1, checkpoint_every=2000)
+                    epochs=100, warmup_epochs=10, lr=1.5e-4, weight_decay=0.1, betas=[0.9, 0.95], checkpoint_every=2000)
 FINOLA_SMALL = dict(data="photos", encoder="mf-tiny", channels=256, grid=8, image_size=64, widths=[128, 64, 64, 32],
-                    batch_size=32, epochs=40, warmup_epochs=2, lr=2e-3, weight_decay=0.1, checkpoint_every=500)
+                    batch_size=32, epochs=40, warmup_epochs=2, lr=2e-3, weight_decay=0.1, betas=[0.9, 0.95],
+                    checkpoint_every=500)
+
+def build_detr(args):
+    """DETR with a Mobile-Former decoder on a backbone from --init (any of our files) or a fresh --encoder."""
+    backbone = weights.load_encoder(args.init) if args.init else mobileformer.create(args.encoder)
+    num_classes = max(data.categories(data.load(args.data, split="train", **args.data_options))) + 1
+    model = detr.create(backbone, decoder=args.decoder, num_classes=num_classes, num_queries=args.num_queries,
+                        frozen_backbone=args.task == "detr-probe")
+    return model, "detr", model.config_dict()
+
+
+_CRITERIA: dict[int, detr.SetCriterion] = {}
+
+
+def detr_loss(model, batch):
+    """DETR's set criterion on every decoder layer (CE, no-object weight 0.1; L1 x5; GIoU x2)."""
+    outputs = model(batch["images"])
+    k = outputs["pred_logits"].shape[-1] - 1
+    criterion = _CRITERIA.setdefault(k, detr.SetCriterion(k).to(outputs["pred_logits"].device))
+    return criterion(outputs, batch["targets"])["loss"]
+
+
+def evaluate_detr(model, args, out: Path) -> dict:
+    ds = data.load(args.data, split=args.eval_split, **args.data_options)
+    loader = data.loader(ds, batch_size=args.batch_size, transform=data.eval_transform("detect", size=args.image_size))
+    return ev.detect(model, loader, data.coco(ds), figure=out / "detections.png")
+
+
+# App. C: AdamW, weight decay 1e-4, 2 images x 8 GPUs; probe 500 epochs at 1e-4 (x0.1 after 400), fine-tune 200
+# epochs at 1e-5 (x0.1 after 150). DETR's lr is not scaled with the batch.
+DETR_PAPER = dict(data="hf:detection-datasets/coco", encoder="mf-w2880", decoder="mf-dec-522", image_size=800,
+                  batch_size=2, epochs=500, lr=1e-4, schedule="step", lr_drop_epoch=400, scale_lr=False,
+                  weight_decay=1e-4, warmup_epochs=0, checkpoint_every=5000)
+DETR_SMALL = dict(data="shapes", encoder="mf-tiny", decoder="mf-dec-tiny", image_size=64, batch_size=16, epochs=20,
+                  lr=5e-4, schedule="step", lr_drop_epoch=15, scale_lr=False, weight_decay=1e-4, warmup_epochs=0,
+                  checkpoint_every=500)
+DETR_FT_PAPER = dict(DETR_PAPER, epochs=200, lr=1e-5, lr_drop_epoch=150)
+DETR_FT_SMALL = dict(DETR_SMALL, lr=1e-4)
+
+
+def detr_transform(args):
+    return data.train_transform("detect", size=args.image_size)
+
 
 TASKS: dict[str, Task] = {
     "finola": Task(build_finola, finola_loss, lambda a: data.train_transform("crop", size=a.image_size),
                    evaluate_finola, {"small": FINOLA_SMALL, "paper": FINOLA_PAPER}),
+    "detr-probe": Task(build_detr, detr_loss, detr_transform, evaluate_detr,
+                       {"small": DETR_SMALL, "paper": DETR_PAPER}),
+    "detr-finetune": Task(build_detr, detr_loss, detr_transform, evaluate_detr,
+                          {"small": DETR_FT_SMALL, "paper": DETR_FT_PAPER}),
 }
 
 # Flags every task understands, with the value used when neither the command line nor the preset sets them.
 DEFAULTS = dict(preset="small", data=None, streaming=False, epoch_size=None, eval_split="validation",
                 data_options={}, encoder="mf-tiny", channels=256, grid=8, image_size=64, widths=[128, 64, 64, 32],
-                q_position="center", norm="layer", batch_size=32, epochs=1, max_steps=None, warmup_epochs=0.0,
-                lr=1.5e-4, weight_decay=0.1, grad_accum=1, seed=0, num_workers=0, out=None, resume=None,
-                checkpoint_every=500, log_every=10)
+                q_position="center", norm="layer", decoder="mf-dec-tiny", num_queries=100, init=None,
+                batch_size=32, epochs=1, max_steps=None, warmup_epochs=0.0, lr=1.5e-4, scale_lr=True,
+                schedule="cosine", lr_drop_epoch=None, betas=[0.9, 0.999], weight_decay=0.1, grad_accum=1, seed=0, num_workers=0,
+                out=None, resume=None, checkpoint_every=500, log_every=10)
 
 
 def parse_args(argv=None):
@@ -119,13 +168,20 @@ def parse_args(argv=None):
     m.add_argument("--widths", type=int, nargs="+", help="res-conv widths of the upsampler (Table 10)")
     m.add_argument("--q-position", choices=finola.Q_POSITIONS, help="where q sits in the map (App. E.1)")
     m.add_argument("--norm", choices=["layer", "moving-average"], help="FINOLA normalization (§4's ablation)")
+    m.add_argument("--decoder", choices=sorted(detr.PRESETS), help="DETR's Mobile-Former decoder (Tables 4, 18)")
+    m.add_argument("--num-queries", type=int, help="DETR object queries (100 in the paper)")
+    m.add_argument("--init", help="start the encoder from any of our .safetensors files (default: random init)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=int, help="images per process per step")
     o.add_argument("--epochs", type=int)
     o.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (the schedule's length)")
     o.add_argument("--warmup-epochs", type=float)
-    o.add_argument("--lr", type=float, help="base learning rate, scaled by effective batch / 256")
+    o.add_argument("--lr", type=float, help="base learning rate (scaled by effective batch / 256 with --scale-lr)")
+    o.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, help="lr = base x effective batch / 256")
+    o.add_argument("--schedule", choices=["cosine", "step"], help="cosine decay, or x0.1 at --lr-drop-epoch")
+    o.add_argument("--lr-drop-epoch", type=float, help="epoch of the x0.1 drop of the step schedule")
     o.add_argument("--weight-decay", type=float)
+    o.add_argument("--betas", type=float, nargs=2, help="AdamW betas (FINOLA presets: MAE's 0.9 0.95)")
     o.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
     o.add_argument("--seed", type=int)
     r = p.add_argument_group("run")
@@ -170,10 +226,12 @@ def find_checkpoint(run: Path) -> Path:
     raise FileNotFoundError(f"--resume {str(run)!r}: no checkpoint (state/trainer.json) in that folder")
 
 
-def lr_at(step: int, *, base: float, warmup: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to 0 (Table 12)."""
+def lr_at(step: int, *, base: float, warmup: int, total: int, drop: int | None = None) -> float:
+    """Linear warm-up, then cosine decay to 0 (Table 12); with ``drop``, a constant lr x0.1 from that step (App. C)."""
     if step < warmup:
         return base * (step + 1) / warmup
+    if drop is not None:
+        return base * (0.1 if step >= drop else 1.0)
     return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
@@ -204,11 +262,13 @@ def train(args) -> Path:
         raise ValueError(f"--batch-size {args.batch_size}: the training data holds less than one step per epoch")
     total = args.max_steps or args.epochs * steps_per_epoch
     warmup = min(total, round(args.warmup_epochs * steps_per_epoch))
-    base_lr = args.lr * args.batch_size * args.grad_accum * accelerator.num_processes / 256
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    base_lr = args.lr * (args.batch_size * args.grad_accum * accelerator.num_processes / 256 if args.scale_lr else 1)
+    drop = round(args.lr_drop_epoch * steps_per_epoch) if args.schedule == "step" else None
+    trained = [p for p in model.parameters() if p.requires_grad]  # a frozen backbone stays out
+    decay = [p for p in trained if p.dim() >= 2]
+    no_decay = [p for p in trained if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=base_lr, betas=(0.9, 0.95),
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=base_lr, betas=tuple(args.betas),
                                   fused=accelerator.device.type in ("cpu", "cuda"))
     model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -238,7 +298,7 @@ def train(args) -> Path:
                 model.train()
                 with accelerator.accumulate(model):
                     for g in optimizer.param_groups:
-                        g["lr"] = lr_at(step, base=base_lr, warmup=warmup, total=total)
+                        g["lr"] = lr_at(step, base=base_lr, warmup=warmup, total=total, drop=drop)
                     loss = task.loss(model, batch)
                     check_finite(accelerator, loss, step, out, last_good)
                     accelerator.backward(loss)

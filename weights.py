@@ -109,3 +109,21 @@ def finola_from_config(config: dict) -> torch.nn.Module:
     import mobileformer
 
     return finola.Finola(mobileformer.from_config(config["encoder"]), finola.FinolaConfig(**config))
+
+
+ENCODER_OF = {"mobileformer": "", "finola": "encoder", "detr": "backbone"}  # where each arch keeps its encoder
+
+
+def load_encoder(path, *, device="cpu") -> torch.nn.Module:
+    """The Mobile-Former encoder (no classifier) of any of our weight files: pre-trained FINOLA, a supervised or
+    plain encoder, or a detector's backbone. ``train.py --init`` uses it."""
+    model = load_model(path, device=device)
+    arch = model.metadata["model"]["arch"]
+    if arch not in ENCODER_OF:
+        raise ValueError(f"--init: {str(path)!r} holds a {arch!r} model, which has no Mobile-Former encoder")
+    encoder = model.get_submodule(ENCODER_OF[arch])
+    if getattr(encoder, "head", None) is not None:  # a supervised classifier: keep the backbone only
+        import dataclasses
+        encoder.head = None
+        encoder.config = dataclasses.replace(encoder.config, num_classes=0)
+    return encoder.train()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
@@ -148,3 +149,49 @@ def test_two_processes_stay_in_sync_and_cover_the_data_once(tmp_path):
     assert [r["ranks_in_sync"] for r in rows if "ranks_in_sync" in r] == [True]
     assert json.loads((out / "args.json").read_text())["batch_size"] == 4
     assert (out / "model.safetensors").exists()
+
+
+# --- detection tasks -------------------------------------------------------------------------------------------
+
+DETR_TINY = ["--data", "shapes", "--data-options", '{"n": 8, "size": 32}', "--encoder", "mf-tiny", "--decoder",
+             "mf-dec-tiny", "--num-queries", "10", "--image-size", "32", "--batch-size", "4", "--log-every", "1"]
+
+
+def test_detr_probe_keeps_an_initialised_backbone_frozen(tmp_path, capsys):
+    pre = run(tmp_path, "--max-steps", "1", name="pre")  # a FINOLA run whose encoder the probe starts from
+    out = tmp_path / "probe"
+    train.main(["--task", "detr-probe", *DETR_TINY, "--max-steps", "2", "--init", str(pre / "model.safetensors"),
+                "--out", str(out)])
+    finola_sd = load_file(pre / "model.safetensors")
+    detr_sd = load_file(out / "model.safetensors")
+    backbone = {k[len("backbone."):]: v for k, v in detr_sd.items() if k.startswith("backbone.")}
+    assert backbone, "the detector keeps its backbone"
+    for k, v in backbone.items():  # weights and BN running statistics: exactly the pre-trained encoder's
+        assert torch.equal(v, finola_sd["encoder." + k]), k
+    final = metrics(out)[-1]["final"]
+    assert set(final) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "images"} and final["images"] == 8
+    assert (out / "detections.png").exists()
+
+    capsys.readouterr()
+    result = ev.main(["detect", "--weights", str(out / "model.safetensors")])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert result["AP"] == pytest.approx(final["AP"])
+
+
+def test_detr_finetune_trains_the_backbone(tmp_path):
+    out = tmp_path / "ft"
+    argv = ["--task", "detr-finetune", *DETR_TINY, "--max-steps", "2", "--lr", "1e-3", "--out", str(out)]
+    train.main(argv)
+    set_seed(0)  # what train does before building: the run's initial weights
+    init, _, _ = train.TASKS["detr-finetune"].build(train.parse_args(argv))
+    final = weights.load_model(out / "model.safetensors")
+    assert final.frozen_backbone is False
+    changed = [k for k, v in final.backbone.state_dict().items()
+               if k.endswith(".weight") and not torch.equal(v, init.backbone.state_dict()[k])]
+    assert len(changed) > 10, "fine-tuning updates the backbone"
+
+
+def test_eval_refuses_the_wrong_kind_of_model(tmp_path):
+    out = run(tmp_path, "--max-steps", "1")
+    with pytest.raises(ValueError, match="detect needs a DETR model"):
+        ev.main(["detect", "--weights", str(out / "model.safetensors")])
