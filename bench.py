@@ -65,6 +65,124 @@ def _finola_args(p):
                    help="time expand_sequential only up to this C (it takes minutes at C=3072)")
 
 
+# --- detr: MF-Dec head sizes against the paper ---------------------------------------------------------------------
+
+# (decoder, backbone) -> (head params M, head MAdds G at 800x1333), FINOLA Tables 4 / 18.
+DETR_PAPER = {("mf-dec-522", "mf-w2880"): (19.4, 34.6), ("mf-dec-522", "mf-w1440"): (18.6, 32.3),
+              ("mf-dec-522", "mf-w720"): (18.2, 31.1), ("mf-dec-211", "mf-w2880"): (9.2, 15.7),
+              ("mf-dec-211", "mf-w1440"): (8.4, 13.4), ("mf-dec-211", "mf-w720"): (8.0, 12.2)}
+
+
+def bench_detr_params(args):
+    """DETR head (decoder + class/box heads, 91 classes) params and MAdds vs Tables 4/18, counted on the meta device.
+    MAdds = FLOPs/2 of convs, linears and attention (FlopCounterMode); BN, softmax, element-wise ops not counted."""
+    import detr
+    from torch.utils.flop_counter import FlopCounterMode
+
+    H, W = args.size
+    table = Table(title=f"DETR heads: params and MAdds at {H}x{W} vs FINOLA Tables 4/18")
+    for col in ("head", "backbone", "params M", "paper M", "ratio", "MAdds G", "paper G", "ratio"):
+        table.add_column(col, justify="right")
+    for (decoder, backbone), (paper_params, paper_madds) in DETR_PAPER.items():
+        with torch.device("meta"):
+            model = detr.create(backbone, decoder=decoder, num_classes=91).eval()
+            maps = model.backbone.forward_features(torch.empty(1, 3, H, W))
+        params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("backbone.")) / 1e6
+        with FlopCounterMode(display=False) as counter:
+            states = model.decoder(maps["features"], maps["stride8"])
+            model.class_head(states), model.box_head(states)
+        madds = counter.get_total_flops() / 2e9
+        table.add_row(decoder, backbone, f"{params:.2f}", f"{paper_params}", f"{params / paper_params:.3f}",
+                      f"{madds:.1f}", f"{paper_madds}", f"{madds / paper_madds:.2f}")
+    console.print(table)
+
+
+def _detr_params_args(p):
+    p.add_argument("--size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"))
+
+
+# --- mobileformer: encoder sizes against the paper, and training speed -------------------------------------------
+
+# variant -> (params M, MAdds G at 800x1333): FINOLA Table 4 (W720/W1440/W2880), Table 2b (W4320/W5760, params only).
+MF_PAPER = {"mf-w720": (4.9, 5.6), "mf-w1440": (11.7, 20.4), "mf-w2880": (25.0, 77.5), "mf-w4320": (43.5, None),
+            "mf-w5760": (67.6, None), "mf-small": (None, None), "mf-tiny": (None, None)}
+
+
+def _mf_cost(name: str, hw) -> tuple[float, float]:
+    """(params M, MAdds G at hw) of a backbone without classifier, counted on the meta device (no arithmetic)."""
+    import mobileformer
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = mobileformer.create(name).eval().requires_grad_(False)
+        x = torch.empty(1, 3, *hw)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    return sum(p.numel() for p in model.parameters()) / 1e6, counter.get_total_flops() / 2e9
+
+
+def bench_mf_params(args):
+    """Backbone params and MAdds of the Mobile-Former variants vs the paper. MAdds = FLOPs/2 of convs, linears and
+    attention matmuls (FlopCounterMode); BN, softmax and element-wise ops are not counted."""
+    (H, W), (h, w) = args.size, args.small_size
+    table = Table(title=f"Mobile-Former backbones (no classifier) vs FINOLA Tables 4 / 2b; MAdds at {H}x{W}")
+    for col in ("variant", "params M", "paper M", "ratio", f"MAdds G {H}x{W}", "paper G", "ratio", f"MAdds G {h}x{w}"):
+        table.add_column(col, justify="right")
+    for name, (paper_params, paper_madds) in MF_PAPER.items():
+        params, madds = _mf_cost(name, (H, W))
+        small = _mf_cost(name, (h, w))[1]
+        ratio = lambda ours, paper: f"{ours / paper:.3f}" if paper else "-"  # noqa: E731
+        table.add_row(name, f"{params:.2f}", f"{paper_params or '-'}", ratio(params, paper_params),
+                      f"{madds:.2f}", f"{paper_madds or '-'}", ratio(madds, paper_madds), f"{small:.3f}")
+    console.print(table)
+
+
+def _mf_params_args(p):
+    p.add_argument("--size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"))
+    p.add_argument("--small-size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"))
+
+
+def bench_mf_train_speed(args):
+    """Training images/s (forward, backward, SGD step; eager) of Mobile-Former variants, NCHW vs channels_last."""
+    import os
+
+    import mobileformer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    table = Table(title=f"Mobile-Former training speed, batch {args.batch}, {torch.get_num_threads()} threads "
+                        f"(load average before: {load})")
+    for col in ("variant", "size", "layout", "ms/step", "img/s"):
+        table.add_column(col, justify="right")
+    for name in args.models:
+        for size in args.sizes:
+            for layout in (torch.contiguous_format, torch.channels_last):
+                torch.manual_seed(0)
+                model = mobileformer.create(name).train().to(memory_format=layout)
+                opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+                x = torch.randn(args.batch, 3, size, size).contiguous(memory_format=layout)
+
+                def step():
+                    features, tokens = model(x)
+                    opt.zero_grad(set_to_none=True)
+                    (features.square().mean() + tokens.square().mean()).backward()
+                    opt.step()
+
+                ms = timeit(step, repeat=args.repeat, warmup=2)
+                table.add_row(name, f"{size}²", "channels_last" if layout == torch.channels_last else "NCHW",
+                              f"{ms:.0f}", f"{1e3 * args.batch / ms:.0f}")
+    console.print(table)
+
+
+def _mf_train_speed_args(p):
+    p.add_argument("--models", nargs="+", default=["mf-tiny", "mf-small", "mf-w720"])
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +197,11 @@ def main(argv=None):
 # name -> (function(args), one-line help, function(parser) adding its flags). Each issue registers its own.
 COMMANDS: dict = {
     "finola": (bench_finola, "finola.expand vs expand_sequential vs the matmul floor", _finola_args),
+    "detr-params": (bench_detr_params, "MF-Dec-522/211 head params and MAdds vs FINOLA Tables 4/18",
+                    _detr_params_args),
+    "params": (bench_mf_params, "Mobile-Former backbone params and MAdds vs FINOLA Tables 4 / 2b", _mf_params_args),
+    "train-speed": (bench_mf_train_speed, "Mobile-Former training images/s, NCHW vs channels_last",
+                    _mf_train_speed_args),
 }
 
 if __name__ == "__main__":

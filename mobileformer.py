@@ -1,0 +1,464 @@
+"""Mobile-Former encoders of the FINOLA paper (App. B, Table 9).
+
+Every FINOLA experiment encodes images with Mobile-Former (Chen et al., CVPR 2022): a MobileNet-style stream of feature
+maps and a handful of learned global *tokens* that talk to each other through light cross-attention. The FINOLA paper
+gives the widths (Table 9) and leaves the block internals to Mobile-Former; we follow the authors' public code
+(AAboys/MobileFormer, `dna_blocks.py` / `mobile_former.py`), whose sizes match the Mobile-Former paper's. This file
+imports torch and the standard library only and can be copied alone.
+
+One Mobile-Former block (M-F) updates the pair (x, z) -- map x: B×C×H×W, tokens z: B×T×D -- in this order:
+  1. Mobile→Former: tokens query the *input* map (keys = values = raw pixels, 2 heads), dynamic gate, projection to D,
+     residual, post-LayerNorm.
+  2. Former: token self-attention (query projected, keys = values = the tokens, 4 heads), output projection, residual,
+     post-LayerNorm; FFN D→2D→D with GELU, residual, post-LayerNorm.
+  3. Mobile: inverted bottleneck 1×1 → dw3×3 → 1×1 (BN after each); the first two activations are dynamic ReLU whose
+     per-channel slopes come from the first updated token; identity residual when C_in = C_out.
+  4. Former→Mobile: pixels (raw, 2 heads) query the tokens (keys and values projected from the tokens); added to x.
+M-F↓ (stride 2) replaces the Mobile part by dw3×3/2 (channel multiplier) → 1×1 → [s] → dw3×3 (×e2) → 1×1, + s.
+bneck-lite is dw3×3 (×2) → ReLU6 → 1×1, identity residual; tokens pass through. The network is: learned tokens T×D,
+stem conv3×3/2 + BN + ReLU6, the 12 blocks of Table 9, and the final conv 1×1 + BN + ReLU6.
+
+Variants (`create(name)`); backbone params (no classifier) and MAdds at 800×1333 from `python bench.py params`:
+
+| name      | stem | output C | tokens | 1/8 map C | params  | MAdds   | paper (Tables 4 / 2b) |
+|-----------|------|----------|--------|-----------|---------|---------|-----------------------|
+| mf-w720   | 16   | 720      | 6×192  | 48        | 4.95 M  | 5.50 G  | 4.9 M, 5.6 G          |
+| mf-w1440  | 32   | 1440     | 6×256  | 96        | 11.80 M | 20.22 G | 11.7 M, 20.4 G        |
+| mf-w2880  | 64   | 2880     | 6×256  | 192       | 25.10 M | 77.40 G | 25.0 M, 77.5 G        |
+| mf-w4320  | 96   | 4320     | 6×256  | 288       | 44.63 M | 171.6 G | 43.5 M                |
+| mf-w5760  | 128  | 5760     | 6×256  | 384       | 70.38 M | 302.7 G | 67.6 M                |
+| mf-small  | 16   | 480      | 6×96   | 40        | 1.58 M  | 3.25 G  | ours, for CPU runs    |
+| mf-tiny   | 8    | 240      | 6×64   | 24        | 0.62 M  | 1.23 G  | ours, for CPU runs    |
+
+`mf-tiny` / `mf-small` are ours: the same 12 blocks (lite, ↓, M-F, ↓, M-F×2, ↓, M-F×5) with the same expansion pattern
+(lite ×2, ↓ ×6, M-F ×3 at 1/4 and 1/8, ×4 then ×6 at 1/16, final conv 6× the last width as 2880 = 6×480), narrow
+enough to train at 32-64 px on a 2-core CPU (`python bench.py train-speed`). Every variant accepts any H, W ≥ 32
+(non-square too) and channels_last inputs. Training speed measured here (batch 32, eager, SGD, channels_last, 2 threads,
+machine otherwise idle): mf-tiny 147 / 79 img/s at 64² / 128², mf-small 102 / 39, mf-w720 70 / 36. The cost is spread
+over many small kernels (3 attentions, 2 DyReLU generators and 4-6 convs per block), not over the pixels: halving the
+input side saves only ~30%.
+
+Interpretations (choices the paper leaves open), each checked against the paper's counts where it matters:
+- Block internals, heads (2 in the bridges, 4 in the Former), FFN ratio 2, DyReLU reduction 4 and its slopes
+  k1 = 2a ∈ [0, 2], k2 = 2b − 1 ∈ [−1, 1] without intercepts, post-norms, no positional encoding, the dynamic gate
+  2·hsigmoid(Linear(z)) in Mobile→Former, and the initialisation: as in the authors' code (their model configs set
+  the gate on). Removing the gate would lower the counts by 0.14/0.37/0.74 M; both fit the paper within rounding.
+- Table 9's first stage-2 row prints "M-F⁺"; the resolution halves there and #exp = 6·C_in, so it is an M-F↓.
+- M-F↓'s second expansion e2 (not in Table 9) is 4, as in every original config; it fits the MAdds best.
+- W1440 row 7 is printed 288/96, which cannot feed row 8 (704 = 4×176) and breaks the ×½ pattern of W2880: we use
+  576/176 (it also fits the paper's counts better). W720's irregular ratios (240 = 5×48, 480 ≈ 5.45×88) are literal.
+- The final 1×1 conv is followed by BN + ReLU6, as Mobile-Former's own last 1×1 conv (in its classifier) is.
+- W4320/W5760 multiply every channel count of W2880 (stem, #exp, #out, final conv) by 1.5 / 2, tokens unchanged
+  (6×256). They land 2.6% / 4.1% above Table 2b: the convs grow with the square of the factor, and the paper does
+  not say how it rounded or which widths it scaled. We keep the literal "channels ×1.5 / ×2".
+- Mobile-Former's classifier (optional, `num_classes > 0`) keeps its own last token-only Mobile→Former on the last
+  block's map; it is part of the head, not of the backbone (the paper's backbone counts leave it out).
+- Dynamic ReLU is evaluated as x·(min(k1, k2) + |k1 − k2|·[x > 0]), the same function as max(k1·x, k2·x), with a
+  hand-written backward (tested against autograd of the max form, which trains mf-tiny ~20% slower on a CPU).
+- Counts: MAdds = FLOPs/2 of convs, linears and attention matmuls (BN, softmax, element-wise ops not counted).
+
+Multi-scale outputs: `model(x, maps=True)` (or `model.forward_features(x)`) returns a dict with
+"stride8" (the stage-3 output at ⌈H/8⌉×⌈W/8⌉, C/15 channels for the Table 9 widths), "stride16" (the last block's
+output before the final conv), "features" (the final 1/16 map) and "tokens"; `model.map_channels` gives their widths.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BLOCK_KINDS = ("lite", "down", "mf")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MobileFormerConfig:
+    """One Mobile-Former encoder. `blocks` rows are (kind, #exp, #out) as in Table 9: kind 'lite' (bneck-lite, stride
+    1), 'down' (M-F↓, stride 2) or 'mf' (M-F, stride 1). Exactly three 'down' rows make the output stride 16."""
+    name: str = "custom"
+    stem_channels: int
+    blocks: tuple[tuple[str, int, int], ...]
+    final_channels: int
+    token_num: int = 6
+    token_dim: int
+    down_expansion: int = 4          # e2 of M-F↓ (second depthwise expansion)
+    hyper_reduction: int = 4         # DyReLU coefficient MLP: D → D/4 → 2·#exp
+    bridge_heads: int = 2            # heads of Mobile→Former and Former→Mobile
+    former_heads: int = 4
+    ffn_ratio: int = 2
+    in_channels: int = 3
+    num_classes: int = 0             # > 0 adds Mobile-Former's classifier head
+    head_channels: int = 1920        # hidden width of that head (Mobile-Former's `num_features`)
+    head_dropout: float = 0.0
+
+    def __post_init__(self):
+        # JSON turns the tuples into lists: normalise so that from_config(asdict(c)) == c.
+        object.__setattr__(self, "blocks", tuple((str(k), int(h), int(o)) for k, h, o in self.blocks))
+        if self.token_dim % self.former_heads or self.token_dim % self.hyper_reduction:
+            raise ValueError(f"token_dim: {self.token_dim} must divide by former_heads={self.former_heads} "
+                             f"and hyper_reduction={self.hyper_reduction}")
+        if [k for k, _, _ in self.blocks].count("down") != 3:
+            raise ValueError("blocks: need exactly three 'down' (M-F↓) rows for the output stride of 16")
+        c_in = self.stem_channels
+        for i, (kind, hidden, out) in enumerate(self.blocks):
+            if kind not in BLOCK_KINDS:
+                raise ValueError(f"blocks[{i}]: kind {kind!r} is not one of {BLOCK_KINDS}")
+            if kind in ("lite", "down") and hidden % c_in:
+                raise ValueError(f"blocks[{i}]: #exp {hidden} of a depthwise expansion must be a multiple of "
+                                 f"its input width {c_in}")
+            for width in (c_in, out):
+                if kind != "lite" and width % self.bridge_heads:
+                    raise ValueError(f"blocks[{i}]: width {width} must divide by bridge_heads={self.bridge_heads}")
+            c_in = out
+
+
+def _scaled(config: MobileFormerConfig, factor: float, name: str) -> MobileFormerConfig:
+    """`config` with every channel count ×factor (stem, #exp, #out, final conv); tokens unchanged."""
+    w = lambda c: int(round(c * factor))  # noqa: E731
+    return dataclasses.replace(config, name=name, stem_channels=w(config.stem_channels),
+                               blocks=tuple((k, w(h), w(o)) for k, h, o in config.blocks),
+                               final_channels=w(config.final_channels))
+
+
+# Table 9 (rows: bneck-lite; stage 2: M-F↓, M-F; stage 3: M-F↓, M-F×2; stage 4 at 1/16: M-F↓, M-F×5).
+_W2880 = MobileFormerConfig(
+    name="mf-w2880", stem_channels=64, token_dim=256, final_channels=2880,
+    blocks=(("lite", 128, 64), ("down", 384, 112), ("mf", 336, 112), ("down", 672, 192), ("mf", 576, 192),
+            ("mf", 576, 192), ("down", 1152, 352), ("mf", 1408, 352), ("mf", 1408, 352), ("mf", 2112, 480),
+            ("mf", 2880, 480), ("mf", 2880, 480)))
+PRESETS: dict[str, MobileFormerConfig] = {
+    "mf-w720": MobileFormerConfig(
+        name="mf-w720", stem_channels=16, token_dim=192, final_channels=720,
+        blocks=(("lite", 32, 16), ("down", 96, 28), ("mf", 84, 28), ("down", 168, 48), ("mf", 144, 48),
+                ("mf", 144, 48), ("down", 240, 80), ("mf", 320, 88), ("mf", 480, 88), ("mf", 528, 120),
+                ("mf", 720, 120), ("mf", 720, 120))),
+    "mf-w1440": MobileFormerConfig(
+        name="mf-w1440", stem_channels=32, token_dim=256, final_channels=1440,
+        blocks=(("lite", 64, 32), ("down", 192, 56), ("mf", 168, 56), ("down", 336, 96), ("mf", 288, 96),
+                ("mf", 288, 96), ("down", 576, 176), ("mf", 704, 176), ("mf", 704, 176), ("mf", 1056, 240),
+                ("mf", 1440, 240), ("mf", 1440, 240))),
+    "mf-w2880": _W2880,
+    "mf-w4320": _scaled(_W2880, 1.5, "mf-w4320"),
+    "mf-w5760": _scaled(_W2880, 2.0, "mf-w5760"),
+    # Ours: CPU-scale, same structure.
+    "mf-tiny": MobileFormerConfig(
+        name="mf-tiny", stem_channels=8, token_dim=64, final_channels=240, head_channels=512,
+        blocks=(("lite", 16, 8), ("down", 48, 16), ("mf", 48, 16), ("down", 96, 24), ("mf", 72, 24),
+                ("mf", 72, 24), ("down", 144, 32), ("mf", 128, 32), ("mf", 128, 32), ("mf", 192, 40),
+                ("mf", 240, 40), ("mf", 240, 40))),
+    "mf-small": MobileFormerConfig(
+        name="mf-small", stem_channels=16, token_dim=96, final_channels=480, head_channels=1024,
+        blocks=(("lite", 32, 16), ("down", 96, 24), ("mf", 72, 24), ("down", 144, 40), ("mf", 120, 40),
+                ("mf", 120, 40), ("down", 240, 56), ("mf", 224, 56), ("mf", 224, 56), ("mf", 336, 80),
+                ("mf", 480, 80), ("mf", 480, 80))),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------------------------
+def conv_bn(c_in: int, c_out: int, kernel: int, *, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    """Conv (no bias) + BatchNorm, 'same' padding."""
+    return nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False),
+        bn=nn.BatchNorm2d(c_out)))
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, C) → (B, heads, N, C/heads): channel groups as heads."""
+    b, n, c = t.shape
+    return t.reshape(b, n, heads, c // heads).transpose(1, 2)
+
+
+def _pixels(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) → (B, H·W, C); a free view for channels_last maps."""
+    return x.flatten(2).transpose(1, 2)
+
+
+class _TwoSlopes(torch.autograd.Function):
+    """y = x · (neg + diff·[x > 0]) with per-(image, channel) slopes neg, diff ≥ 0. Fewer element-wise passes than
+    autograd of the max-based form, and no boolean kernels (slow on CPUs)."""
+
+    @staticmethod
+    def forward(ctx, x, neg, diff):
+        step = torch.sign(x).clamp_(min=0)          # [x > 0] as floats (boolean kernels are slow on CPUs)
+        slope = torch.addcmul(neg, step, diff)
+        ctx.save_for_backward(x, step, slope)
+        return x * slope
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, step, slope = ctx.saved_tensors
+        gx = grad * x
+        return grad * slope, gx.sum(dim=(2, 3), keepdim=True), (gx * step).sum(dim=(2, 3), keepdim=True)
+
+
+class DynamicReLU(nn.Module):
+    """Dynamic ReLU (Mobile-Former facts A3): y = max(k1·x, k2·x) per channel, k1 = 2a ∈ [0, 2], k2 = 2b − 1 ∈ [−1, 1],
+    (a, b) = hsigmoid(MLP(z0)) from the first token, MLP D → D/r → 2C. No intercepts."""
+
+    def __init__(self, channels: int, token_dim: int, *, reduction: int = 4):
+        super().__init__()
+        self.hyper = nn.Sequential(nn.Linear(token_dim, token_dim // reduction), nn.ReLU(),
+                                   nn.Linear(token_dim // reduction, 2 * channels), nn.Hardsigmoid())
+
+    def forward(self, x: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
+        a, b = self.hyper(z0)[:, :, None, None].chunk(2, dim=1)   # (B, C, 1, 1) each
+        k1, k2 = 2 * a, 2 * b - 1
+        # max(k1·x, k2·x) = min(k1, k2)·x for x ≤ 0 and max(k1, k2)·x for x > 0
+        return _TwoSlopes.apply(x, torch.minimum(k1, k2), (k1 - k2).abs())
+
+
+class MobileToFormer(nn.Module):
+    """Mobile→Former (A4): tokens attend over the pixels; keys = values = the raw map; dynamic gate; post-norm."""
+
+    def __init__(self, channels: int, token_dim: int, *, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(token_dim, channels)
+        self.gate = nn.Linear(token_dim, channels)
+        self.proj = nn.Linear(channels, token_dim)
+        self.norm = nn.LayerNorm(token_dim)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        kv = _heads(_pixels(x), self.heads)                               # (B, h, HW, C/h)
+        out = F.scaled_dot_product_attention(_heads(self.q(z), self.heads), kv, kv)
+        out = out.transpose(1, 2).flatten(2) * (2 * F.hardsigmoid(self.gate(z)))   # (B, T, C)
+        return self.norm(z + self.proj(out))
+
+
+class Former(nn.Module):
+    """Former (A5): token self-attention (keys = values = the tokens), then FFN D→2D→D; post-norms."""
+
+    def __init__(self, dim: int, *, heads: int = 4, ffn_ratio: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_ratio * dim), nn.GELU(), nn.Linear(ffn_ratio * dim, dim))
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        kv = _heads(z, self.heads)
+        out = F.scaled_dot_product_attention(_heads(self.q(z), self.heads), kv, kv)
+        z = self.norm1(z + self.proj(out.transpose(1, 2).flatten(2)))
+        return self.norm2(z + self.ffn(z))
+
+
+class FormerToMobile(nn.Module):
+    """Former→Mobile (A6): raw pixels attend over the tokens (keys, values projected from the tokens); added to x."""
+
+    def __init__(self, channels: int, token_dim: int, *, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.k = nn.Linear(token_dim, channels)
+        self.v = nn.Linear(token_dim, channels)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        out = F.scaled_dot_product_attention(_heads(_pixels(x), self.heads), _heads(self.k(z), self.heads),
+                                             _heads(self.v(z), self.heads))       # (B, heads, HW, C/heads)
+        return x + out.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+class Bottleneck(nn.Module):
+    """Mobile sub-block of M-F (A2): 1×1 → DyReLU → dw3×3 → DyReLU → 1×1, BN after each conv; residual if
+    C_in = C_out."""
+
+    def __init__(self, c_in: int, hidden: int, c_out: int, token_dim: int, *, reduction: int = 4):
+        super().__init__()
+        self.expand = conv_bn(c_in, hidden, 1)
+        self.act1 = DynamicReLU(hidden, token_dim, reduction=reduction)
+        self.dw = conv_bn(hidden, hidden, 3, groups=hidden)
+        self.act2 = DynamicReLU(hidden, token_dim, reduction=reduction)
+        self.project = conv_bn(hidden, c_out, 1)
+        self.residual = c_in == c_out
+
+    def forward(self, x: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
+        y = self.project(self.act2(self.dw(self.act1(self.expand(x), z0)), z0))
+        return x + y if self.residual else y
+
+
+class DownBottleneck(nn.Module):
+    """Mobile sub-block of M-F↓ (A7): dw3×3/2 (C_in→#exp) → DyReLU → 1×1 → s; dw3×3 (×e2) → DyReLU → 1×1; + s."""
+
+    def __init__(self, c_in: int, hidden: int, c_out: int, token_dim: int, *, expansion2: int = 4,
+                 reduction: int = 4):
+        super().__init__()
+        hidden2 = expansion2 * c_out
+        self.dw1 = conv_bn(c_in, hidden, 3, stride=2, groups=c_in)
+        self.act1 = DynamicReLU(hidden, token_dim, reduction=reduction)
+        self.project1 = conv_bn(hidden, c_out, 1)
+        self.dw2 = conv_bn(c_out, hidden2, 3, groups=c_out)
+        self.act2 = DynamicReLU(hidden2, token_dim, reduction=reduction)
+        self.project2 = conv_bn(hidden2, c_out, 1)
+
+    def forward(self, x: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
+        s = self.project1(self.act1(self.dw1(x), z0))
+        return s + self.project2(self.act2(self.dw2(s), z0))
+
+
+class MobileFormerBlock(nn.Module):
+    """M-F / M-F↓ (A1): Mobile→Former on the input map, Former, Mobile (DyReLU from token 0), Former→Mobile."""
+
+    def __init__(self, mobile: nn.Module, c_in: int, c_out: int, config: MobileFormerConfig):
+        super().__init__()
+        d = config.token_dim
+        self.mobile_to_former = MobileToFormer(c_in, d, heads=config.bridge_heads)
+        self.former = Former(d, heads=config.former_heads, ffn_ratio=config.ffn_ratio)
+        self.mobile = mobile
+        self.former_to_mobile = FormerToMobile(c_out, d, heads=config.bridge_heads)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.former(self.mobile_to_former(x, z))
+        return self.former_to_mobile(self.mobile(x, z[:, 0]), z), z
+
+
+class LiteBottleneck(nn.Module):
+    """bneck-lite (A8, MicroNet): dw3×3 (C→#exp) + BN + ReLU6 → 1×1 + BN; identity residual; tokens unchanged."""
+
+    def __init__(self, c_in: int, hidden: int, c_out: int):
+        super().__init__()
+        self.dw = conv_bn(c_in, hidden, 3, groups=c_in)
+        self.project = conv_bn(hidden, c_out, 1)
+        self.residual = c_in == c_out
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.project(F.relu6(self.dw(x)))
+        return (x + y if self.residual else y), z
+
+
+class ClassifierHead(nn.Module):
+    """Mobile-Former's classifier (A10): a last Mobile→Former on the last block's map; pooled final map (h-swish) and
+    token 0 concatenated → Linear + BN + h-swish → dropout → Linear."""
+
+    def __init__(self, c_last: int, c_final: int, config: MobileFormerConfig):
+        super().__init__()
+        d, hidden = config.token_dim, config.head_channels
+        self.mobile_to_former = MobileToFormer(c_last, d, heads=config.bridge_heads)
+        self.fc = nn.Sequential(nn.Linear(c_final + d, hidden), nn.BatchNorm1d(hidden), nn.Hardswish())
+        self.dropout = nn.Dropout(config.head_dropout)
+        self.classifier = nn.Linear(hidden, config.num_classes)
+
+    def forward(self, last_map: torch.Tensor, features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        z0 = self.mobile_to_former(last_map, z)[:, 0]
+        pooled = F.hardswish(features.mean(dim=(2, 3)))
+        return self.classifier(self.dropout(self.fc(torch.cat([pooled, z0], dim=1))))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The encoder
+# ---------------------------------------------------------------------------------------------------------------
+class MobileFormer(nn.Module):
+    """Mobile-Former encoder. `model(x)` → (features (B, C_out, ⌈H/16⌉, ⌈W/16⌉), tokens (B, T, D)); with a classifier
+    (`num_classes > 0`) → logits (B, num_classes); `model(x, maps=True)` → dict (see the module docstring)."""
+
+    min_size = 32
+
+    def __init__(self, config: MobileFormerConfig):
+        super().__init__()
+        self.config = config
+        c = config.stem_channels
+        self.tokens = nn.Parameter(torch.empty(config.token_num, config.token_dim))
+        self.stem = nn.Sequential(OrderedDict(
+            conv=nn.Conv2d(config.in_channels, c, 3, 2, 1, bias=False), bn=nn.BatchNorm2d(c), act=nn.ReLU6()))
+        blocks, stride, self._stride8_index = [], 2, -1
+        for i, (kind, hidden, out) in enumerate(config.blocks):
+            if kind == "lite":
+                blocks.append(LiteBottleneck(c, hidden, out))
+            else:
+                mobile = (DownBottleneck(c, hidden, out, config.token_dim, expansion2=config.down_expansion,
+                                         reduction=config.hyper_reduction) if kind == "down" else
+                          Bottleneck(c, hidden, out, config.token_dim, reduction=config.hyper_reduction))
+                blocks.append(MobileFormerBlock(mobile, c, out, config))
+            stride *= 2 if kind == "down" else 1
+            self._stride8_index = i if stride == 8 else self._stride8_index
+            c = out
+        self.blocks = nn.ModuleList(blocks)
+        self.final = nn.Sequential(OrderedDict(
+            conv=nn.Conv2d(c, config.final_channels, 1, bias=False), bn=nn.BatchNorm2d(config.final_channels),
+            act=nn.ReLU6()))
+        self.head = ClassifierHead(c, config.final_channels, config) if config.num_classes > 0 else None
+        self.map_channels = {"stride8": config.blocks[self._stride8_index][2], "stride16": c,
+                             "features": config.final_channels}
+        self.reset_parameters()
+
+    @property
+    def out_channels(self) -> int:
+        return self.config.final_channels
+
+    def reset_parameters(self):
+        """Mobile-Former's init (A9): conv N(0, √(2/(k²·C_out))), BN (1, 0), Linear N(0, 0.01) with zero bias,
+        tokens N(0, 1) (nn.Embedding's default), LayerNorm (1, 0)."""
+        nn.init.normal_(self.tokens)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, (2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)) ** 0.5)
+            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def config_dict(self) -> dict:
+        """The config as a plain dict; `from_config(model.config_dict())` rebuilds the architecture."""
+        return dataclasses.asdict(self.config)
+
+    def _check_input(self, x: torch.Tensor):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected a 4-D (B, C, H, W) image tensor, got {shape}")
+        if x.shape[1] != self.config.in_channels:
+            raise ValueError(f"x: expected {self.config.in_channels} channels, got {x.shape[1]} "
+                             f"(shape {tuple(x.shape)})")
+        if min(x.shape[2:]) < self.min_size:
+            raise ValueError(f"x: image {tuple(x.shape[2:])} is smaller than {self.min_size}×{self.min_size}")
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"stride8": stage-3 output, "stride16": last block's output, "features": final 1/16 map, "tokens"}."""
+        self._check_input(x)
+        z = self.tokens.expand(x.shape[0], -1, -1)
+        x = self.stem(x)
+        maps = {}
+        for i, block in enumerate(self.blocks):
+            x, z = block(x, z)
+            if i == self._stride8_index:
+                maps["stride8"] = x
+        maps["stride16"] = x
+        maps["features"] = self.final(x)
+        maps["tokens"] = z
+        return maps
+
+    def forward(self, x: torch.Tensor, *, maps: bool = False):
+        out = self.forward_features(x)
+        if self.head is not None:
+            out["logits"] = self.head(out["stride16"], out["features"], out["tokens"])
+        if maps:
+            return out
+        return out["logits"] if self.head is not None else (out["features"], out["tokens"])
+
+
+def create(name: str, **overrides) -> MobileFormer:
+    """A fresh model from a preset of `PRESETS` (e.g. "mf-w720", "mf-tiny"); `overrides` replace config fields,
+    e.g. `create("mf-w720", num_classes=1000)`."""
+    if name not in PRESETS:
+        raise ValueError(f"name: unknown Mobile-Former variant {name!r}; expected one of {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(MobileFormerConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"overrides: unknown config fields {unknown}; expected some of {sorted(fields)}")
+    return MobileFormer(dataclasses.replace(PRESETS[name], **overrides))
+
+
+def from_config(config: dict) -> MobileFormer:
+    """Inverse of `model.config_dict()` / `dataclasses.asdict(model.config)` (used by weights.load_model)."""
+    fields = {f.name for f in dataclasses.fields(MobileFormerConfig)}
+    unknown = sorted(set(config) - fields)
+    if unknown:
+        raise ValueError(f"config: unknown Mobile-Former config fields {unknown}")
+    return MobileFormer(MobileFormerConfig(**config))
