@@ -10,6 +10,7 @@ import contextlib
 import gzip
 import importlib.util
 import io
+import itertools
 import json
 import math
 import os
@@ -618,10 +619,12 @@ class Loader:
         self.dataset, self.transform, self.batch_size, self.shuffle = dataset, transform, batch_size, shuffle
         self.num_workers, self.seed, self.rank, self.world_size, self.device = (num_workers, seed, rank,
                                                                                 world_size, device)
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, *, skip: int = 0):
+        """Iterate epoch ``epoch`` next, starting after its first ``skip`` batches (a resumed run); map-style
+        datasets skip them without reading them."""
+        self.epoch, self.skip = epoch, skip
 
     def _batches(self) -> list[list[int]]:
         return rank_batches(len(self.dataset), batch_size=self.batch_size, rank=self.rank,
@@ -640,7 +643,9 @@ class Loader:
                                                          self.seed * 1000003 + self.rank), batch_size=None, **common)
         else:
             source = torch.utils.data.DataLoader(_Rows(self.dataset, self.transform, self.seed, self.epoch),
-                                                 batch_sampler=self._batches(), **common)
+                                                 batch_sampler=self._batches()[self.skip:], **common)
+        if self.stream and self.skip:  # a stream has no index: read past what was used
+            source = itertools.islice(source, self.skip, None)
         for batch in source:
             for where, error in batch.pop("bad"):
                 BAD.add(where, error)

@@ -60,14 +60,21 @@ def reconstruct_transform(model):
 @torch.no_grad()
 def reconstruct(model, loader, *, grid: Path | None = None, show: int = 8) -> dict:
     """Mean per-image PSNR of ``model``'s reconstructions over ``loader``, next to the mean-colour and bilinear
-    baselines on the same images; optionally a PNG of originals (top row) above reconstructions (bottom row)."""
+    baselines on the same images; optionally a PNG of originals (top row) above reconstructions (bottom row).
+    A model with ``norm="moving-average"`` is scored with its running statistics (``psnr_db``) and with the
+    per-position normalisation it trained with (``psnr_layer_norm_db``), §4's "Is normalization necessary?"."""
     model.eval()
-    scores = {"psnr_db": [], "mean_colour_db": [], "bilinear_db": []}
+    moving = getattr(model.config, "norm", "layer") == "moving-average"
+    scores = {"psnr_db": [], "mean_colour_db": [], "bilinear_db": []} | ({"psnr_layer_norm_db": []} if moving else {})
     shown = []
     for batch in loader:
         x = batch["images"]
         y = model(x)
         scores["psnr_db"].append(psnr(x, y))
+        if moving:  # §4's ablation: the same model normalising per position, as it did in training
+            model.use_running_stats = False
+            scores["psnr_layer_norm_db"].append(psnr(x, model(x)))
+            model.use_running_stats = True
         scores["mean_colour_db"].append(psnr(x, mean_colour(x)))
         scores["bilinear_db"].append(psnr(x, bilinear(x, model.config.grid)))
         if len(shown) < show:
@@ -181,9 +188,12 @@ def cmd_reconstruct(args) -> dict:
     loader = data.loader(ds, batch_size=args.batch_size, transform=reconstruct_transform(model))
     result = reconstruct(model, loader, grid=args.grid)
     table = Table(title=escape(f"Reconstruction PSNR on {source} [{args.split}], {result['images']} images"))
-    for col in ("model", "mean colour", f"bilinear via {model.config.grid[0]}x{model.config.grid[1]}"):
-        table.add_column(col, justify="right")
-    table.add_row(*(f"{result[k]:.2f} dB" for k in ("psnr_db", "mean_colour_db", "bilinear_db")))
+    columns = {"psnr_db": "model", "psnr_layer_norm_db": "model, per-position norm", "mean_colour_db": "mean colour",
+               "bilinear_db": f"bilinear via {model.config.grid[0]}x{model.config.grid[1]}"}
+    shown = [k for k in columns if k in result]
+    for k in shown:
+        table.add_column(columns[k], justify="right")
+    table.add_row(*(f"{result[k]:.2f} dB" for k in shown))
     console.print(table)
     if args.grid:
         console.print(f"grid of originals (top) and reconstructions (bottom): {args.grid}")

@@ -434,6 +434,7 @@ class Finola(nn.Module):
         if config.norm == "moving-average":
             self.register_buffer("running_mean", torch.zeros(()))
             self.register_buffer("running_var", torch.ones(()))
+            self.use_running_stats = True  # at inference; False normalises per position as in training (§4)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """q (B, C) of images x in [0, 1]."""
@@ -448,10 +449,12 @@ class Finola(nn.Module):
         params = dict(self.finola)
         if self.config.norm == "layer":
             return expand(params, q, size=self.config.grid, origin=self.origin)
-        if not self.training:
+        if not self.training and self.use_running_stats:
             stats = {"mean": self.running_mean, "var": self.running_var}
             return expand(params, q, size=self.config.grid, origin=self.origin, stats=stats)
         z = expand(params, q, size=self.config.grid, origin=self.origin)
+        if not self.training:
+            return z
         new = running_stats(z, {"mean": self.running_mean, "var": self.running_var}, momentum=self.config.momentum)
         self.running_mean.copy_(new["mean"])
         self.running_var.copy_(new["var"])

@@ -80,8 +80,8 @@ def evaluate_finola(model, args, out: Path) -> dict:
 FINOLA_PAPER = dict(data="hf:ILSVRC/imagenet-1k", streaming=True, epoch_size=1_281_167, encoder="mf-w2880",
                     channels=3072, grid=16, image_size=256, widths=[512, 256, 256, 128, 128], batch_size=128,
                     epochs=100, warmup_epochs=10, lr=1.5e-4, weight_decay=0.1, betas=[0.9, 0.95], checkpoint_every=2000)
-FINOLA_SMALL = dict(data="photos", encoder="mf-tiny", channels=256, grid=8, image_size=64, widths=[128, 64, 64, 32],
-                    batch_size=32, epochs=40, warmup_epochs=2, lr=2e-3, weight_decay=0.1, betas=[0.9, 0.95],
+FINOLA_SMALL = dict(data="photos", encoder="mf-tiny", channels=256, grid=4, image_size=32, widths=[64, 32, 32, 16],
+                    batch_size=32, epochs=56, warmup_epochs=2, lr=8e-3, weight_decay=0.1, betas=[0.9, 0.95],
                     checkpoint_every=500)
 
 def build_detr(args):
@@ -137,7 +137,7 @@ TASKS: dict[str, Task] = {
 
 # Flags every task understands, with the value used when neither the command line nor the preset sets them.
 DEFAULTS = dict(preset="small", data=None, streaming=False, epoch_size=None, eval_split="validation",
-                data_options={}, encoder="mf-tiny", channels=256, grid=8, image_size=64, widths=[128, 64, 64, 32],
+                data_options={}, encoder="mf-tiny", channels=256, grid=4, image_size=32, widths=[64, 32, 32, 16],
                 q_position="center", norm="layer", decoder="mf-dec-tiny", num_queries=100, init=None,
                 batch_size=32, epochs=1, max_steps=None, warmup_epochs=0.0, lr=1.5e-4, scale_lr=True,
                 schedule="cosine", lr_drop_epoch=None, betas=[0.9, 0.999], weight_decay=0.1, grad_accum=1, seed=0, num_workers=0,
@@ -289,12 +289,10 @@ def train(args) -> Path:
         bar = progress.add_task(args.task, total=total, completed=step, stats="")
         t0, images, last_good = time.perf_counter(), 0, step
         while step < total:
-            loader.set_epoch(epoch)
+            skip = step * args.grad_accum - epoch * steps_per_epoch * args.grad_accum  # > 0: resumed mid-epoch
+            loader.set_epoch(epoch, skip=skip)
             n_batches = None if args.streaming else len(loader)
-            skip = step * args.grad_accum - epoch * steps_per_epoch * args.grad_accum  # resumed mid-epoch
-            for i, batch in enumerate(loader):
-                if i < skip:
-                    continue
+            for i, batch in enumerate(loader, start=skip):
                 model.train()
                 with accelerator.accumulate(model):
                     for g in optimizer.param_groups:

@@ -263,3 +263,68 @@ def test_bad_input_names_the_argument(i):
     match, exc, call = _bad_calls()[i]
     with pytest.raises(exc, match=match.replace("[", r"\[").replace("]", r"\]")):
         call()
+
+
+# --- the network (App. B, Table 10) ------------------------------------------------------------------------------
+
+class StubEncoder(torch.nn.Module):
+    """A stride-16 conv standing in for Mobile-Former: (B, 3, H, W) -> ((B, 12, H/16, W/16), tokens)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 12, 16, stride=16)
+
+    def forward(self, x):
+        return self.conv(x), torch.zeros(x.shape[0], 1, 4)
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    config = finola.FinolaConfig(encoder_channels=12, channels=16, grid=(4, 4), widths=(16, 8, 8), heads=4,
+                                 **overrides)
+    return finola.Finola(StubEncoder(), config)
+
+
+def test_upsampler_scale_and_shape():
+    up = finola.ConvUpsampler(16, (32, 16, 16, 8))
+    assert up.scale == 8
+    assert up(torch.randn(2, 16, 4, 5)).shape == (2, 3, 32, 40)
+
+
+@pytest.mark.parametrize("position,origin", [("center", (2, 2)), ("top-left", (0, 0)), ("top-right", (0, 3)),
+                                             ("bottom-left", (3, 0)), ("bottom-right", (3, 3))])
+def test_model_puts_q_where_asked(position, origin):
+    model = tiny_model(q_position=position).eval()
+    x = torch.rand(2, 3, 16, 16)
+    q = model.encode(x)
+    z = model.expand(q)
+    assert q.shape == (2, 16) and z.shape == (2, 16, 4, 4)
+    assert torch.equal(z[:, :, origin[0], origin[1]], q)
+    assert model(x).shape == x.shape
+
+
+def test_model_rejects_wrong_images():
+    with pytest.raises(ValueError, match=r"x: expected images \(B, 3, 16, 16\)"):
+        tiny_model()(torch.rand(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="q_position"):
+        tiny_model(q_position="middle")
+    with pytest.raises(ValueError, match="norm"):
+        tiny_model(norm="batch")
+
+
+def test_moving_average_model_tracks_statistics_and_uses_them_at_inference():
+    model = tiny_model(norm="moving-average", momentum=0.5)
+    x = torch.rand(4, 3, 16, 16)
+    model.train()
+    z = model.expand(model.encode(x))
+    expected = finola.running_stats(z.detach(), {"mean": torch.tensor(0.0), "var": torch.tensor(1.0)}, momentum=0.5)
+    assert_close(model.running_mean, expected["mean"])
+    assert_close(model.running_var, expected["var"])
+    model.eval()
+    before = model.running_mean.clone()
+    q = model.encode(x)
+    stats = {"mean": model.running_mean, "var": model.running_var}
+    assert_close(model.expand(q), finola.expand(dict(model.finola), q, size=(4, 4), stats=stats))
+    model.use_running_stats = False
+    assert_close(model.expand(q), finola.expand(dict(model.finola), q, size=(4, 4)))
+    assert torch.equal(model.running_mean, before), "inference leaves the statistics alone"

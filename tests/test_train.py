@@ -101,6 +101,15 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
+def test_moving_average_run_reports_both_normalisations(tmp_path):
+    out = run(tmp_path, "--max-steps", "2", "--norm", "moving-average")
+    final = metrics(out)[-1]["final"]
+    assert {"psnr_db", "psnr_layer_norm_db"} <= set(final)
+    assert final["psnr_db"] != final["psnr_layer_norm_db"], "running statistics differ from per-position ones"
+    model = weights.load_model(out / "model.safetensors")
+    assert model.running_var.item() != 1.0, "the running statistics were trained and saved"
+
+
 def test_psnr_against_hand_computed_values():
     x = torch.zeros(2, 3, 4, 4)
     y = torch.full_like(x, 0.1)
