@@ -88,9 +88,12 @@ def reconstruct(model, loader, *, grid: Path | None = None, show: int = 8) -> di
     return out
 
 
-def save_grid(rows: list[torch.Tensor], path, *, pad: int = 2) -> Path:
-    """Save rows of images (each (N, 3, H, W) in [0, 1]) as one PNG, with a white ``pad`` between tiles."""
+def save_grid(rows: list[torch.Tensor], path, *, pad: int = 2, min_side: int = 128) -> Path:
+    """Save rows of images (each (N, 3, H, W) in [0, 1]) as one PNG, with a white ``pad`` between tiles; small
+    images are enlarged (nearest neighbour, an integer factor) to at least ``min_side`` pixels so they can be seen."""
     n = max(len(r) for r in rows)
+    scale = max(1, -(-min_side // min(rows[0].shape[-2:])))
+    rows = [F.interpolate(r.float(), scale_factor=scale, mode="nearest") if scale > 1 else r for r in rows]
     h, w = rows[0].shape[-2:]
     canvas = torch.ones(3, len(rows) * (h + pad) + pad, n * (w + pad) + pad)
     for i, row in enumerate(rows):
@@ -178,12 +181,17 @@ def _default_data(meta: dict, source: str | None) -> tuple[str, dict]:
     return source, options
 
 
-def cmd_reconstruct(args) -> dict:
+def _load(args, arch: str, command: str, tasks: str):
+    """The model of --weights, which must be an ``arch`` model, and the data to evaluate it on."""
     model = weights.load_model(args.weights)
-    if model.metadata["model"]["arch"] != "finola":
+    if model.metadata["model"]["arch"] != arch:
         raise ValueError(f"--weights: {args.weights} holds a {model.metadata['model']['arch']!r} model; "
-                         "reconstruct needs a FINOLA model (train.py --task finola)")
-    source, options = _default_data(model.metadata, args.data)
+                         f"{command} needs a {arch!r} model (train.py --task {tasks})")
+    return model, *_default_data(model.metadata, args.data)
+
+
+def cmd_reconstruct(args) -> dict:
+    model, source, options = _load(args, "finola", "reconstruct", "finola")
     ds = data.load(source, split=args.split, **options)
     loader = data.loader(ds, batch_size=args.batch_size, transform=reconstruct_transform(model))
     result = reconstruct(model, loader, grid=args.grid)
@@ -203,11 +211,7 @@ def cmd_reconstruct(args) -> dict:
 
 
 def cmd_detect(args) -> dict:
-    model = weights.load_model(args.weights)
-    if model.metadata["model"]["arch"] != "detr":
-        raise ValueError(f"--weights: {args.weights} holds a {model.metadata['model']['arch']!r} model; "
-                         "detect needs a DETR model (train.py --task detr-probe or detr-finetune)")
-    source, options = _default_data(model.metadata, args.data)
+    model, source, options = _load(args, "detr", "detect", "detr-probe or detr-finetune")
     size = args.image_size or model.metadata["train"].get("image_size", 800)
     ds = data.load(source, split=args.split, **options)
     loader = data.loader(ds, batch_size=args.batch_size, transform=data.eval_transform("detect", size=size))

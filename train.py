@@ -48,9 +48,11 @@ console = Console(stderr=True)
 class Task:
     build: Callable      # args -> (model, arch, config dict)
     loss: Callable       # (model, batch) -> scalar loss
-    transform: Callable  # args -> training transform
+    transform: Callable  # args -> training transform (data.train_transform kind)
+    plain: Callable      # args -> the same without augmentation (--no-augment), as at evaluation
     evaluate: Callable   # (model, args, out_dir) -> dict of final metrics (main process)
     presets: dict        # preset name -> flag defaults
+    eval_command: str    # how to evaluate the weights again with eval.py
 
 
 def build_finola(args):
@@ -106,7 +108,7 @@ def detr_loss(model, batch):
 
 def evaluate_detr(model, args, out: Path) -> dict:
     ds = data.load(args.data, split=args.eval_split, **args.data_options)
-    loader = data.loader(ds, batch_size=args.batch_size, transform=data.eval_transform("detect", size=args.image_size))
+    loader = data.loader(ds, batch_size=args.batch_size, transform=resize(args))
     return ev.detect(model, loader, data.coco(ds), figure=out / "detections.png")
 
 
@@ -122,21 +124,33 @@ DETR_FT_PAPER = dict(DETR_PAPER, epochs=200, lr=1e-5, lr_drop_epoch=150)
 DETR_FT_SMALL = dict(DETR_SMALL, lr=1e-4)
 
 
-def detr_transform(args):
+def crop(args):
+    return data.train_transform("crop", size=args.image_size)
+
+
+def whole(args):
+    return data.eval_transform("classify", size=args.image_size, crop_ratio=1.0)
+
+
+def detect(args):
     return data.train_transform("detect", size=args.image_size)
 
 
+def resize(args):
+    return data.eval_transform("detect", size=args.image_size)
+
+
 TASKS: dict[str, Task] = {
-    "finola": Task(build_finola, finola_loss, lambda a: data.train_transform("crop", size=a.image_size),
-                   evaluate_finola, {"small": FINOLA_SMALL, "paper": FINOLA_PAPER}),
-    "detr-probe": Task(build_detr, detr_loss, detr_transform, evaluate_detr,
-                       {"small": DETR_SMALL, "paper": DETR_PAPER}),
-    "detr-finetune": Task(build_detr, detr_loss, detr_transform, evaluate_detr,
-                          {"small": DETR_FT_SMALL, "paper": DETR_FT_PAPER}),
+    "finola": Task(build_finola, finola_loss, crop, whole, evaluate_finola,
+                   {"small": FINOLA_SMALL, "paper": FINOLA_PAPER}, "reconstruct --grid reconstructions.png"),
+    "detr-probe": Task(build_detr, detr_loss, detect, resize, evaluate_detr, {"small": DETR_SMALL, "paper": DETR_PAPER},
+                       "detect --figure detections.png"),
+    "detr-finetune": Task(build_detr, detr_loss, detect, resize, evaluate_detr,
+                          {"small": DETR_FT_SMALL, "paper": DETR_FT_PAPER}, "detect --figure detections.png"),
 }
 
 # Flags every task understands, with the value used when neither the command line nor the preset sets them.
-DEFAULTS = dict(preset="small", data=None, streaming=False, epoch_size=None, eval_split="validation",
+DEFAULTS = dict(preset="small", data=None, streaming=False, augment=True, epoch_size=None, eval_split="validation",
                 data_options={}, encoder="mf-tiny", channels=256, grid=4, image_size=32, widths=[64, 32, 32, 16],
                 q_position="center", norm="layer", decoder="mf-dec-tiny", num_queries=100, init=None,
                 batch_size=32, epochs=1, max_steps=None, warmup_epochs=0.0, lr=1.5e-4, scale_lr=True,
@@ -160,6 +174,8 @@ def parse_args(argv=None):
     g.add_argument("--eval-split", help="split of the final evaluation (default: validation)")
     g.add_argument("--data-options", type=json.loads, help='JSON options for the source, e.g. \'{"crops_per_photo": 8}\'')
     g.add_argument("--num-workers", type=int, help="data loader worker processes")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                   help="the task's training augmentation (--no-augment: evaluation's resize only, e.g. to overfit)")
     m = p.add_argument_group("model")
     m.add_argument("--encoder", choices=sorted(mobileformer.PRESETS), help="Mobile-Former variant (Table 9)")
     m.add_argument("--channels", type=int, help="latent channels C of q and the FINOLA map (Table 2a)")
@@ -247,14 +263,16 @@ def train(args) -> Path:
     out = Path(args.resume or args.out or f"runs/{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.resume:
         saved = json.loads((out / "args.json").read_text())
-        args = argparse.Namespace(**{**saved, "resume": args.resume, "max_steps": args.max_steps or saved["max_steps"]})
+        args = argparse.Namespace(**{**DEFAULTS, **saved, "resume": args.resume,
+                                     "max_steps": args.max_steps or saved["max_steps"]})
     set_seed(args.seed)
     model, arch, config = task.build(args)
     if accelerator.device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
 
     ds = data.load(args.data, split="train", streaming=args.streaming, **args.data_options)
-    loader = data.loader(ds, batch_size=args.batch_size, transform=task.transform(args), shuffle=True,
+    transform = task.transform(args) if args.augment else task.plain(args)
+    loader = data.loader(ds, batch_size=args.batch_size, transform=transform, shuffle=True,
                          num_workers=args.num_workers, seed=args.seed, accelerator=accelerator)
     steps_per_epoch = (math.ceil(len(loader) / args.grad_accum) if not args.streaming
                        else args.epoch_size // (args.batch_size * args.grad_accum * accelerator.num_processes))
@@ -332,7 +350,7 @@ def train(args) -> Path:
         log.write(step=step, final=metrics)
         weights.save(out / "model.safetensors", model.state_dict(), arch=arch, config=config, task=args.task,
                      train=vars(args), data=args.data, metrics=metrics)
-        report(out, metrics)
+        report(out, metrics, task.eval_command)
     accelerator.wait_for_everyone()
     return out
 
@@ -366,11 +384,12 @@ class MetricsLog:
                 f.write(json.dumps({**fields, "time_s": round(time.time() - self.t0, 2)}) + "\n")
 
 
-def report(out: Path, metrics: dict):
+def report(out: Path, metrics: dict, eval_command: str):
     console.print(f"[green]done[/green]: weights {out / 'model.safetensors'}, metrics {out / 'metrics.jsonl'}")
     for name in sorted(p.name for p in out.glob("*.png")):
         console.print(f"  figure {out / name}")
     console.print("  final: " + json.dumps(metrics))
+    console.print(f"  evaluate again: python eval.py {eval_command} --weights {out / 'model.safetensors'}")
     if data.BAD.total():
         console.print(data.BAD.report())
 

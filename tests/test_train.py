@@ -130,7 +130,8 @@ def test_eval_reconstruct_command(tmp_path, capsys):
     assert last == result and last["images"] == 4
     assert last["mean_colour_db"] < last["bilinear_db"], "a 2x2 bilinear thumbnail beats one colour"
     from PIL import Image
-    assert Image.open(tmp_path / "g.png").size == (4 * 34 + 2, 2 * 34 + 2)
+    # 4 images of 32 px enlarged 4x to 128, in 2 rows, with 2 px gaps
+    assert Image.open(tmp_path / "g.png").size == (4 * 130 + 2, 2 * 130 + 2)
 
 
 def test_bad_flags_get_clear_errors(tmp_path):
@@ -202,5 +203,5 @@ def test_detr_finetune_trains_the_backbone(tmp_path):
 
 def test_eval_refuses_the_wrong_kind_of_model(tmp_path):
     out = run(tmp_path, "--max-steps", "1")
-    with pytest.raises(ValueError, match="detect needs a DETR model"):
+    with pytest.raises(ValueError, match="detect needs a 'detr' model"):
         ev.main(["detect", "--weights", str(out / "model.safetensors")])
