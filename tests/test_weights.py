@@ -1,0 +1,45 @@
+"""Our safetensors format (weights.py): metadata that rebuilds a model, and clear errors for anything else."""
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch.testing import assert_close
+
+import mobileformer
+import weights
+
+
+def test_round_trip_rebuilds_the_model_from_the_file_alone(tmp_path):
+    torch.manual_seed(0)
+    model = mobileformer.create("mf-tiny").eval()
+    path = weights.save(tmp_path / "m.safetensors", model.state_dict(), arch="mobileformer",
+                        config=model.config_dict(), task="none", train={"lr": 1e-3}, data="photos",
+                        metrics={"psnr_db": 1.5})
+    meta = weights.read_metadata(path)
+    assert meta["format"] == weights.FORMAT and meta["train"] == {"lr": 1e-3} and meta["metrics"]["psnr_db"] == 1.5
+    rebuilt = weights.load_model(path)
+    x = torch.rand(1, 3, 32, 32)
+    assert_close(rebuilt(x)[0], model(x)[0], rtol=0, atol=0)
+    assert not list(tmp_path.glob(".*tmp")), "the temporary file is renamed into place"
+
+
+def test_foreign_and_missing_files_get_clear_errors(tmp_path):
+    save_file({"w": torch.zeros(2)}, tmp_path / "other.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="not a finola weights file"):
+        weights.load_model(tmp_path / "other.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(ValueError, match="is not a safetensors file"):
+        weights.read_metadata(tmp_path / "junk.safetensors")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        weights.read_metadata(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="unknown architecture"):
+        weights.save(tmp_path / "x.safetensors", {}, arch="resnet", config={})
+
+
+def test_load_encoder_drops_a_classifier(tmp_path):
+    model = mobileformer.create("mf-tiny", num_classes=5)
+    path = weights.save(tmp_path / "c.safetensors", model.state_dict(), arch="mobileformer",
+                        config=model.config_dict())
+    encoder = weights.load_encoder(path)
+    assert encoder.head is None and encoder.config.num_classes == 0
+    features, tokens = encoder.eval()(torch.rand(1, 3, 32, 32))
+    assert features.shape == (1, encoder.out_channels, 2, 2)
