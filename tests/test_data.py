@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import data
+import embedded
 
 
 def _save(path: Path, array: np.ndarray, mode: str = "RGB", **kw):
@@ -85,11 +86,11 @@ def test_hub_offline_fails_fast():
 
 def test_photos_splits_share_no_photo_and_validation_is_fixed():
     train, val = data.load("photos", crops_per_photo=3), data.load("photos", split="validation", size=32)
-    assert len(train) == 3 * len(data.PHOTOS["train"]) and min(train[0]["image"].size) == data.PHOTO_SIDE
-    assert len(val) == 64 * len(data.PHOTOS["validation"]) and val[5]["image"].size == (32, 32)
+    assert len(train) == 3 * len(embedded.PHOTOS["train"]) and min(train[0]["image"].size) == embedded.PHOTO_SIDE
+    assert len(val) == 64 * len(embedded.PHOTOS["validation"]) and val[5]["image"].size == (32, 32)
     train_names, val_names = set(data.categories(train).values()), set(data.categories(val).values())
     assert len(train_names) == 7 and len(val_names) == 2 and not train_names & val_names
-    fresh = list(data._photo_rows("validation", 32, 64))  # regenerated, not read from the cache
+    fresh = list(embedded._photo_rows("validation", 32, 64))  # regenerated, not read from the cache
     assert np.array_equal(np.asarray(fresh[5]["image"]), np.asarray(val[5]["image"]))
     train_pixels = {np.asarray(im).tobytes() for im in train.select(range(0, len(train), 3))["image"]}
     assert len(train_pixels) == 7  # seven different photos
@@ -98,15 +99,15 @@ def test_photos_splits_share_no_photo_and_validation_is_fixed():
 def test_shapes_are_deterministic_with_exact_boxes():
     ds = data.load("shapes", split="validation", n=40, size=48, seed=3)
     assert ds.column_names == ["image", "image_id", "objects"] and len(ds) == 40
-    assert data.categories(ds) == dict(enumerate(data.SHAPES))
-    again = list(data._shape_rows("validation", 40, 48, 3, "texture", 3))
+    assert data.categories(ds) == dict(enumerate(embedded.SHAPES))
+    again = list(embedded._shape_rows("validation", 40, 48, 3, "texture", 3))
     assert again[7]["objects"] == ds[7]["objects"]
     for row in ds.select(range(10)):
         image = np.asarray(row["image"]).astype(int)
         for (x, y, w, h) in row["objects"]["bbox"]:
             assert 0 <= x < x + w <= 48 and 0 <= y < y + h <= 48
             inside = image[int(y):int(y + h), int(x):int(x + w)]
-            colours = {tuple(c) for c in data.PALETTE.astype(int) * 255}
+            colours = {tuple(c) for c in embedded.PALETTE.astype(int) * 255}
             on_edges = [inside[0], inside[-1], inside[:, 0], inside[:, -1]]  # the shape touches all four sides
             assert all(any(tuple(p) in colours for p in edge) for edge in on_edges)
 
@@ -129,7 +130,7 @@ def test_trees_tiles_and_boxes():
 
 
 def _fashion_or_skip():
-    if not (data.FASHION_DIR / "t10k-images-idx3-ubyte.gz").exists():
+    if not (embedded.FASHION_DIR / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip("Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist; CI does)")
 
 
