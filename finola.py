@@ -463,5 +463,9 @@ class Finola(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.upsampler(z)
 
+    def maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The FINOLA map (B, C, *grid) the model builds for images x (what the analyses of eval.py look at)."""
+        return self.expand(self.encode(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.expand(self.encode(x)))
