@@ -13,10 +13,12 @@ from typing import Callable
 
 import torch.nn.functional as F
 
+import classify
 import data
 import detr
 import eval as ev
 import finola
+import masked
 import mobileformer
 import weights
 
@@ -32,12 +34,17 @@ class Task:
     eval_command: str    # how to evaluate the weights again with eval.py
 
 
+class FrozenEncoderFinola(classify.FrozenEncoder, finola.Finola):
+    """App. D: a pre-trained encoder, frozen; pooling, FINOLA and a fresh upsampler are trained (saved as "finola")."""
+
+
 def build_finola(args):
-    encoder = mobileformer.create(args.encoder)
+    encoder = weights.load_encoder(args.init) if args.init else mobileformer.create(args.encoder)
     config = finola.FinolaConfig(
         encoder_channels=encoder.out_channels, channels=args.channels, grid=(args.grid, args.grid),
         q_position=args.q_position, norm=args.norm, widths=tuple(args.widths), encoder=encoder.config_dict())
-    model = finola.Finola(encoder, config)
+    model = (FrozenEncoderFinola(encoder, config).freeze_encoder() if args.freeze_encoder
+             else finola.Finola(encoder, config))
     if model.image_size != (args.image_size, args.image_size):
         raise ValueError(f"--image-size {args.image_size} must equal --grid {args.grid} x 2^(len(--widths) - 1) "
                          f"= {model.image_size[0]}")
@@ -101,12 +108,128 @@ DETR_FT_PAPER = dict(DETR_PAPER, epochs=200, lr=1e-5, lr_drop_epoch=150)
 DETR_FT_SMALL = dict(DETR_SMALL, lr=1e-4)
 
 
+# --- Masked FINOLA pre-training (§3, Tables 10, 12) -----------------------------------------------------------------
+
+def build_masked(args):
+    """Masked-FINOLA-E or -B on a fresh --encoder (or one from --init); patches of --image-size / --grid pixels."""
+    encoder = weights.load_encoder(args.init) if args.init else mobileformer.create(args.encoder)
+    if args.image_size % args.grid:
+        raise ValueError(f"--image-size {args.image_size} must be a multiple of --grid {args.grid} (the patch size)")
+    common = dict(encoder_channels=encoder.out_channels, channels=args.channels or encoder.out_channels,
+                  grid=(args.grid, args.grid), patch=args.image_size // args.grid, encoder=encoder.config_dict())
+    if args.task == "masked-e":
+        config = masked.MaskedEConfig(**common)
+        return masked.MaskedFinolaE(encoder, config), "masked-e", dataclasses.asdict(config)
+    if args.image_size != 16 * args.grid:
+        raise ValueError(f"--image-size {args.image_size} must be 16 x --grid {args.grid} for masked-b: the block's "
+                         "1/16 encoder features are its cells of the map")
+    config = masked.MaskedBConfig(**common, width=args.upsampler_width, depth=args.upsampler_depth,
+                                  heads=max(2, args.upsampler_width // 64))
+    return masked.MaskedFinolaB(encoder, config), "masked-b", dataclasses.asdict(config)
+
+
+def masked_loss(model, batch):
+    """§3: pixel MSE on the masked region only; the model draws one floating block per image."""
+    x = batch["images"]
+    prediction, mask = model(x)
+    return masked.masked_mse(prediction, x, mask)
+
+
+def evaluate_masked(model, args, out: Path) -> dict:
+    ds = data.load(args.data, split=args.eval_split, **args.data_options)
+    loader = data.loader(ds, batch_size=args.batch_size, transform=ev.reconstruct_transform(model))
+    return ev.masked_reconstruct(model, loader, grid=out / "predictions.png")
+
+
+# Table 12: AdamW 1.5e-4 x batch / 256, wd 0.1, batch 1024, 1600 epochs, 10 warm-up, 256^2, RandomResizedCrop.
+MASKED_E_PAPER = dict(data="hf:ILSVRC/imagenet-1k", streaming=True, epoch_size=1_281_167, encoder="mf-w2880",
+                      channels=3072, grid=16, image_size=256, batch_size=1024, epochs=1600, warmup_epochs=10,
+                      lr=1.5e-4, weight_decay=0.1, betas=[0.9, 0.95], checkpoint_every=1000)
+MASKED_B_PAPER = dict(MASKED_E_PAPER, channels=None, upsampler_width=512, upsampler_depth=6)
+# Ours: fashion-mnist at 64^2 (blocks of 32^2, the smallest input mf-tiny takes), a 4 x 4 grid of 16 px patches,
+# 600 steps of 32 (a third of an epoch: no augmentation); a 2-block, 128-wide transformer upsampler for -B.
+MASKED_E_SMALL = dict(data="fashion-mnist", augment=False, encoder="mf-tiny", channels=256, grid=4, image_size=64,
+                      batch_size=32, epochs=1, max_steps=600, warmup_epochs=0.03, lr=8e-3, weight_decay=0.1,
+                      betas=[0.9, 0.95], checkpoint_every=500)
+MASKED_B_SMALL = dict(MASKED_E_SMALL, channels=None, upsampler_width=128, upsampler_depth=2)
+
+
+# --- Classification: probing, fine-tuning and the supervised baseline (App. B, Tables 13-14) -------------------------
+
+PROBES = ("linprobe", "tran1-probe")  # frozen encoder
+_SMOOTHING = {"value": 0.0}  # this run's --label-smoothing, set by build_classifier (losses take (model, batch))
+
+
+def build_classifier(args):
+    """An encoder from --init (random when absent; from scratch for ``supervised``) and a --head decoder. finetune
+    from a classifier file with the same --head also starts its decoder there (App. C: from the tran-1 probe)."""
+    _SMOOTHING["value"] = args.label_smoothing
+    if args.task == "supervised" and args.init:
+        raise ValueError("--init: the supervised baseline trains its encoder from scratch; use --task finetune")
+    ds = data.load(args.data, split="train", streaming=args.streaming, **args.data_options)
+    encoder = weights.load_encoder(args.init) if args.init else mobileformer.create(args.encoder)
+    config = classify.ClassifierConfig(num_classes=max(data.categories(ds)) + 1, head=args.head,
+                                       encoder_channels=encoder.out_channels, dropout=args.dropout,
+                                       frozen=args.task in PROBES, encoder=encoder.config_dict())
+    model = classify.Classifier(encoder, config)
+    if args.task == "finetune" and args.init:
+        probe = weights.load_model(args.init)
+        same = probe.metadata["model"]["arch"] == "classifier" and all(
+            probe.metadata["model"]["config"][k] == getattr(config, k) for k in ("head", "width", "num_classes"))
+        if same:
+            decoder = {k: v for k, v in probe.state_dict().items() if not k.startswith("encoder.")}
+            model.load_state_dict(decoder, strict=False)
+    return model, "classifier", dataclasses.asdict(config)
+
+
+def classify_loss(model, batch):
+    """Cross-entropy with --label-smoothing (0.1 for tran-1 probing, Table 13)."""
+    return F.cross_entropy(model(batch["images"]), batch["labels"], label_smoothing=_SMOOTHING["value"])
+
+
+def evaluate_classify(model, args, out: Path) -> dict:
+    ds = data.load(args.data, split=args.eval_split, **args.data_options)
+    loader = data.loader(ds, batch_size=args.batch_size, transform=centre(args))
+    return ev.classify(model, loader)
+
+
+IMAGENET = dict(data="hf:ILSVRC/imagenet-1k", streaming=True, epoch_size=1_281_167, encoder="mf-w2880",
+                image_size=224, checkpoint_every=2000)
+# Table 13. SGD's momentum is 0.9 (not stated; MAE's linear probe uses LARS with it). Dropout comes per width
+# (classify.WIDTHS); random erasing is 0.25 for the default MF-W2880 (0 for W720 / W1440: pass --random-erase 0).
+LINPROBE_PAPER = dict(IMAGENET, head="lin", optimizer="sgd", lr=0.1, weight_decay=0.0, batch_size=4096, epochs=90,
+                      warmup_epochs=10)
+TRAN1_PAPER = dict(IMAGENET, head="tran-1", lr=5e-4, weight_decay=0.1, batch_size=4096, epochs=200, warmup_epochs=10,
+                   label_smoothing=0.1, random_erase=0.25)
+# Table 14's body is missing from our copy of the paper; what it does not give follows MAE's fine-tuning recipe
+# (AdamW 5e-4 x batch / 256, wd 0.05, batch 1024, 100 epochs, 5 warm-up, RandAug(9, 0.5), label smoothing 0.1,
+# random erasing 0.25 as the paper's row for MF-W2880); dropout per width as Table 13.
+FINETUNE_PAPER = dict(IMAGENET, head="tran-1", lr=5e-4, weight_decay=0.05, batch_size=1024, epochs=100,
+                      warmup_epochs=5, label_smoothing=0.1, random_erase=0.25)
+SUPERVISED_PAPER = dict(FINETUNE_PAPER, epochs=300, warmup_epochs=20)  # not in the paper: DeiT's length
+# Ours: fashion-mnist at 64^2, mf-tiny, no augmentation (under one epoch), the labels of the 60k training images.
+CLASSIFY_SMALL = dict(data="fashion-mnist", augment=False, encoder="mf-tiny", image_size=64, crop_ratio=1.0,
+                      batch_size=128, epochs=1, max_steps=300, warmup_epochs=0.05, checkpoint_every=500)
+LINPROBE_SMALL = dict(CLASSIFY_SMALL, head="lin", optimizer="sgd", lr=0.1, weight_decay=0.0)
+TRAN1_SMALL = dict(CLASSIFY_SMALL, head="tran-1", lr=2e-3, weight_decay=0.1, label_smoothing=0.1)
+FINETUNE_SMALL = dict(TRAN1_SMALL, lr=1e-3, weight_decay=0.05)
+SUPERVISED_SMALL = dict(FINETUNE_SMALL, lr=4e-3, max_steps=600)
+
+
 def crop(args):
     return data.train_transform("crop", size=args.image_size)
 
 
 def whole(args):
     return data.eval_transform("classify", size=args.image_size, crop_ratio=1.0)
+
+
+def randaug(args):
+    return data.train_transform("randaug", size=args.image_size, erase=args.random_erase)
+
+
+def centre(args):
+    return ev.classify_transform(args.image_size, crop_ratio=args.crop_ratio)
 
 
 def detect(args):
@@ -124,4 +247,16 @@ TASKS: dict[str, Task] = {
                        "detect --figure detections.png"),
     "detr-finetune": Task(build_detr, detr_loss, detect, resize, evaluate_detr,
                           {"small": DETR_FT_SMALL, "paper": DETR_FT_PAPER}, "detect --figure detections.png"),
+    "masked-e": Task(build_masked, masked_loss, crop, whole, evaluate_masked,
+                     {"small": MASKED_E_SMALL, "paper": MASKED_E_PAPER}, "masked --grid predictions.png"),
+    "masked-b": Task(build_masked, masked_loss, crop, whole, evaluate_masked,
+                     {"small": MASKED_B_SMALL, "paper": MASKED_B_PAPER}, "masked --grid predictions.png"),
+    "linprobe": Task(build_classifier, classify_loss, crop, centre, evaluate_classify,
+                     {"small": LINPROBE_SMALL, "paper": LINPROBE_PAPER}, "classify"),
+    "tran1-probe": Task(build_classifier, classify_loss, randaug, centre, evaluate_classify,
+                        {"small": TRAN1_SMALL, "paper": TRAN1_PAPER}, "classify"),
+    "finetune": Task(build_classifier, classify_loss, randaug, centre, evaluate_classify,
+                     {"small": FINETUNE_SMALL, "paper": FINETUNE_PAPER}, "classify"),
+    "supervised": Task(build_classifier, classify_loss, randaug, centre, evaluate_classify,
+                       {"small": SUPERVISED_SMALL, "paper": SUPERVISED_PAPER}, "classify"),
 }

@@ -4,10 +4,11 @@
 
 A task is a row of ``tasks.TASKS``: how to build its model, its loss on a batch, its data transform and its final
 evaluation. ``--preset`` fills every flag the command line leaves unset (``small``: minutes on a laptop CPU;
-``paper``: the paper's appendix, Table 12 for ``finola``). One loop (nanoGPT-style) serves all tasks: AdamW, linear
-warm-up then cosine decay of lr = base_lr x effective batch / 256 (App. C), Accelerate for devices, processes, mixed
-precision and gradient accumulation, atomic checkpoints of the full training state, ``--resume``, ``metrics.jsonl``
-and a final ``model.safetensors`` whose metadata rebuilds the model (``weights.load_model``).
+``paper``: the paper's appendix, Table 12 for ``finola``). One loop (nanoGPT-style) serves all tasks: AdamW (SGD
+for linear probing), linear warm-up then cosine decay of lr = base_lr x effective batch / 256 (App. C), Accelerate for
+devices, processes, mixed precision and gradient accumulation, atomic checkpoints of the full training state,
+``--resume``, ``metrics.jsonl`` and a final ``model.safetensors`` whose metadata rebuilds the model
+(``weights.load_model``).
 """
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ DEFAULTS = dict(preset="small", data=None, streaming=False, augment=True, epoch_
                 q_position="center", norm="layer", decoder="mf-dec-tiny", num_queries=100, init=None,
                 batch_size=32, epochs=1, max_steps=None, warmup_epochs=0.0, lr=1.5e-4, scale_lr=True,
                 schedule="cosine", lr_drop_epoch=None, betas=[0.9, 0.999], weight_decay=0.1, grad_accum=1, seed=0, num_workers=0,
-                out=None, resume=None, checkpoint_every=500, log_every=10)
+                out=None, resume=None, checkpoint_every=500, log_every=10, freeze_encoder=False,
+                upsampler_width=512, upsampler_depth=6, head="lin", dropout=None, optimizer="adamw",
+                label_smoothing=0.0, random_erase=0.0, crop_ratio=0.875)
 
 
 def parse_args(argv=None):
@@ -65,7 +68,8 @@ def parse_args(argv=None):
                    help="the task's training augmentation (--no-augment: evaluation's resize only, e.g. to overfit)")
     m = p.add_argument_group("model")
     m.add_argument("--encoder", choices=sorted(mobileformer.PRESETS), help="Mobile-Former variant (Table 9)")
-    m.add_argument("--channels", type=int, help="latent channels C of q and the FINOLA map (Table 2a)")
+    m.add_argument("--channels", type=int, help="latent channels C of q and the FINOLA map (Table 2a; masked-b: "
+                                                "default the encoder's width, its features used directly)")
     m.add_argument("--grid", type=int, help="side of the FINOLA map (16 in the paper)")
     m.add_argument("--image-size", type=int, help="training image side")
     m.add_argument("--widths", type=int, nargs="+", help="res-conv widths of the upsampler (Table 10)")
@@ -73,7 +77,15 @@ def parse_args(argv=None):
     m.add_argument("--norm", choices=["layer", "moving-average"], help="FINOLA normalization (§4's ablation)")
     m.add_argument("--decoder", choices=sorted(detr.PRESETS), help="DETR's Mobile-Former decoder (Tables 4, 18)")
     m.add_argument("--num-queries", type=int, help="DETR object queries (100 in the paper)")
-    m.add_argument("--init", help="start the encoder from any of our .safetensors files (default: random init)")
+    m.add_argument("--init", help="start the encoder from any of our .safetensors files (default: random init); "
+                                  "finetune from a classifier file with the same --head also starts its decoder there")
+    m.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction,
+                   help="finola: keep the encoder fixed, train pooling + FINOLA + upsampler (App. D, with --init)")
+    m.add_argument("--upsampler-width", type=int, help="masked-b: width of the transformer upsampler (Table 10: 512)")
+    m.add_argument("--upsampler-depth", type=int, help="masked-b: its transformer blocks (Table 10: 6; Table 16)")
+    m.add_argument("--head", choices=["lin", "tran-1", "tran-4"],
+                   help="classification decoder: BN + linear, or 1 / 4 transformer blocks + linear (App. B)")
+    m.add_argument("--dropout", type=float, help="tran-N decoders (Table 13: 0.1 for MF-W720, 0.2 for W1440/W2880)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=int, help="images per process per step")
     o.add_argument("--epochs", type=int)
@@ -87,6 +99,11 @@ def parse_args(argv=None):
     o.add_argument("--betas", type=float, nargs=2, help="AdamW betas (FINOLA presets: MAE's 0.9 0.95)")
     o.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
     o.add_argument("--seed", type=int)
+    o.add_argument("--optimizer", choices=["adamw", "sgd"], help="sgd: momentum 0.9 (linear probing, Table 13)")
+    o.add_argument("--label-smoothing", type=float, help="of the classification loss (Table 13: 0.1 for tran-1)")
+    o.add_argument("--random-erase", type=float, help="RandomErasing probability with RandAug (0.25 for MF-W2880)")
+    o.add_argument("--crop-ratio", type=float, help="classification: evaluation resizes to size / ratio and centre-"
+                                                    "crops (0.875; 1 keeps small images whole)")
     r = p.add_argument_group("run")
     r.add_argument("--out", help="run folder (default: runs/<task>-<YYYYmmdd-HHMMSS>)")
     r.add_argument("--resume", help="a run folder to continue from its last checkpoint")
@@ -172,9 +189,12 @@ def train(args) -> Path:
     trained = [p for p in model.parameters() if p.requires_grad]  # a frozen backbone stays out
     decay = [p for p in trained if p.dim() >= 2]
     no_decay = [p for p in trained if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=base_lr, betas=tuple(args.betas),
-                                  fused=accelerator.device.type in ("cpu", "cuda"))
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=0.9)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(args.betas),
+                                      fused=accelerator.device.type in ("cpu", "cuda"))
     model, optimizer = accelerator.prepare(model, optimizer)
 
     step = epoch = 0

@@ -27,6 +27,9 @@ ARCHS: dict[str, tuple[str, str]] = {
     "mobileformer": ("mobileformer", "from_config"),
     "finola": ("weights", "finola_from_config"),
     "detr": ("detr", "from_config"),
+    "masked-e": ("weights", "masked_e_from_config"),
+    "masked-b": ("weights", "masked_b_from_config"),
+    "classifier": ("classify", "from_config"),
 }
 
 
@@ -111,12 +114,30 @@ def finola_from_config(config: dict) -> torch.nn.Module:
     return finola.Finola(mobileformer.from_config(config["encoder"]), finola.FinolaConfig(**config))
 
 
-ENCODER_OF = {"mobileformer": "", "finola": "encoder", "detr": "backbone"}  # where each arch keeps its encoder
+def masked_e_from_config(config: dict) -> torch.nn.Module:
+    """Masked-FINOLA-E (masked.MaskedFinolaE) with its Mobile-Former encoder, from its saved config."""
+    import masked
+    import mobileformer
+
+    return masked.MaskedFinolaE(mobileformer.from_config(config["encoder"]), masked.MaskedEConfig(**config))
+
+
+def masked_b_from_config(config: dict) -> torch.nn.Module:
+    """Masked-FINOLA-B (masked.MaskedFinolaB) with its Mobile-Former encoder, from its saved config."""
+    import masked
+    import mobileformer
+
+    return masked.MaskedFinolaB(mobileformer.from_config(config["encoder"]), masked.MaskedBConfig(**config))
+
+
+ENCODER_OF = {"mobileformer": "", "finola": "encoder", "detr": "backbone", "masked-e": "encoder",
+              "masked-b": "encoder", "classifier": "encoder"}  # where each arch keeps its encoder
 
 
 def load_encoder(path, *, device="cpu") -> torch.nn.Module:
-    """The Mobile-Former encoder (no classifier) of any of our weight files: pre-trained FINOLA, a supervised or
-    plain encoder, or a detector's backbone. ``train.py --init`` uses it."""
+    """The Mobile-Former encoder (no classifier) of any of our weight files: pre-trained FINOLA (vanilla or
+    masked), a supervised or plain encoder, a classifier's encoder, or a detector's backbone; trainable, in train
+    mode. ``train.py --init`` uses it."""
     model = load_model(path, device=device)
     arch = model.metadata["model"]["arch"]
     if arch not in ENCODER_OF:
@@ -126,4 +147,4 @@ def load_encoder(path, *, device="cpu") -> torch.nn.Module:
         import dataclasses
         encoder.head = None
         encoder.config = dataclasses.replace(encoder.config, num_classes=0)
-    return encoder.train()
+    return encoder.requires_grad_(True).train()  # trainable again, also when it was a frozen probe's

@@ -1,0 +1,140 @@
+"""Classification decoders on a (pre-trained) Mobile-Former encoder (the paper's App. B "Decoders for ImageNet
+classification", App. C Tables 13-14; Tables 1, 3, 5-7, 15).
+
+    lin     BatchNorm1d(affine=False) + Linear on the globally pooled final map (linear probing; the extra
+            BatchNorm without affine follows MAE, App. C "Linear probing")
+    tran-1  1 transformer block + a linear classifier (tran-1 probing and fine-tuning)
+    tran-4  4 transformer blocks + a linear classifier (fine-tuning only, Table 7)
+
+The transformer decoders project every position of the encoder's final 1/16 map (e.g. 14 x 14 at 224^2) to the
+decoder width (192 / 384 / 768 for MF-W720 / W1440 / W2880, App. B and C; 64 / 96 for our CPU encoders mf-tiny /
+mf-small), run pre-norm ViT blocks (MLP 4x, width/64 heads) without positional embedding, average the tokens, and
+classify. With these choices the parameter counts land on the paper's (1000 classes): MF-W720 / W1440 / W2880 +
+tran-4 = 7.07 / 19.84 / 56.44 M (Table 7: 7 / 20 / 57 M); W720 / W2880 + lin = 5.68 / 27.99 M (Table 6: 6 / 28 M;
+its 14 M for W1440 + lin is 0.8 M above our 13.24 M, unexplained).
+
+``frozen=True`` (linear and tran-1 probing: "The encoders are frozen during both tasks", Table 13) really freezes the
+encoder: no parameter requires a gradient, it runs without autograd, and it stays in eval mode (BatchNorm uses and
+keeps its running statistics) even when ``.train()`` is called on the classifier.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import mobileformer
+from masked import TransformerBlock, init_vit
+
+HEADS = {"lin": 0, "tran-1": 1, "tran-4": 4}  # decoder name -> transformer blocks
+
+# encoder -> (decoder width, dropout of tran-1 probing / fine-tuning): App. B, Table 13; mf-tiny / mf-small are ours.
+WIDTHS = {"mf-w720": (192, 0.1), "mf-w1440": (384, 0.2), "mf-w2880": (768, 0.2), "mf-small": (96, 0.1),
+          "mf-tiny": (64, 0.1)}
+
+
+@dataclass
+class ClassifierConfig:
+    """An encoder and a classification decoder. ``width`` / ``dropout`` default from ``WIDTHS`` by encoder name."""
+    num_classes: int = 1000
+    head: str = "lin"                       # lin, tran-1 or tran-4
+    encoder_channels: int = 2880            # width of the encoder's final map
+    width: int | None = None                # transformer decoder width
+    heads: int | None = None                # attention heads (width / 64, at least 2)
+    dropout: float | None = None            # before the classifier (and in the blocks' MLP) of tran-N
+    frozen: bool = False                    # probing: the encoder is fixed
+    mean: tuple = (0.485, 0.456, 0.406)     # input normalisation of [0, 1] images for the encoder
+    std: tuple = (0.229, 0.224, 0.225)
+    encoder: dict = field(default_factory=dict)  # the encoder's own config, so a weights file rebuilds both
+
+    def __post_init__(self):
+        if self.head not in HEADS:
+            raise ValueError(f"head: expected one of {sorted(HEADS)}, got {self.head!r}")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes: expected at least 2, got {self.num_classes}")
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+        if self.head == "lin":
+            self.dropout = 0.0 if self.dropout is None else self.dropout
+            return
+        name = self.encoder.get("name")
+        if self.width is None or self.dropout is None:
+            if name not in WIDTHS:
+                raise ValueError(f"width / dropout: no default for encoder {name!r} (defaults exist for "
+                                 f"{sorted(WIDTHS)}); pass them")
+            width, dropout = WIDTHS[name]
+            self.width = width if self.width is None else self.width
+            self.dropout = dropout if self.dropout is None else self.dropout
+        self.heads = self.heads or max(2, self.width // 64)
+
+
+class Classifier(nn.Module):
+    """Encoder -> decoder -> logits. ``model(x)`` takes images in [0, 1] (B, 3, H, W); ``encoder(x)`` must return
+    ``(feature_map, tokens)`` (a Mobile-Former without classifier head)."""
+
+    def __init__(self, encoder: nn.Module, config: ClassifierConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.register_buffer("pixel_mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+        C, K = config.encoder_channels, config.num_classes
+        if config.head == "lin":
+            self.norm = nn.BatchNorm1d(C, affine=False, eps=1e-6)
+            self.classifier = nn.Linear(C, K)
+            nn.init.trunc_normal_(self.classifier.weight, std=0.01)  # MAE's linear-probe init
+            nn.init.zeros_(self.classifier.bias)
+        else:
+            d = config.width
+            self.embed = nn.Linear(C, d)
+            self.blocks = nn.Sequential(*(TransformerBlock(d, heads=config.heads, dropout=config.dropout)
+                                          for _ in range(HEADS[config.head])))
+            self.norm = nn.LayerNorm(d, eps=1e-6)
+            self.dropout = nn.Dropout(config.dropout)
+            self.classifier = nn.Linear(d, K)
+            init_vit(nn.ModuleList([self.embed, self.blocks, self.classifier]))
+        if config.frozen:
+            self.encoder.requires_grad_(False)
+            self.encoder.eval()
+
+    def train(self, mode: bool = True):
+        """As ``nn.Module.train``, except that a frozen encoder stays in eval mode."""
+        super().train(mode)
+        if self.config.frozen:
+            self.encoder.eval()
+        return self
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's final map (B, C, h, w) of images x in [0, 1]; without autograd when frozen."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"x: expected images (B, 3, H, W), got {tuple(x.shape)}")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.frozen):
+            fmap, _ = self.encoder((x - self.pixel_mean) / self.pixel_std)
+        return fmap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fmap = self.features(x)
+        if self.config.head == "lin":
+            return self.classifier(self.norm(fmap.mean((2, 3))))
+        tokens = self.blocks(self.embed(fmap.flatten(2).transpose(1, 2)))
+        return self.classifier(self.dropout(self.norm(tokens).mean(1)))
+
+
+def from_config(config: dict) -> Classifier:
+    """The classifier with its Mobile-Former encoder, from its saved config (``weights.ARCHS["classifier"]``)."""
+    return Classifier(mobileformer.from_config(config["encoder"]), ClassifierConfig(**config))
+
+
+class FrozenEncoder:
+    """Mixin for a model whose ``encoder`` is frozen: parameters without gradients, and eval mode kept through
+    ``.train()``. App. D's reconstruction from a pre-trained (masked) encoder uses it on ``finola.Finola``."""
+
+    def freeze_encoder(self):
+        self.encoder.requires_grad_(False)
+        self.encoder.eval()
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()
+        return self

@@ -1,0 +1,188 @@
+"""Classification decoders (classify.py), the frozen-encoder guarantee, the four classification tasks of train.py and
+eval.py classify on a hand-made set with a known answer."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import classify
+import eval as ev
+import mobileformer
+import train
+import weights
+
+CLASSES = 5
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """train/ and validation/ with 5 class folders of 32x32 images: labels 0-4, 2 training and 1-3 validation
+    images each (validation labels: 0, 1, 1, 2, 3, 3, 3, 4, 4 -> 9 images)."""
+    root = tmp_path_factory.mktemp("classes")
+    rng = np.random.default_rng(0)
+    counts = {"train": [2] * CLASSES, "validation": [1, 2, 1, 3, 2]}
+    for split, per_class in counts.items():
+        for c, n in enumerate(per_class):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for k in range(n):
+                image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) // 4 + 40 * c
+                Image.fromarray(image).save(root / split / f"c{c}" / f"{k}.png")
+    return root
+
+
+def classifier(head="lin", frozen=False, name="mf-tiny"):
+    torch.manual_seed(0)
+    encoder = mobileformer.create(name)
+    config = classify.ClassifierConfig(num_classes=CLASSES, head=head, encoder_channels=encoder.out_channels,
+                                       frozen=frozen, encoder=encoder.config_dict())
+    return classify.Classifier(encoder, config)
+
+
+# --- decoders --------------------------------------------------------------------------------------------------
+
+def test_lin_is_batchnorm_without_affine_then_linear_on_the_pooled_map():
+    model = classifier("lin").eval()
+    assert isinstance(model.norm, torch.nn.BatchNorm1d) and not model.norm.affine
+    x = torch.rand(3, 3, 32, 32)
+    pooled = model.features(x).mean((2, 3))
+    expected = model.classifier((pooled - model.norm.running_mean) / torch.sqrt(model.norm.running_var + 1e-6))
+    torch.testing.assert_close(model(x), expected)
+
+
+@pytest.mark.parametrize("head,blocks,width", [("tran-1", 1, 64), ("tran-4", 4, 64)])
+def test_transformer_decoders_have_their_depth_and_width(head, blocks, width):
+    model = classifier(head)
+    assert len(model.blocks) == blocks and model.config.width == width and model.config.dropout == 0.1
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, CLASSES)
+
+
+@pytest.mark.parametrize("name,head,paper", [("mf-w720", "tran-4", 7), ("mf-w1440", "tran-4", 20),
+                                             ("mf-w2880", "tran-4", 57), ("mf-w720", "lin", 6),
+                                             ("mf-w2880", "lin", 28)])
+def test_parameter_counts_match_tables_6_and_7(name, head, paper):
+    """Table 7 (tran-4) and Table 6 (lin), 1000 classes, within rounding (ours: 7.07 / 19.84 / 56.44 M and 5.68 /
+    27.99 M). Table 6's W1440 + lin (14 M) is left out: backbone + linear is 13.2 M."""
+    encoder = mobileformer.create(name)
+    config = classify.ClassifierConfig(num_classes=1000, head=head, encoder_channels=encoder.out_channels,
+                                       encoder=encoder.config_dict())
+    n = sum(p.numel() for p in classify.Classifier(encoder, config).parameters())
+    assert n / 1e6 == pytest.approx(paper, abs=0.6)
+
+
+def test_bad_configs_name_the_argument():
+    with pytest.raises(ValueError, match="head: expected one of"):
+        classify.ClassifierConfig(head="tran-2")
+    with pytest.raises(ValueError, match="width / dropout: no default for encoder 'mf-w4320'"):
+        classify.ClassifierConfig(head="tran-1", encoder={"name": "mf-w4320"})
+
+
+# --- frozen means frozen ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("head", ["lin", "tran-1"])
+def test_a_frozen_encoder_gets_no_gradient_and_keeps_its_batchnorm_statistics(head):
+    model = classifier(head, frozen=True)
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    decoder_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    for _ in range(3):
+        model.train()
+        assert model.training and not any(m.training for m in model.encoder.modules())
+        loss = torch.nn.functional.cross_entropy(model(torch.rand(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3]))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    after = model.encoder.state_dict()
+    assert any("running_mean" in k for k in after)
+    for k, v in before.items():  # weights, running statistics and num_batches_tracked
+        assert torch.equal(after[k], v), k
+    decoder_after = {k: v for k, v in model.state_dict().items() if k in decoder_before}
+    assert any(not torch.equal(v, decoder_before[k]) for k, v in decoder_after.items()), "the decoder trains"
+
+
+# --- the tasks -------------------------------------------------------------------------------------------------
+
+def common(folder):
+    return ["--data", str(folder), "--encoder", "mf-tiny", "--image-size", "32", "--batch-size", "5",
+            "--max-steps", "2", "--log-every", "1", "--crop-ratio", "1", "--no-augment"]
+
+
+@pytest.fixture(scope="module")
+def encoder_file(tmp_path_factory):
+    encoder = mobileformer.create("mf-tiny")
+    return weights.save(tmp_path_factory.mktemp("enc") / "enc.safetensors", encoder.state_dict(),
+                        arch="mobileformer", config=encoder.config_dict())
+
+
+@pytest.fixture(scope="module")
+def probe(folder, encoder_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "probe"
+    train.main(["--task", "tran1-probe", *common(folder), "--init", str(encoder_file), "--out", str(out)])
+    return out
+
+
+def encoder_of(path):
+    return {k[len("encoder."):]: v for k, v in load_file(path).items() if k.startswith("encoder.")}
+
+
+def test_probes_keep_the_initial_encoder_exactly(folder, encoder_file, probe, tmp_path):
+    out = tmp_path / "lin"
+    train.main(["--task", "linprobe", *common(folder), "--init", str(encoder_file), "--out", str(out)])
+    start = load_file(encoder_file)
+    for run in (out, probe):
+        saved = encoder_of(run / "model.safetensors")
+        assert saved.keys() == start.keys()
+        for k, v in start.items():
+            assert torch.equal(saved[k], v), (run.name, k)
+        final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]["final"]
+        assert set(final) == {"top1", "top5", "images"} and final["images"] == 9
+    assert json.loads((out / "args.json").read_text())["optimizer"] == "sgd", "Table 13: SGD for linear probing"
+
+
+def test_finetune_starts_from_the_probe_and_trains_the_encoder(folder, probe, tmp_path):
+    argv = ["--task", "finetune", *common(folder), "--init", str(probe / "model.safetensors"), "--lr", "0.05"]
+    model, arch, config = train.TASKS["finetune"].build(train.parse_args(argv))
+    probed = load_file(probe / "model.safetensors")
+    for k, v in model.state_dict().items():  # encoder and decoder: the probe's
+        assert torch.equal(v, probed[k]), k
+    assert all(p.requires_grad for p in model.parameters()) and not config["frozen"]
+    train.main(argv + ["--out", str(tmp_path / "ft")])
+    tuned = encoder_of(tmp_path / "ft" / "model.safetensors")
+    assert any(not torch.equal(v, probed["encoder." + k]) for k, v in tuned.items() if k.endswith("weight"))
+
+
+def test_supervised_trains_from_scratch_and_refuses_init(folder, encoder_file, tmp_path):
+    train.main(["--task", "supervised", *common(folder), "--out", str(tmp_path / "sup")])
+    model = weights.load_model(tmp_path / "sup" / "model.safetensors")
+    assert model.config.head == "tran-1" and not model.config.frozen
+    with pytest.raises(ValueError, match="--init: the supervised baseline trains its encoder from scratch"):
+        train.main(["--task", "supervised", *common(folder), "--init", str(encoder_file)])
+
+
+# --- eval.py classify ------------------------------------------------------------------------------------------
+
+def test_eval_classify_on_a_hand_made_set_with_a_known_answer(folder, encoder_file, tmp_path, capsys):
+    """A 7-way classifier whose logits ignore the image and rank the classes 3 > 1 > 5 > 6 > 4 > 0 > 2: every image
+    is called 3, and its top-5 is {3, 1, 5, 6, 4}. The 9 validation labels are 0, 1, 1, 2, 3, 3, 3, 4, 4: top-1 =
+    3/9, top-5 = 7/9."""
+    torch.manual_seed(0)
+    encoder = mobileformer.create("mf-tiny")
+    model = classify.Classifier(encoder, classify.ClassifierConfig(
+        num_classes=7, head="lin", encoder_channels=encoder.out_channels, encoder=encoder.config_dict()))
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([1.0, 5.0, 0.0, 6.0, 2.0, 4.0, 3.0]))
+    path = weights.save(tmp_path / "c.safetensors", model.state_dict(), arch="classifier",
+                        config=dataclasses.asdict(model.config), task="linprobe",
+                        train={"image_size": 32, "crop_ratio": 1.0}, data=str(folder))
+    capsys.readouterr()
+    result = ev.main(["classify", "--weights", str(path)])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert result == {"top1": round(3 / 9, 4), "top5": round(7 / 9, 4), "images": 9}
+    with pytest.raises(ValueError, match="classify needs a 'classifier' model"):
+        ev.main(["classify", "--weights", str(encoder_file)])
