@@ -5,6 +5,13 @@ does no work, so its functions serve notebooks and tests.
 
     reconstruct   PSNR of FINOLA reconstructions next to two baselines, and a PNG grid (§4, Table 2)
     detect        COCO AP of a DETR model through pycocotools' COCOeval, and a PNG of boxes (Tables 4, 18)
+    curvature     Gaussian curvature of the maps' critical channels, several checkpoints overlaid (Eq. 9, Fig. 5)
+    embedding     the space of q: its mean, interpolations, mirrors, Gaussian samples, PCA (App. E.2)
+    pde           Eq. 2's residuals on the maps and a numerical look at Eq. 4 (App. A)
+    encode        an image to a .q file (FINOLA as a codec);  decode: a .q file back to a PNG
+    rate-distortion  bytes per image and PSNR of q (float16, 8-bit) against JPEG at matched sizes
+    masked        PSNR of a masked FINOLA model's prediction of the masked region from the centred block (§3)
+    classify      top-1 / top-5 accuracy of a classifier (linear / tran-1 probes, fine-tuned, supervised; Tables 1, 3)
 """
 from __future__ import annotations
 
@@ -25,8 +32,11 @@ from rich.markup import escape
 from pycocotools.cocoeval import COCOeval
 from rich.table import Table
 
+import analysis
+import codec
 import data
 import weights
+from analysis import gaussian_curvature, psnr  # noqa: F401  (eval.gaussian_curvature, eval.psnr: public API)
 
 console = Console(stderr=True)
 
@@ -34,12 +44,6 @@ console = Console(stderr=True)
 # ---------------------------------------------------------------------------------------------------------------------
 # Reconstruction (§4): PSNR and its baselines
 # ---------------------------------------------------------------------------------------------------------------------
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of images in [0, 1], (B, 3, H, W) -> (B,): 10 log10(1 / MSE); y is clamped to [0, 1]."""
-    mse = (x - y.clamp(0, 1)).square().flatten(1).mean(1)
-    return 10 * torch.log10(1 / mse.clamp_min(1e-12))
-
 
 def mean_colour(x: torch.Tensor) -> torch.Tensor:
     """Baseline: every pixel replaced by its image's mean colour."""
@@ -169,6 +173,67 @@ def draw_detections(shown, path, *, threshold: float = 0.5, scale: int = 4) -> P
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Masked FINOLA (§3): the masked region predicted from the centred block
+# ---------------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def masked_reconstruct(model, loader, *, grid: Path | None = None, show: int = 8) -> dict:
+    """Mean per-image PSNR over the masked region of a masked FINOLA model's prediction from the centred block (eval
+    mode), next to filling that region with the visible block's mean colour; optionally a PNG of originals, what the
+    encoder sees (masked region grey) and the prediction with the visible block pasted back."""
+    model.eval()
+    scores = {"masked_psnr_db": [], "block_colour_db": []}
+    shown = []
+    for batch in loader:
+        x = batch["images"]
+        y, mask = model(x)
+        m = mask.to(x.dtype)
+        block_colour = (x * (1 - m)).sum((2, 3), keepdim=True) / (1 - m).sum((2, 3), keepdim=True)
+        for key, guess in (("masked_psnr_db", y.clamp(0, 1)), ("block_colour_db", block_colour.expand_as(x))):
+            mse = ((x - guess).square() * m).sum((1, 2, 3)) / (m.sum((1, 2, 3)) * x.shape[1])
+            scores[key].append(10 * torch.log10(1 / mse.clamp_min(1e-12)))
+        if len(shown) < show:
+            rows = (x, x * (1 - m) + 0.5 * m, x * (1 - m) + y.clamp(0, 1) * m)
+            shown += list(zip(*rows))[: show - len(shown)]
+    if not scores["masked_psnr_db"]:
+        raise ValueError("masked: the data gave no images")
+    out = {k: round(torch.cat(v).mean().item(), 3) for k, v in scores.items()}
+    out["images"] = len(torch.cat(scores["masked_psnr_db"]))
+    if grid is not None:
+        save_grid([torch.stack([row[i] for row in shown]) for i in range(3)], grid)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Classification (Tables 1, 3, 5-7): top-1 / top-5
+# ---------------------------------------------------------------------------------------------------------------------
+
+def classify_transform(size: int, *, crop_ratio: float = 0.875):
+    """Resize the shorter side to size / crop_ratio and centre-crop size^2 (ImageNet's 0.875; 1 keeps it whole)."""
+    return data.eval_transform("classify", size=size, crop_ratio=crop_ratio)
+
+
+@torch.no_grad()
+def classify(model, loader) -> dict:
+    """Top-1 accuracy of a classifier over ``loader``, and top-5 when there are at least 5 classes."""
+    model.eval()
+    hits1 = hits5 = n = 0
+    classes = 0
+    for batch in loader:
+        if "labels" not in batch:
+            raise ValueError("classify: the data has no labels")
+        logits = model(batch["images"])
+        classes = logits.shape[1]
+        hit = logits.topk(min(5, classes), dim=1).indices == batch["labels"][:, None]
+        hits1 += hit[:, 0].sum().item()
+        hits5 += hit.any(1).sum().item()
+        n += len(hit)
+    if not n:
+        raise ValueError("classify: the data gave no images")
+    return {"top1": round(hits1 / n, 4)} | ({"top5": round(hits5 / n, 4)} if classes >= 5 else {}) | {"images": n}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -226,7 +291,143 @@ def cmd_detect(args) -> dict:
     return result
 
 
-COMMANDS = {"reconstruct": cmd_reconstruct, "detect": cmd_detect}
+def _model_with(path, command: str, needs: tuple[str, ...]):
+    """The model of ``path``, which must have the methods ``needs`` (FINOLA-family models do)."""
+    model = weights.load_model(path)
+    missing = [m for m in needs if not hasattr(model, m)]
+    if missing:
+        raise ValueError(f"--weights: {path} holds a {model.metadata['model']['arch']!r} model, which has no "
+                         f"{', '.join(missing)}; {command} needs a FINOLA model (train.py --task finola)")
+    return model
+
+
+def _images(args, model, source: str, options: dict):
+    """A loader of ``source`` [--split], prepared for ``model`` as reconstruct prepares it."""
+    ds = data.load(source, split=args.split, **options)
+    return data.loader(ds, batch_size=args.batch_size, transform=reconstruct_transform(model))
+
+
+def _report(title: str, result: dict) -> None:
+    """A command's figures as a two-column table (numbers to 4 significant digits)."""
+    table = Table(title=escape(title))
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for k, v in result.items():
+        values = v if isinstance(v, list) else [v]
+        table.add_row(k, ", ".join(f"{x:.4g}" if isinstance(x, float) else str(x) for x in values))
+    console.print(table)
+
+
+def cmd_curvature(args) -> dict:
+    models = [_model_with(w, "curvature", ("maps",)) for w in args.weights]
+    labels = args.labels or [Path(w).parent.name or Path(w).stem for w in args.weights]
+    if len(labels) != len(models) or len(set(labels)) != len(labels):
+        raise ValueError(f"--labels: expected {len(models)} distinct labels, one per --weights file, got {labels}")
+    source, options = _default_data(models[0].metadata, args.data)
+    stats = {label: analysis.curvature_stats(m, _images(args, m, source, options), top=args.top, limit=args.max_images)
+             for label, m in zip(labels, models)}
+    figure = analysis.plot_curvature(stats, (args.out or Path(args.weights[0]).parent) / "curvature.png")
+    result = {label: analysis.curvature_summary(s) for label, s in stats.items()}
+    for label, summary in result.items():
+        _report(f"Gaussian curvature of {label}'s top channels on {source} [{args.split}]", summary)
+    return {"checkpoints": result, "figure": str(figure)}
+
+
+def cmd_embedding(args) -> dict:
+    model = _model_with(args.weights, "embedding", ("encode", "expand", "decode"))
+    source, options = _default_data(model.metadata, args.data)
+    result = analysis.embedding_study(model, _images(args, model, source, options), limit=args.max_images,
+                                      out=args.out or Path(args.weights).parent)
+    _report(f"Embedding space on {source} [{args.split}]", result)
+    return result
+
+
+def cmd_pde(args) -> dict:
+    model = _model_with(args.weights, "pde", ("maps", "finola", "origin"))
+    source, options = _default_data(model.metadata, args.data)
+    result = analysis.pde_study(model, _images(args, model, source, options), limit=args.max_images,
+                                out=args.out or Path(args.weights).parent)
+    _report(f"Eq. 2 and Eq. 4 on the maps of {source} [{args.split}] (relative residuals: 0 = exact)", result)
+    return result
+
+
+def cmd_encode(args) -> dict:
+    model = _model_with(args.weights, "encode", ("encode", "expand", "decode"))
+    x = reconstruct_transform(model)(data.decode(str(args.image)))[None]
+    q = codec.encode(model, x)
+    path = codec.save_q(args.output or Path(f"{args.image}.q"), q[0], identity=codec.model_identity(model),
+                        weights=args.weights)
+    result = {"q_file": str(path), "file_bytes": path.stat().st_size, "payload_bytes": 2 * q.shape[1],
+              "psnr_db": psnr(x, codec.decode(model, q)).item()}
+    _report(f"{args.image} encoded", result)
+    return result
+
+
+def cmd_decode(args) -> dict:
+    model = _model_with(args.weights, "decode", ("expand", "decode"))
+    q = codec.load_q(args.qfile, identity=codec.model_identity(model))
+    path = args.output or args.qfile.with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    codec.to_pil(codec.decode(model, q[None])[0]).save(path)
+    result = {"image": str(path), "size": list(model.image_size)}
+    _report(f"{args.qfile} decoded", result)
+    return result
+
+
+def cmd_rate_distortion(args) -> dict:
+    model = _model_with(args.weights, "rate-distortion", ("encode", "expand", "decode"))
+    source, options = _default_data(model.metadata, args.data)
+    result = codec.rate_distortion(model, _images(args, model, source, options), limit=args.max_images)
+    title = f"Rate-distortion on {source} [{args.split}], {result['images']} images"
+    console.print(codec.rate_distortion_table(result, title=escape(title)))
+    result["figure"] = str(codec.plot_rate_distortion(result, (args.out or Path(args.weights).parent)
+                                                      / "rate_distortion.png"))
+    return result
+
+
+def cmd_masked(args) -> dict:
+    model = weights.load_model(args.weights)
+    arch = model.metadata["model"]["arch"]
+    if arch not in ("masked-e", "masked-b"):
+        raise ValueError(f"--weights: {args.weights} holds a {arch!r} model; masked needs a 'masked-e' or "
+                         "'masked-b' model (train.py --task masked-e or masked-b)")
+    source, options = _default_data(model.metadata, args.data)
+    ds = data.load(source, split=args.split, **options)
+    result = masked_reconstruct(model, data.loader(ds, batch_size=args.batch_size,
+                                                   transform=reconstruct_transform(model)), grid=args.grid)
+    table = Table(title=escape(f"Masked-region PSNR on {source} [{args.split}], {result['images']} images, "
+                               "centred block"))
+    table.add_column(f"{arch}", justify="right")
+    table.add_column("block's mean colour", justify="right")
+    table.add_row(f"{result['masked_psnr_db']:.2f} dB", f"{result['block_colour_db']:.2f} dB")
+    console.print(table)
+    if args.grid:
+        console.print(f"grid of originals, visible blocks and predictions (top to bottom): {args.grid}")
+    return result
+
+
+def cmd_classify(args) -> dict:
+    model, source, options = _load(args, "classifier", "classify", "linprobe, tran1-probe, finetune or supervised")
+    train = model.metadata["train"]
+    size = args.image_size or train.get("image_size", 224)
+    ds = data.load(source, split=args.split, **options)
+    transform = classify_transform(size, crop_ratio=train.get("crop_ratio", 0.875))
+    result = classify(model, data.loader(ds, batch_size=args.batch_size, transform=transform))
+    table = Table(title=escape(f"Classification on {source} [{args.split}], {result['images']} images at "
+                               f"{size}x{size}, {model.config.head} decoder"))
+    shown = [k for k in ("top1", "top5") if k in result]
+    for k in shown:
+        table.add_column(k, justify="right")
+    table.add_row(*(f"{100 * result[k]:.2f}%" for k in shown))
+    console.print(table)
+    if data.BAD.total():
+        console.print(data.BAD.report())
+    return result
+
+
+COMMANDS = {"reconstruct": cmd_reconstruct, "detect": cmd_detect, "curvature": cmd_curvature,
+            "embedding": cmd_embedding, "pde": cmd_pde, "encode": cmd_encode, "decode": cmd_decode,
+            "rate-distortion": cmd_rate_distortion, "masked": cmd_masked, "classify": cmd_classify}
 
 
 def parse_args(argv=None):
@@ -245,6 +446,41 @@ def parse_args(argv=None):
     d.add_argument("--image-size", type=int, help="network input side (default: the training image size)")
     d.add_argument("--figure", type=Path, help="write a PNG of true and predicted boxes here")
     d.add_argument("--batch-size", type=int, default=16)
+    images = argparse.ArgumentParser(add_help=False)  # the analyses' and rate-distortion's data flags
+    images.add_argument("--data", help="source (default: the data the (first) weights were trained on)")
+    images.add_argument("--split", default="validation")
+    images.add_argument("--max-images", type=int, help="use at most this many images (default: all)")
+    images.add_argument("--out", type=Path, help="folder for the PNG figures (default: the (first) weights' folder)")
+    images.add_argument("--batch-size", type=int, default=32)
+    c = sub.add_parser("curvature", parents=[images], help="Gaussian curvature of critical channels (Fig. 5)")
+    c.add_argument("--weights", nargs="+", required=True, help="one or more model.safetensors, overlaid")
+    c.add_argument("--labels", nargs="+", help="one name per --weights file (default: their folders' names)")
+    c.add_argument("--top", type=int, default=16, help="channels ranked per image (the top-K of Fig. 5)")
+    for name, what in (("embedding", "the space of q (App. E.2), five PNGs"), ("pde", "Eq. 2 and Eq. 4 (App. A)"),
+                       ("rate-distortion", "q (float16, 8-bit) against JPEG at matched bytes, table and PNG")):
+        s = sub.add_parser(name, parents=[images], help=what)
+        s.add_argument("--weights", required=True, help="a model.safetensors written by train.py --task finola")
+    e = sub.add_parser("encode", help="an image to a .q file (q in float16)")
+    e.add_argument("image", type=Path)
+    e.add_argument("--weights", required=True, help="a model.safetensors written by train.py --task finola")
+    e.add_argument("-o", "--output", type=Path, help="the .q file (default: IMAGE.q)")
+    de = sub.add_parser("decode", help="a .q file back to a PNG, by the model that encoded it")
+    de.add_argument("qfile", type=Path)
+    de.add_argument("--weights", required=True, help="the model.safetensors that encoded the .q file")
+    de.add_argument("-o", "--output", type=Path, help="the PNG (default: QFILE with the suffix .png)")
+    mk = sub.add_parser("masked", help="masked-region PSNR of a masked FINOLA model (centred block), and a PNG")
+    mk.add_argument("--weights", required=True, help="a model.safetensors written by train.py --task masked-e|b")
+    mk.add_argument("--data", help="source (default: the data the weights were trained on)")
+    mk.add_argument("--split", default="validation")
+    mk.add_argument("--grid", type=Path, help="write a PNG of originals, visible blocks and predictions here")
+    mk.add_argument("--batch-size", type=int, default=32)
+    cl = sub.add_parser("classify", help="top-1 / top-5 accuracy of a classifier")
+    cl.add_argument("--weights", required=True, help="a model.safetensors written by train.py --task linprobe, "
+                                                     "tran1-probe, finetune or supervised")
+    cl.add_argument("--data", help="source (default: the data the weights were trained on)")
+    cl.add_argument("--split", default="validation")
+    cl.add_argument("--image-size", type=int, help="network input side (default: the training image size)")
+    cl.add_argument("--batch-size", type=int, default=128)
     return p.parse_args(argv)
 
 
