@@ -45,7 +45,7 @@ DEFAULTS = dict(preset="small", data=None, streaming=False, augment=True, epoch_
                 schedule="cosine", lr_drop_epoch=None, betas=[0.9, 0.999], weight_decay=0.1, grad_accum=1, seed=0, num_workers=0,
                 out=None, resume=None, checkpoint_every=500, log_every=10, freeze_encoder=False,
                 upsampler_width=512, upsampler_depth=6, head="lin", dropout=None, optimizer="adamw",
-                label_smoothing=0.0, random_erase=0.0, crop_ratio=0.875)
+                label_smoothing=0.0, random_erase=0.0, crop_ratio=0.875, threads=None)
 
 
 def parse_args(argv=None):
@@ -105,6 +105,8 @@ def parse_args(argv=None):
     o.add_argument("--crop-ratio", type=float, help="classification: evaluation resizes to size / ratio and centre-"
                                                     "crops (0.875; 1 keeps small images whole)")
     r = p.add_argument_group("run")
+    r.add_argument("--threads", type=int, help="CPU threads per process (default: every core for a single CPU "
+                                               "process, as accelerate leaves each process one)")
     r.add_argument("--out", help="run folder (default: runs/<task>-<YYYYmmdd-HHMMSS>)")
     r.add_argument("--resume", help="a run folder to continue from its last checkpoint")
     r.add_argument("--checkpoint-every", type=int, help="optimizer steps between checkpoints")
@@ -161,7 +163,9 @@ def lr_at(step: int, *, base: float, warmup: int, total: int, drop: int | None =
 
 def train(args) -> Path:
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=args.grad_accum)
-    if accelerator.device.type == "cpu" and accelerator.num_processes == 1:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif accelerator.device.type == "cpu" and accelerator.num_processes == 1:
         torch.set_num_threads(os.cpu_count() or 1)  # accelerate sets OMP_NUM_THREADS=1 per process
     task = TASKS[args.task]
     out = Path(args.resume or args.out or f"runs/{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
