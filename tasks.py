@@ -26,7 +26,7 @@ import weights
 @dataclass
 class Task:
     build: Callable      # args -> (model, arch, config dict)
-    loss: Callable       # (model, batch) -> scalar loss
+    loss: Callable       # (model, batch, args) -> scalar loss
     transform: Callable  # args -> training transform (data.train_transform kind)
     plain: Callable      # args -> the same without augmentation (--no-augment), as at evaluation
     evaluate: Callable   # (model, args, out_dir) -> dict of final metrics (main process)
@@ -51,7 +51,7 @@ def build_finola(args):
     return model, "finola", dataclasses.asdict(config)
 
 
-def finola_loss(model, batch):
+def finola_loss(model, batch, args):
     """Pixel MSE over the whole image (§2)."""
     x = batch["images"]
     return F.mse_loss(model(x), x)
@@ -82,7 +82,7 @@ def build_detr(args):
 _CRITERIA: dict[int, detr.SetCriterion] = {}
 
 
-def detr_loss(model, batch):
+def detr_loss(model, batch, args):
     """DETR's set criterion on every decoder layer (CE, no-object weight 0.1; L1 x5; GIoU x2)."""
     outputs = model(batch["images"])
     k = outputs["pred_logits"].shape[-1] - 1
@@ -128,7 +128,7 @@ def build_masked(args):
     return masked.MaskedFinolaB(encoder, config), "masked-b", dataclasses.asdict(config)
 
 
-def masked_loss(model, batch):
+def masked_loss(model, batch, args):
     """§3: pixel MSE on the masked region only; the model draws one floating block per image."""
     x = batch["images"]
     prediction, mask = model(x)
@@ -157,13 +157,11 @@ MASKED_B_SMALL = dict(MASKED_E_SMALL, channels=None, upsampler_width=128, upsamp
 # --- Classification: probing, fine-tuning and the supervised baseline (App. B, Tables 13-14) -------------------------
 
 PROBES = ("linprobe", "tran1-probe")  # frozen encoder
-_SMOOTHING = {"value": 0.0}  # this run's --label-smoothing, set by build_classifier (losses take (model, batch))
 
 
 def build_classifier(args):
     """An encoder from --init (random when absent; from scratch for ``supervised``) and a --head decoder. finetune
     from a classifier file with the same --head also starts its decoder there (App. C: from the tran-1 probe)."""
-    _SMOOTHING["value"] = args.label_smoothing
     if args.task == "supervised" and args.init:
         raise ValueError("--init: the supervised baseline trains its encoder from scratch; use --task finetune")
     ds = data.load(args.data, split="train", streaming=args.streaming, **args.data_options)
@@ -182,9 +180,9 @@ def build_classifier(args):
     return model, "classifier", dataclasses.asdict(config)
 
 
-def classify_loss(model, batch):
+def classify_loss(model, batch, args):
     """Cross-entropy with --label-smoothing (0.1 for tran-1 probing, Table 13)."""
-    return F.cross_entropy(model(batch["images"]), batch["labels"], label_smoothing=_SMOOTHING["value"])
+    return F.cross_entropy(model(batch["images"]), batch["labels"], label_smoothing=args.label_smoothing)
 
 
 def evaluate_classify(model, args, out: Path) -> dict:

@@ -226,7 +226,7 @@ def train(args) -> Path:
                 with accelerator.accumulate(model):
                     for g in optimizer.param_groups:
                         g["lr"] = lr_at(step, base=base_lr, warmup=warmup, total=total, drop=drop)
-                    loss = task.loss(model, batch)
+                    loss = task.loss(model, batch, args)
                     check_finite(accelerator, loss, step, out, last_good)
                     accelerator.backward(loss)
                     optimizer.step()

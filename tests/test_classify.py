@@ -80,6 +80,20 @@ def test_bad_configs_name_the_argument():
         classify.ClassifierConfig(head="tran-1", encoder={"name": "mf-w4320"})
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_classification_loss_uses_this_runs_label_smoothing(smoothing):
+    """--label-smoothing reaches the loss (Table 13: 0.1 for tran-1): against the textbook formula by hand."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, CLASSES)
+    labels = torch.tensor([0, 3, 1, 4])
+    args = train.parse_args(["--task", "tran1-probe", "--data", "x", "--label-smoothing", str(smoothing)])
+    loss = train.TASKS["tran1-probe"].loss(lambda images: logits, {"images": None, "labels": labels}, args)
+    logp = logits.log_softmax(1)
+    target = torch.full_like(logp, smoothing / CLASSES).scatter_add(
+        1, labels[:, None], torch.full((4, 1), 1 - smoothing))
+    torch.testing.assert_close(loss, -(target * logp).sum(1).mean())
+
+
 # --- frozen means frozen ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("head", ["lin", "tran-1"])

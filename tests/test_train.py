@@ -88,9 +88,9 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
     real_loss = train.TASKS["finola"].loss
     calls = {"n": 0}
 
-    def poisoned(model, batch):
+    def poisoned(model, batch, args):
         calls["n"] += 1
-        loss = real_loss(model, batch)
+        loss = real_loss(model, batch, args)
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(train.TASKS["finola"], "loss", poisoned)
