@@ -68,7 +68,26 @@ class ClassifierConfig:
         self.heads = self.heads or max(2, self.width // 64)
 
 
-class Classifier(nn.Module):
+class FrozenEncoder:
+    """Mixin for a model with an ``encoder``: ``freeze_encoder()`` takes its gradients away and puts it in eval
+    mode, which ``.train()`` then keeps (BatchNorm statistics stay fixed). ``Classifier`` uses it for the probes,
+    App. D's reconstruction from a pre-trained (masked) encoder on ``finola.Finola``."""
+    encoder_frozen = False
+
+    def freeze_encoder(self):
+        self.encoder.requires_grad_(False)
+        self.encoder.eval()
+        self.encoder_frozen = True
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.encoder_frozen:
+            self.encoder.eval()
+        return self
+
+
+class Classifier(FrozenEncoder, nn.Module):
     """Encoder -> decoder -> logits. ``model(x)`` takes images in [0, 1] (B, 3, H, W); ``encoder(x)`` must return
     ``(feature_map, tokens)`` (a Mobile-Former without classifier head)."""
 
@@ -94,15 +113,7 @@ class Classifier(nn.Module):
             self.classifier = nn.Linear(d, K)
             init_vit(nn.ModuleList([self.embed, self.blocks, self.classifier]))
         if config.frozen:
-            self.encoder.requires_grad_(False)
-            self.encoder.eval()
-
-    def train(self, mode: bool = True):
-        """As ``nn.Module.train``, except that a frozen encoder stays in eval mode."""
-        super().train(mode)
-        if self.config.frozen:
-            self.encoder.eval()
-        return self
+            self.freeze_encoder()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder's final map (B, C, h, w) of images x in [0, 1]; without autograd when frozen."""
@@ -123,18 +134,3 @@ class Classifier(nn.Module):
 def from_config(config: dict) -> Classifier:
     """The classifier with its Mobile-Former encoder, from its saved config (``weights.ARCHS["classifier"]``)."""
     return Classifier(mobileformer.from_config(config["encoder"]), ClassifierConfig(**config))
-
-
-class FrozenEncoder:
-    """Mixin for a model whose ``encoder`` is frozen: parameters without gradients, and eval mode kept through
-    ``.train()``. App. D's reconstruction from a pre-trained (masked) encoder uses it on ``finola.Finola``."""
-
-    def freeze_encoder(self):
-        self.encoder.requires_grad_(False)
-        self.encoder.eval()
-        return self
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.encoder.eval()
-        return self

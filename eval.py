@@ -333,22 +333,24 @@ def cmd_curvature(args) -> dict:
     return {"checkpoints": result, "figure": str(figure)}
 
 
-def cmd_embedding(args) -> dict:
-    model = _model_with(args.weights, "embedding", ("encode", "expand", "decode"))
+def _study(args, command: str, needs: tuple, study, title: str) -> dict:
+    """Run an ``analysis`` study of one checkpoint over its data and report it; ``title`` may use {source}."""
+    model = _model_with(args.weights, command, needs)
     source, options = _default_data(model.metadata, args.data)
-    result = analysis.embedding_study(model, _images(args, model, source, options), limit=args.max_images,
-                                      out=args.out or Path(args.weights).parent)
-    _report(f"Embedding space on {source} [{args.split}]", result)
+    result = study(model, _images(args, model, source, options), limit=args.max_images,
+                   out=args.out or Path(args.weights).parent)
+    _report(f"{title.format(source=source)} [{args.split}]", result)
     return result
+
+
+def cmd_embedding(args) -> dict:
+    return _study(args, "embedding", ("encode", "expand", "decode"), analysis.embedding_study,
+                  "Embedding space on {source}")
 
 
 def cmd_pde(args) -> dict:
-    model = _model_with(args.weights, "pde", ("maps", "finola", "origin"))
-    source, options = _default_data(model.metadata, args.data)
-    result = analysis.pde_study(model, _images(args, model, source, options), limit=args.max_images,
-                                out=args.out or Path(args.weights).parent)
-    _report(f"Eq. 2 and Eq. 4 on the maps of {source} [{args.split}] (relative residuals: 0 = exact)", result)
-    return result
+    return _study(args, "pde", ("maps", "finola", "origin"), analysis.pde_study,
+                  "Eq. 2 and Eq. 4 on the maps of {source} (relative residuals: 0 = exact)")
 
 
 def cmd_encode(args) -> dict:
