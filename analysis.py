@@ -3,8 +3,9 @@
 Pure functions over tensors come first, each under its equation; then the loops that gather them from a model and a
 loader (with a rich progress bar), each writing its PNG figures (matplotlib) and returning a dict of plain numbers.
 ``eval.py curvature | embedding | pde`` are thin shells over ``curvature_stats``, ``embedding_study`` and
-``pde_study``. Conventions as in finola.py: maps are (B, C, H, W), x is the column (last) axis, y the row axis;
-images are in [0, 1].
+``pde_study``. ``fit_pca`` and ``pca_reconstruct_images`` are ``eval.py reconstruct``'s linear baseline (a PCA of
+the training images' pixels with as many components as q has channels). Conventions as in finola.py: maps are
+(B, C, H, W), x is the column (last) axis, y the row axis; images are in [0, 1].
 """
 from __future__ import annotations
 
@@ -215,6 +216,78 @@ def gaussian_samples(q: torch.Tensor, n: int, *, generator: torch.Generator | No
     mean = q.mean(0)
     e = torch.randn(n, len(q), generator=generator, dtype=q.dtype, device=q.device)
     return mean + e @ (q - mean) / math.sqrt(len(q) - 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# §4's linear baseline: the best linear code with as many numbers as q, a PCA of the training images' pixels
+#
+#     x ≈ mean + P Pᵀ (x − mean),   P (D, k): the top-k eigenvectors of the pixels' covariance, D = 3·H·W
+# ---------------------------------------------------------------------------------------------------------------------
+
+PCA_MAX_DIM = 16384  # the largest D whose exact D x D float64 covariance we form (2 GiB); 3·256² is 196608
+
+
+class PCATooLarge(ValueError):
+    """Images with more than ``PCA_MAX_DIM`` numbers: their exact covariance is too large to form."""
+
+
+def check_pca_size(d: int, k: int) -> None:
+    """Raise a ValueError unless a ``k``-component PCA of vectors of ``d`` numbers can be fitted here: k <= d, and
+    d <= ``PCA_MAX_DIM`` (else ``PCATooLarge``)."""
+    if d > PCA_MAX_DIM:
+        raise PCATooLarge(f"images of D = {d} numbers are too large for an exact PCA (a D x D covariance; "
+                          f"D <= {PCA_MAX_DIM} only)")
+    if k > d:
+        raise ValueError(f"k: {k} components, but the images have only D = {d} numbers")
+
+
+def fit_pca(images, k: int, *, max_images: int = 20000) -> dict:
+    """A ``k``-component PCA of the flattened images (D = 3·H·W numbers each) of ``images``, an iterable of batches
+    (B, 3, H, W) or of loader batches ``{"images": ...}``, from its first ``max_images`` images.
+
+    One batch at a time, the sum and the D x D second moment of the images (about the first batch's mean, which
+    keeps the subtraction below well-conditioned) accumulate in float64; the covariance's eigenvectors come from
+    ``torch.linalg.eigh``. Returns ``mean`` (D,) and ``basis`` (D, k) (orthonormal columns, decreasing variance),
+    both float64, ``explained`` (the fraction of the total variance in the k components) and ``images`` (how many
+    were used). Needs at least k + 1 images (n images span at most n - 1 directions about their mean)."""
+    if k < 1:
+        raise ValueError(f"k: a PCA needs at least 1 component, got k={k}")
+    if max_images < k + 1:
+        raise ValueError(f"max_images: a {k}-component PCA needs at least k + 1 = {k + 1} images, got {max_images}")
+    n, shift, total, moment = 0, None, None, None
+    for batch in images:
+        x = (batch["images"] if isinstance(batch, dict) else batch)[: max_images - n].flatten(1).double()
+        if not len(x):
+            continue
+        if shift is None:
+            check_pca_size(x.shape[1], k)
+            shift, total, moment = x.mean(0), x.new_zeros(x.shape[1]), x.new_zeros(x.shape[1], x.shape[1])
+        elif x.shape[1] != len(shift):
+            raise ValueError(f"images: every image must have D = {len(shift)} numbers, got a batch with {x.shape[1]}")
+        x = x - shift
+        total += x.sum(0)
+        moment.addmm_(x.T, x)
+        n += len(x)
+        if n >= max_images:
+            break
+    if n < k + 1:
+        raise ValueError(f"images: a {k}-component PCA needs at least k + 1 = {k + 1} images, got {n}")
+    centre = total / n
+    covariance = moment.addr_(centre, centre, alpha=-n).div_(n - 1)  # in place: D x D may be 2 GiB
+    values, vectors = torch.linalg.eigh(covariance)  # ascending
+    return {"mean": shift + centre, "basis": vectors[:, -k:].flip(1),
+            "explained": (values[-k:].sum() / values.sum()).item(), "images": n}
+
+
+def pca_reconstruct_images(x: torch.Tensor, pca: dict) -> torch.Tensor:
+    """Images x (B, 3, H, W) reconstructed from their k PCA coefficients, mean + P Pᵀ (x − mean) over the flattened
+    pixels (``pca`` from ``fit_pca``); computed in float64, returned in x's dtype, not clamped to [0, 1] (as the
+    model's output is not; ``psnr`` clamps both alike)."""
+    mean, basis = pca["mean"].to(x.device), pca["basis"].to(x.device)
+    if x[0].numel() != len(mean):
+        raise ValueError(f"x: images of {x[0].numel()} numbers, but the PCA was fitted on images of {len(mean)}")
+    flat = x.flatten(1).double() - mean
+    return (mean + flat @ basis @ basis.T).reshape(x.shape).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

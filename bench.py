@@ -1,10 +1,11 @@
 """Performance figures (benchmarks, not tests): `python bench.py COMMAND`.
 
-Each command prints a rich table of what it measured on this machine.
+Each command prints a rich table of what it measured on this machine (``pipeline`` then one JSON line).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -183,6 +184,118 @@ def _mf_train_speed_args(p):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
 
 
+
+# --- pipeline: the data loader against the model's training step, per small preset --------------------------------
+
+PIPELINE_TASKS = ("finola", "masked-e", "masked-b", "linprobe", "tran1-probe", "supervised", "detr-probe")
+
+
+def _preset_args(name: str, preset: str = "small"):
+    """The flags train.py would run ``--task name --preset preset`` with (the preset over train.DEFAULTS)."""
+    import train
+    from tasks import TASKS
+
+    return argparse.Namespace(**{**train.DEFAULTS, **TASKS[name].presets[preset], "task": name, "preset": preset})
+
+
+def _loader_rate(ds, transform, args, *, batches: int, warmup: int) -> tuple[float, int]:
+    """(images/s, images decoded while timed) of ``data.loader`` alone: main process (train.py's default
+    ``--num-workers 0``), shuffled, epoch after epoch, timed after ``warmup`` batches."""
+    import data
+
+    loader = data.loader(ds, batch_size=args.batch_size, transform=transform, shuffle=True, seed=args.seed,
+                         num_workers=args.num_workers)
+
+    def forever():
+        for epoch in itertools.count():
+            loader.set_epoch(epoch)
+            yield from loader
+
+    stream = forever()
+    for _ in range(warmup):
+        next(stream)
+    decoded, t0 = loader.cache.decodes, time.perf_counter()
+    images = sum(len(next(stream)["images"]) for _ in range(batches))
+    return images / (time.perf_counter() - t0), loader.cache.decodes - decoded
+
+
+def _step_rate(task, args, batch, *, steps: int) -> float:
+    """Images/s of the model's training step alone on one fixed batch: forward, loss, backward and optimizer step
+    as in train.py (channels_last on a CPU, AdamW fused, or SGD for linear probing)."""
+    torch.manual_seed(args.seed)
+    model, _, _ = task.build(args)
+    model = model.to(memory_format=torch.channels_last).train()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (torch.optim.SGD(trained, lr=1e-4, momentum=0.9) if args.optimizer == "sgd" else
+                 torch.optim.AdamW(trained, lr=1e-4, betas=tuple(args.betas), fused=True))
+
+    def step():
+        loss = task.loss(model, batch, args)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    ms = timeit(step, repeat=steps, warmup=2)
+    return 1e3 * len(batch["images"]) / ms
+
+
+def bench_pipeline(args):
+    """Per small preset: the loader's images/s (its data, batch size and training transform, as train.py builds
+    them) next to the model's training-step images/s, and the loader's share of a step that waits for it:
+    t_loader / (t_loader + t_model) per image. "decoded": images decoded while timed (the rest came from the
+    loader's cache). Rows marked "+augment" use the task's augmented transform where the preset trains without
+    (--no-augment presets): what --augment or the paper preset would load."""
+    import json
+    import os
+
+    import data
+    from tasks import TASKS
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    else:
+        torch.set_num_threads(os.cpu_count() or 1)  # train.py: every core for a single CPU process
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    table = Table(title=f"Loader vs training step, small presets, {torch.get_num_threads()} threads for the model, "
+                        f"1 for the loader (load average before: {load})")
+    for col in ("task", "data", "batch", "size", "transform", "loader img/s", "decoded", "step img/s",
+                "loader share"):
+        table.add_column(col, justify="right")
+    rows = []
+    for name in args.tasks:
+        task, a = TASKS[name], _preset_args(name)
+        ds = data.load(a.data, split="train", streaming=a.streaming, **a.data_options)
+        made = task.transform if a.augment else task.plain  # as train.py: --no-augment presets load task.plain
+        transforms = [(made.__name__, made(a))]
+        if not a.augment and args.augmented:
+            transforms.append((task.transform.__name__ + " +augment", task.transform(a)))
+        step = None
+        for label, transform in transforms:
+            rate, decoded = _loader_rate(ds, transform, a, batches=args.batches, warmup=args.warmup)
+            if step is None:
+                batch = next(iter(data.loader(ds, batch_size=a.batch_size, transform=transform, shuffle=True)))
+                step = _step_rate(task, a, batch, steps=args.steps)
+            share = (1 / rate) / (1 / rate + 1 / step)
+            rows.append({"task": name, "data": a.data, "batch": a.batch_size, "size": a.image_size,
+                         "transform": label, "loader_img_s": round(rate, 1), "decoded_while_timed": decoded,
+                         "step_img_s": round(step, 1), "loader_share": round(share, 4)})
+            table.add_row(name, a.data, str(a.batch_size), f"{a.image_size}²", label, f"{rate:.0f}",
+                          f"{decoded}/{args.batches * a.batch_size}", f"{step:.1f}", f"{100 * share:.1f}%")
+    console.print(table)
+    print(json.dumps({"bench": "pipeline", "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+                      "rows": rows}))
+
+
+def _pipeline_args(p):
+    p.add_argument("--tasks", nargs="+", default=list(PIPELINE_TASKS), help="tasks whose small preset to measure")
+    p.add_argument("--batches", type=int, default=20, help="timed loader batches")
+    p.add_argument("--warmup", type=int, default=2, help="loader batches before timing")
+    p.add_argument("--steps", type=int, default=5, help="timed training steps (median reported)")
+    p.add_argument("--augmented", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the augmented transform of presets that train without augmentation")
+    p.add_argument("--threads", type=int, default=0, help="torch threads of the model (0: every core, as train.py)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,6 +315,8 @@ COMMANDS: dict = {
     "params": (bench_mf_params, "Mobile-Former backbone params and MAdds vs FINOLA Tables 4 / 2b", _mf_params_args),
     "train-speed": (bench_mf_train_speed, "Mobile-Former training images/s, NCHW vs channels_last",
                     _mf_train_speed_args),
+    "pipeline": (bench_pipeline, "the loader's images/s next to the training step's, per small preset",
+                 _pipeline_args),
 }
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
-"""Data: every source as a HuggingFace dataset, the paper's augmentations (Tables 12-14), a sharded loader.
+"""Data: every source as a HuggingFace dataset, a decoded-image cache, a sharded loader.
 
 Rows are ``{"image": PIL image, "label": int}`` (classification; unlabelled folders have no ``label``) or
 ``{"image": …, "objects": {"bbox": [[x, y, w, h], …], "category_id": […]}, "image_id": int}`` (detection, COCO
 conventions, absolute pixels). Class and category names live in ``ClassLabel`` features; :func:`categories` reads them.
+
+The loader decodes each image once into a per-process cache (:class:`ImageCache`) and transforms batches whole with
+``transform.batch``. The transforms (the paper's augmentations, Tables 12-14, and the evaluation resizes) live in
+augment.py: every sample's RandomResizedCrop box and flip drawn at once (:func:`crop_boxes`), all crops resized in a
+few batched ops (:func:`resized_crops`), detection boxes moved with them. They are re-exported here
+(``data.train_transform``, ``data.eval_transform``, ``data.Decoded``, …).
 """
 from __future__ import annotations
 
@@ -13,15 +19,19 @@ import json
 import math
 import os
 import warnings
+import weakref
 from collections import Counter
 from pathlib import Path
 
 import datasets
 import datasets.distributed
-import kornia.augmentation as K
 import numpy as np
 import torch
 from PIL import Image
+
+# the transforms live in augment.py; re-exported so that data.train_transform, data.Decoded, … keep working
+from augment import (Crops, Decoded, Transform, _RandAugment, _taps, centre_boxes, crop_boxes,  # noqa: F401
+                     eval_transform, resized_crops, train_transform)
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics; batches are in [0, 1] and the model normalises if it wants
 STD = (0.229, 0.224, 0.225)
@@ -62,11 +72,17 @@ BAD = BadImages()
 def decode(cell) -> Image.Image:
     """An RGB PIL image from a dataset cell (PIL image, ``{"bytes", "path"}`` dict or path); grey, CMYK, palette
     and alpha images become RGB. Corrupt or truncated files raise (the loader counts and skips them)."""
+    image = _open(cell)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _open(cell) -> Image.Image:
+    """A dataset cell's PIL image, loaded, in its own mode."""
     if isinstance(cell, dict):
         cell = io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]
     image = cell if isinstance(cell, Image.Image) else Image.open(cell)
     image.load()
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return image
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,108 +244,92 @@ def coco(dataset):
     return gt
 
 
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Transforms (Tables 12-14). kornia modules run on one image at a time in the loader's workers, so every image
-# draws its own parameters (RandAugment its own operations, as in timm). Label smoothing (0.1, Table 13) is a
-# loss setting: `F.cross_entropy(..., label_smoothing=0.1)`; nothing here.
+# The decoded-image cache: each training image is decoded once (per loader process) and kept as uint8
+# (:class:`augment.Decoded`)
 # ----------------------------------------------------------------------------------------------------------------
-class Transform:
-    """``transform(image: PIL) -> (3, size, size)`` float in [0, 1]; for detection ``transform(image, boxes)``
-    with ``boxes`` (n, 4) xyxy in pixels returns ``(image, boxes, keep)``: boxes moved with the image, clipped to
-    it, and ``keep`` marking those still at least 1 px wide and high."""
+class ImageCache:
+    """Decoded images by key (a row of the dataset's Arrow table), least recently used out first, within ``budget``
+    bytes (pixels + pyramid levels, counted as 4/3 of the pixels). Undecodable images are kept as ``(error,
+    where)``, so a corrupt file is read once and its rows are still skipped and counted every time. Each loader
+    process (the main one or each worker) holds its own; a pickled cache (a worker's copy) starts empty."""
 
-    def __init__(self, augment: K.AugmentationSequential, *, size: int, detection: bool):
-        self.augment, self.size, self.detection = augment, size, detection
+    def __init__(self, budget: int):
+        self.budget, self.entries, self.bytes, self.decodes = budget, {}, 0, 0
 
-    def __call__(self, image: Image.Image, boxes: torch.Tensor | None = None):
-        w, h = image.size
-        shrink = min(1.0, 4 * self.size / min(w, h))  # kornia's crops don't antialias: downsample ≤ 4× there
-        if shrink < 1:
-            image = image.resize((round(w * shrink), round(h * shrink)), Image.Resampling.BOX)
-        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
-        if not self.detection:
-            return self.augment(x)[0]
-        # kornia maps pixel centres (index i); COCO boxes have pixel edges (pixel i spans [i, i + 1]): shift by ½
-        x, boxes = self.augment(x, boxes[None] * torch.tensor([image.width / w, image.height / h] * 2) - 0.5)
-        boxes = (boxes[0] + 0.5).clamp(0, self.size)
-        return x[0], boxes, ((boxes[:, 2:] - boxes[:, :2]) >= 1).all(1)
+    def __getstate__(self):
+        return {"budget": self.budget, "entries": {}, "bytes": 0, "decodes": 0}
 
+    def get(self, key):
+        value = self.entries.pop(key, None)
+        if value is not None:
+            self.entries[key] = value  # most recently used last (dicts keep insertion order)
+        return value
 
-def train_transform(kind: str, *, size: int, scale: tuple[float, float] | None = None,
-                    erase: float = 0.0) -> Transform:
-    """Training augmentation, output ``size``².
-    ``"crop"``: RandomResizedCrop(scale (0.08, 1)) + horizontal flip (pre-training, Table 12; linear probing,
-    Table 13). ``"randaug"``: that + RandAugment(9, 0.5) (tran-1 probing, Table 13; fine-tuning, Table 14) +
-    RandomErasing with probability ``erase`` (0.25 for MF-W2880, Table 14). RandAug(9, 0.5) is timm's
-    rand-m9-mstd0.5: 2 operations at magnitude 9/10, i.e. kornia's ``RandAugment(n=2, m=27)`` (kornia has no
-    magnitude noise). ``"detect"``: box-aware RandomResizedCrop(scale (0.3, 1)) + flip."""
-    flip = K.RandomHorizontalFlip()
-    if kind == "detect":
-        crop = K.RandomResizedCrop((size, size), scale=scale or (0.3, 1.0), cropping_mode="resample")
-        return Transform(K.AugmentationSequential(crop, flip, data_keys=["input", "bbox_xyxy"]), size=size,
-                         detection=True)
-    crop = K.RandomResizedCrop((size, size), scale=scale or (0.08, 1.0), cropping_mode="resample")
-    if kind == "crop":
-        return Transform(K.AugmentationSequential(crop, flip), size=size, detection=False)
-    if kind == "randaug":
-        erasing = [K.RandomErasing(p=erase)] if erase > 0 else []
-        return Transform(K.AugmentationSequential(crop, flip, K.auto.RandAugment(n=2, m=27), *erasing),
-                         size=size, detection=False)
-    raise ValueError(f"kind={kind!r}: expected 'crop', 'randaug' or 'detect'")
+    def put(self, key, value):
+        cost = self._cost(value)
+        if cost > self.budget or key in self.entries:
+            return
+        self.entries[key] = value
+        self.bytes += cost
+        while self.bytes > self.budget:
+            self.bytes -= self._cost(self.entries.pop(next(iter(self.entries))))
+
+    @staticmethod
+    def _cost(value) -> int:
+        return value.pixels.numel() * 4 // 3 + 64 if isinstance(value, Decoded) else 64
 
 
-def eval_transform(kind: str = "classify", *, size: int, crop_ratio: float = 0.875) -> Transform:
-    """Evaluation: ``"classify"`` resizes the shorter side to ``size / crop_ratio`` (antialiased) and centre-crops
-    ``size``² (``crop_ratio=1`` keeps a square input whole, e.g. ``photos`` validation crops); ``"detect"``
-    resizes the whole image to ``size``² (boxes normalised by the image stay the same)."""
-    if kind == "classify":
-        resize = K.Resize(round(size / crop_ratio), side="short", antialias=True)
-        return Transform(K.AugmentationSequential(resize, K.CenterCrop(size)), size=size, detection=False)
-    if kind == "detect":
-        resize = K.Resize((size, size), antialias=True)
-        return Transform(K.AugmentationSequential(resize, data_keys=["input", "bbox_xyxy"]), size=size,
-                         detection=True)
-    raise ValueError(f"kind={kind!r}: expected 'classify' or 'detect'")
+CACHE_BYTES = 1 << 30  # per loader, split over its worker processes
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading: batches for one rank; each sample exactly once per epoch across ranks
 # ----------------------------------------------------------------------------------------------------------------
-def _batch(rows: list[dict], where: list[str], transform: Transform | None) -> dict:
-    """Decode, transform and stack rows; undecodable images are left out and listed under ``"bad"``."""
-    images, labels, targets, bad = [], [], [], []
-    for row, at in zip(rows, where):
-        try:
-            image = decode(row["image"])
-        except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for corrupt and truncated files
-            bad.append((at, error))
-            continue
-        if "objects" in row:
-            w, h = image.size
-            boxes = torch.tensor(row["objects"]["bbox"], dtype=torch.float32).reshape(-1, 4)
-            boxes[:, 2:] += boxes[:, :2]
-            cats = torch.tensor(row["objects"]["category_id"], dtype=torch.long)
-            x, boxes, keep = (transform(image, boxes) if transform else
-                              (torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255, boxes,
-                               torch.ones(len(boxes), dtype=torch.bool)))
-            boxes = boxes[keep] / torch.tensor([x.shape[2], x.shape[1]] * 2)
-            targets.append({"boxes": torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], 1),
-                            "labels": cats[keep], "image_id": int(row["image_id"]), "orig_size": (h, w)})
-        else:
-            x = transform(image) if transform else torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
-            if "label" in row:
-                labels.append(row["label"])
-        images.append(x)
-    if len({tuple(x.shape) for x in images}) > 1:
-        raise ValueError("images of different sizes in one batch: pass transform= (data.train_transform or "
-                         "data.eval_transform) to loader()")
-    batch = {"images": torch.stack(images) if images else torch.empty(0), "bad": bad}
+DECODE_ERRORS = (OSError, SyntaxError, ValueError)  # PIL's errors for corrupt and truncated files
+
+
+def _decode(cell, where: str) -> Decoded | tuple[Exception, str]:
+    """The decoded image, or ``(error, where)`` for one that cannot be decoded."""
+    try:
+        return Decoded.from_pil(_open(cell))
+    except DECODE_ERRORS as error:
+        return error, where
+
+
+def _batch(rows: list[dict], images: list, transform: Transform | None) -> dict:
+    """Transform and stack decoded rows (``images[i]``: the ``Decoded`` image of ``rows[i]`` or ``(error,
+    where)``) with ``transform.batch``; undecodable images are left out and listed under ``"bad"``."""
+    batch = {"bad": [(image[1], image[0]) for image in images if not isinstance(image, Decoded)]}
+    kept = [(row, image) for row, image in zip(rows, images) if isinstance(image, Decoded)]
+    if not kept:
+        batch["images"] = torch.empty(0)
+        return batch
+    rows, images = [row for row, _ in kept], [image for _, image in kept]
+    boxes = None
+    if "objects" in rows[0]:  # COCO xywh -> xyxy
+        boxes = [torch.tensor(row["objects"]["bbox"], dtype=torch.float32).reshape(-1, 4) for row in rows]
+        boxes = [torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], 1) for b in boxes]
+    if transform is not None:
+        out = transform.batch(images, boxes=boxes)
+        x, boxes, keep = out if boxes is not None else (out, None, None)
+    else:
+        if len({image.size for image in images}) > 1:
+            raise ValueError("images of different sizes in one batch: pass transform= (data.train_transform or "
+                             "data.eval_transform) to loader()")
+        x = torch.stack([image.rgb() for image in images]).float() / 255
+        keep = None if boxes is None else [torch.ones(len(b), dtype=torch.bool) for b in boxes]
+    batch["images"] = x
+    if boxes is not None:
+        scale = torch.tensor([x.shape[3], x.shape[2]] * 2)
+        batch["targets"] = [
+            {"boxes": torch.cat([(b[k, :2] + b[k, 2:]) / 2, b[k, 2:] - b[k, :2]], 1) / scale,
+             "labels": torch.tensor(row["objects"]["category_id"], dtype=torch.long)[k],
+             "image_id": int(row["image_id"]), "orig_size": image.size}
+            for row, image, b, k in zip(rows, images, boxes, keep)]
+    labels = [row["label"] for row in rows if "label" in row]
     if labels:
         batch["labels"] = torch.tensor(labels, dtype=torch.long)
-    if targets:
-        batch["targets"] = targets
     return batch
 
 
@@ -339,8 +339,8 @@ def _where(cell, index) -> str:
 
 @contextlib.contextmanager
 def _seeded(*parts: int):
-    """Seed torch (kornia's source of randomness) for one batch, on one thread (per-image kernels are tiny; more
-    threads only contend), restoring the caller's RNG and threads afterwards."""
+    """Seed torch (the batch's draws and kornia's) for one batch, on one thread (the batch's kernels are small;
+    more threads only contend), restoring the caller's RNG and threads afterwards."""
     threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0]))
@@ -352,21 +352,58 @@ def _seeded(*parts: int):
 
 
 class _Rows(torch.utils.data.Dataset):
-    """A map-style dataset read a batch at a time; each batch's augmentations are seeded by (seed, epoch, batch),
-    so runs repeat exactly whatever the number of workers."""
+    """A map-style dataset read a batch at a time, ``(epoch, indices)`` per batch; each batch's augmentations are
+    seeded by (seed, epoch, batch), so runs repeat exactly whatever the number of workers. Decoded images are kept
+    in an :class:`ImageCache` keyed by their row of the Arrow table (a ``select`` that repeats rows, as ``photos``
+    does, maps the repeats to one row), and only the images not in it are read from the table."""
 
-    def __init__(self, dataset, transform, seed: int, epoch: int):
-        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, epoch
+    def __init__(self, dataset, transform, seed: int, cache: ImageCache):
+        self.transform, self.seed, self.cache = transform, seed, cache
+        self.images = dataset.select_columns(["image"])
+        others = [c for c in dataset.column_names if c != "image"]
+        self.meta = dataset.select_columns(others) if others else None
+        mapping = getattr(dataset, "_indices", None)  # `datasets`' index mapping (select, shuffle, filter)
+        self.table_rows = mapping.column(0).to_numpy() if mapping is not None else None
 
-    def __getitems__(self, indices: list[int]) -> dict:
-        columns = self.dataset[list(indices)]
-        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
-        with _seeded(self.seed, self.epoch, indices[0]):
-            return _batch(rows, [_where(r["image"], i) for r, i in zip(rows, indices)], self.transform)
+    def __getitems__(self, batch: tuple[int, list[int]]) -> dict:
+        epoch, indices = batch
+        keys = self.table_rows[indices].tolist() if self.table_rows is not None else list(indices)
+        found = {key: self.cache.get(key) for key in keys}
+        missing = {key: index for key, index in zip(keys, indices) if found[key] is None}
+        if missing:
+            cells = self.images[list(missing.values())]["image"]
+            for (key, index), cell in zip(missing.items(), cells):
+                found[key] = _decode(cell, _where(cell, index))
+                self.cache.decodes += 1
+                self.cache.put(key, found[key])
+        if self.meta is not None:
+            columns = self.meta[list(indices)]
+            rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        else:
+            rows = [{} for _ in indices]
+        with _seeded(self.seed, epoch, indices[0]):
+            return _batch(rows, [found[key] for key in keys], self.transform)
+
+
+class _Plan:
+    """The batch sampler of a map-style :class:`Loader`: its current epoch's batches as ``(epoch, indices)``, read
+    when an iteration starts, so one DataLoader (and its persistent workers, with their caches) serves every epoch."""
+
+    def __init__(self, loader: "Loader"):
+        self.loader = weakref.ref(loader)  # no cycle: a dropped Loader shuts its workers down at once
+
+    def __iter__(self):
+        loader = self.loader()
+        return iter([(loader.epoch, b) for b in loader._batches()[loader.skip:]])
+
+    def __len__(self) -> int:
+        loader = self.loader()
+        return max(0, len(loader._batches()) - loader.skip)
 
 
 class _Stream(torch.utils.data.IterableDataset):
-    """An IterableDataset read in batches (`datasets` gives each worker its own shards)."""
+    """An IterableDataset read in batches (`datasets` gives each worker its own shards); rows are seen once an
+    epoch, so nothing is cached."""
 
     def __init__(self, dataset, transform, batch_size: int, seed: int):
         self.dataset, self.transform, self.batch_size, self.seed = dataset, transform, batch_size, seed
@@ -383,8 +420,9 @@ class _Stream(torch.utils.data.IterableDataset):
             yield self._batch(rows, worker, -1)
 
     def _batch(self, rows, worker, count):
+        images = [_decode(r["image"], _where(r["image"], "stream")) for r in rows]
         with _seeded(self.seed, self.dataset.epoch, worker, count % 2**31):
-            return _batch(rows, [_where(r["image"], "stream") for r in rows], self.transform)
+            return _batch(rows, images, self.transform)
 
 
 def rank_batches(n: int, *, batch_size: int, rank: int, world_size: int, shuffle: bool, seed: int,
@@ -408,10 +446,11 @@ class Loader:
     """Batches for one rank: ``{"images": (B, 3, H, W) float in [0, 1], "labels": (B,) long}`` (classification),
     ``{"images", "targets": [{"boxes": (n, 4) normalised cx, cy, w, h, "labels": (n,), "image_id", "orig_size":
     (h, w)}]}`` (detection, DETR's convention) or just ``images`` (unlabelled). Call ``set_epoch(e)`` each epoch.
-    Undecodable images are skipped and counted in ``data.BAD``."""
+    Undecodable images are skipped and counted in ``data.BAD``. A map-style dataset's decoded images are cached
+    (``cache_bytes`` in all, split over the worker processes, which persist across epochs with their caches)."""
 
     def __init__(self, dataset, *, batch_size: int, transform, shuffle: bool, num_workers: int, seed: int,
-                 rank: int, world_size: int, device, buffer_size: int):
+                 rank: int, world_size: int, device, buffer_size: int, cache_bytes: int = CACHE_BYTES):
         self.stream = isinstance(dataset, datasets.IterableDataset)
         dataset = dataset.cast_column("image", datasets.Image(decode=False))
         if self.stream:
@@ -421,6 +460,7 @@ class Loader:
         self.num_workers, self.seed, self.rank, self.world_size, self.device = (num_workers, seed, rank,
                                                                                 world_size, device)
         self.epoch, self.skip = 0, 0
+        self.cache, self._source = ImageCache(cache_bytes // max(1, num_workers)), None  # one per process
 
     def set_epoch(self, epoch: int, *, skip: int = 0):
         """Iterate epoch ``epoch`` next, starting after its first ``skip`` batches (a resumed run); map-style
@@ -443,8 +483,11 @@ class Loader:
             source = torch.utils.data.DataLoader(_Stream(self.dataset, self.transform, self.batch_size,
                                                          self.seed * 1000003 + self.rank), batch_size=None, **common)
         else:
-            source = torch.utils.data.DataLoader(_Rows(self.dataset, self.transform, self.seed, self.epoch),
-                                                 batch_sampler=self._batches()[self.skip:], **common)
+            if self._source is None:
+                self._source = torch.utils.data.DataLoader(
+                    _Rows(self.dataset, self.transform, self.seed, self.cache), batch_sampler=_Plan(self),
+                    persistent_workers=self.num_workers > 0, **common)
+            source = self._source
         if self.stream and self.skip:  # a stream has no index: read past what was used
             source = itertools.islice(source, self.skip, None)
         for batch in source:
@@ -466,15 +509,18 @@ def _identity(batch):
 
 def loader(dataset, *, batch_size: int, transform: Transform | None = None, shuffle: bool = False,
            num_workers: int = 0, seed: int = 0, accelerator=None, rank: int = 0, world_size: int = 1,
-           buffer_size: int = 1000) -> Loader:
+           buffer_size: int = 1000, cache_bytes: int = CACHE_BYTES) -> Loader:
     """A :class:`Loader` over ``dataset`` for this process: with an ``accelerator``, its process index, count and
     device (do not pass the result to ``accelerator.prepare``: it is sharded already); otherwise ``rank`` and
     ``world_size``. Map-style datasets are dealt by :func:`rank_batches`; streams by
-    ``split_dataset_by_node`` (then a shuffle buffer of ``buffer_size`` when ``shuffle``)."""
+    ``split_dataset_by_node`` (then a shuffle buffer of ``buffer_size`` when ``shuffle``). Map-style datasets keep
+    up to ``cache_bytes`` of decoded images (:class:`ImageCache`; split evenly over ``num_workers``), so repeated
+    rows and later epochs decode nothing while they fit."""
     if accelerator is not None:
         rank, world_size = accelerator.process_index, accelerator.num_processes
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank}, world_size={world_size}: expected 0 <= rank < world_size")
     return Loader(dataset, batch_size=batch_size, transform=transform, shuffle=shuffle, num_workers=num_workers,
                   seed=seed, rank=rank, world_size=world_size,
-                  device=accelerator.device if accelerator is not None else None, buffer_size=buffer_size)
+                  device=accelerator.device if accelerator is not None else None, buffer_size=buffer_size,
+                  cache_bytes=cache_bytes)

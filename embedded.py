@@ -10,6 +10,7 @@ import contextlib
 import gzip
 import importlib.util
 import io
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -40,26 +41,45 @@ def _check_split(name: str, split: str, splits: tuple[str, ...]):
         raise ValueError(f"split={split!r}: the embedded source {name!r} has the splits {list(splits)}")
 
 
-# photos: scikit-image's colour photos (CC0 / public domain), split by photo.
+# photos: scikit-image's colour photos (CC0 / public domain), split by photo; the training split adds the wallpapers
+# of two Debian packages when they are installed (more photos teach an encoder more than 7 can).
 PHOTOS = {"train": ("astronaut.png", "chelsea.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png",
                     "motorcycle_right.png", "retina.jpg"),
           "validation": ("coffee.png", "rocket.jpg")}
 PHOTO_SIDE = 256  # photos are stored with this shorter side, so a 64² crop covers 1/16 to 1/4 of a photo's side
+WALLPAPER_PACKAGES = ("plasma-workspace-wallpapers", "ukui-wallpapers")
+WALLPAPER_INSTALL = "sudo apt-get install " + " ".join(WALLPAPER_PACKAGES)
+PLASMA_DIR, UKUI_DIR = Path("/usr/share/wallpapers"), Path("/usr/share/backgrounds")
 
 
-def _photos(split: str) -> list[Image.Image]:
+def wallpapers() -> list[Path]:
+    """The wallpapers of Debian's ``plasma-workspace-wallpapers`` (KDE, GPL-2+; one image per theme: its largest
+    landscape one) and ``ukui-wallpapers`` (Ubuntu Kylin, CC-BY-SA-3.0); 30 + 12 images when both are installed,
+    photographs and digital art. Missing packages give an empty list (``photos`` then warns)."""
+    themes = {}
+    for f in sorted(PLASMA_DIR.glob("*/contents/images/*")):
+        if f.suffix.lower() in (".jpg", ".jpeg", ".png"):
+            w, h = Image.open(f).size
+            best = themes.get(f.parts[-4])
+            if best is None or (w >= h, w * h) > (best[1] >= best[2], best[1] * best[2]):
+                themes[f.parts[-4]] = (f, w, h)
+    ukui = sorted(f for f in UKUI_DIR.glob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    return [f for f, _, _ in themes.values()] + ukui
+
+
+def _photos(split: str, extra: tuple[str, ...] = ()) -> list[Image.Image]:
     folder = _package_dir("skimage", "pip install scikit-image") / "data"
     out = []
-    for name in PHOTOS[split]:
-        im = decode(str(folder / name))
+    for path in [folder / name for name in PHOTOS[split]] + [Path(p) for p in extra]:
+        im = decode(str(path))
         scale = PHOTO_SIDE / min(im.size)
         out.append(im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.LANCZOS))
     return out
 
 
-def _photo_rows(split: str, size: int, crops_per_photo: int):
+def _photo_rows(split: str, size: int, crops_per_photo: int, extra: tuple[str, ...] = ()):
     rng = np.random.default_rng(0)  # validation: the same crops for everyone, always
-    for i, im in enumerate(_photos(split)):
+    for i, im in enumerate(_photos(split, extra)):
         if split == "train":
             yield {"image": im, "label": i}
             continue
@@ -70,18 +90,29 @@ def _photo_rows(split: str, size: int, crops_per_photo: int):
             yield {"image": crop.resize((size, size), Image.Resampling.LANCZOS), "label": i}
 
 
-def photos(*, split: str = "train", size: int = 64, crops_per_photo: int = 64) -> datasets.Dataset:
+def photos(*, split: str = "train", size: int = 64, crops_per_photo: int = 64,
+           with_wallpapers: bool = True) -> datasets.Dataset:
     """Colour photos from the scikit-image wheel, split by photo (``PHOTOS``), stored at a shorter side of 256.
     ``train``: each photo ``crops_per_photo`` times (rows per epoch); random crops come from the training transform
-    (Table 12's RandomResizedCrop), new each epoch. ``validation``: ``crops_per_photo`` fixed ``size``² crops per
-    photo (random squares of side ``size``..256, resized), identical on every run so PSNR is comparable.
-    ``label`` is the photo's index within its split."""
+    (Table 12's RandomResizedCrop), new each epoch. With ``with_wallpapers`` (the default) the training split also
+    holds :func:`wallpapers` (42 images when both Debian packages are installed; a warning naming the apt command
+    when they are not). ``validation``: ``crops_per_photo`` fixed ``size``² crops per held-out photo (random squares
+    of side ``size``..256, resized), identical on every run so PSNR is comparable. ``label`` is the photo's index
+    within its split."""
     _check_split("photos", split, ("train", "validation"))
-    names = [Path(n).stem for n in PHOTOS[split]]
-    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=names))
     if split == "validation":
+        names = [Path(n).stem for n in PHOTOS[split]]
+        features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=names))
         return _cached(_photo_rows, features, split=split, size=size, crops_per_photo=crops_per_photo)
-    ds = _cached(_photo_rows, features, split=split, size=0, crops_per_photo=0)
+    extra = tuple(map(str, wallpapers())) if with_wallpapers else ()
+    if with_wallpapers and not extra:
+        warnings.warn(f"photos: the wallpapers of {' and '.join(WALLPAPER_PACKAGES)} are not installed, so the "
+                      f"training split holds only the {len(PHOTOS['train'])} scikit-image photos (expect lower "
+                      f"held-out PSNR). On Debian/Ubuntu: `{WALLPAPER_INSTALL}`", stacklevel=2)
+    names = [Path(n).stem for n in PHOTOS[split]] + [
+        Path(p).parts[-4] if Path(p).is_relative_to(PLASMA_DIR) else Path(p).stem for p in extra]
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=names))
+    ds = _cached(_photo_rows, features, split=split, size=0, crops_per_photo=0, extra=extra)
     return ds.select(np.repeat(np.arange(len(ds)), crops_per_photo))  # an index mapping, no copies
 
 

@@ -3,7 +3,8 @@
 Every command prints a rich table and ends with exactly one line of JSON holding its figures. Importing this module
 does no work, so its functions serve notebooks and tests.
 
-    reconstruct   PSNR of FINOLA reconstructions next to two baselines, and a PNG grid (§4, Table 2)
+    reconstruct   PSNR of FINOLA reconstructions next to three baselines (mean colour, bilinear, PCA with k = C),
+                  and a PNG grid (§4, Table 2)
     detect        COCO AP of a DETR model through pycocotools' COCOeval, and a PNG of boxes (Tables 4, 18)
     curvature     Gaussian curvature of the maps' critical channels, several checkpoints overlaid (Eq. 9, Fig. 5)
     embedding     the space of q: its mean, interpolations, mirrors, Gaussian samples, PCA (App. E.2)
@@ -16,6 +17,7 @@ does no work, so its functions serve notebooks and tests.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 from pathlib import Path
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from pycocotools.cocoeval import COCOeval
 from rich.table import Table
 
@@ -61,15 +64,55 @@ def reconstruct_transform(model):
     return data.eval_transform("classify", size=model.image_size[0], crop_ratio=1.0)
 
 
+def _crops(loader, n: int):
+    """The image batches of ``loader``, epoch after epoch (``set_epoch``), until ``n`` images, under a progress bar."""
+    columns = (TextColumn("[bold]PCA crops"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn())
+    seen = 0
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("PCA crops", total=n)
+        for epoch in itertools.count():
+            loader.set_epoch(epoch)
+            before = seen
+            for batch in loader:
+                x = batch["images"][: n - seen]
+                seen += len(x)
+                progress.advance(task, len(x))
+                yield x
+                if seen >= n:
+                    return
+            if seen == before:
+                raise ValueError("pca_baseline: the training data gave no images")
+
+
+def pca_baseline(model, train_source: str, options: dict, *, n: int = 20000, seed: int = 0,
+                 batch_size: int = 256) -> dict:
+    """The best linear code with as many numbers as q: ``analysis.fit_pca`` with k = C (``model.config.channels``)
+    components over ``n`` crops of ``train_source``'s training split (``options`` go to ``data.load``), drawn by the
+    training transform (RandomResizedCrop + flip at the model's image size) epoch after epoch from ``seed``: the
+    same crops every time. Raises ``analysis.PCATooLarge`` before reading any data when the images have more than
+    ``analysis.PCA_MAX_DIM`` numbers (the paper's 256²)."""
+    size, k = model.image_size[0], model.config.channels
+    analysis.check_pca_size(3 * size * size, k)
+    ds = data.load(train_source, split="train", **options)
+    loader = data.loader(ds, batch_size=batch_size, transform=data.train_transform("crop", size=size), shuffle=True,
+                         seed=seed)
+    return analysis.fit_pca(_crops(loader, n), k, max_images=n)
+
+
 @torch.no_grad()
-def reconstruct(model, loader, *, grid: Path | None = None, show: int = 8) -> dict:
+def reconstruct(model, loader, *, grid: Path | None = None, show: int = 8, pca: dict | None = None) -> dict:
     """Mean per-image PSNR of ``model``'s reconstructions over ``loader``, next to the mean-colour and bilinear
     baselines on the same images; optionally a PNG of originals (top row) above reconstructions (bottom row).
+    With ``pca`` (``pca_baseline``'s) also the PCA baseline ``pca_db``: each image as mean + P Pᵀ (x − mean),
+    unclamped like the model's output (``psnr`` clamps both alike), with ``pca_images`` (the crops it was fitted on)
+    and ``pca_explained`` (the fraction of their variance in its k components).
     A model with ``norm="moving-average"`` is scored with its running statistics (``psnr_db``) and with the
     per-position normalisation it trained with (``psnr_layer_norm_db``), §4's "Is normalization necessary?"."""
     model.eval()
     moving = getattr(model.config, "norm", "layer") == "moving-average"
-    scores = {"psnr_db": [], "mean_colour_db": [], "bilinear_db": []} | ({"psnr_layer_norm_db": []} if moving else {})
+    scores = {"psnr_db": [], "mean_colour_db": [], "bilinear_db": []}
+    scores |= ({"pca_db": []} if pca is not None else {}) | ({"psnr_layer_norm_db": []} if moving else {})
     shown = []
     for batch in loader:
         x = batch["images"]
@@ -81,15 +124,36 @@ def reconstruct(model, loader, *, grid: Path | None = None, show: int = 8) -> di
             model.use_running_stats = True
         scores["mean_colour_db"].append(psnr(x, mean_colour(x)))
         scores["bilinear_db"].append(psnr(x, bilinear(x, model.config.grid)))
+        if pca is not None:
+            scores["pca_db"].append(psnr(x, analysis.pca_reconstruct_images(x, pca)))
         if len(shown) < show:
             shown += list(zip(x, y))[: show - len(shown)]
     if not scores["psnr_db"]:
         raise ValueError("reconstruct: the data gave no images")
     out = {k: round(torch.cat(v).mean().item(), 3) for k, v in scores.items()}
     out["images"] = len(torch.cat(scores["psnr_db"]))
+    if pca is not None:
+        out |= {"pca_images": pca["images"], "pca_explained": round(pca["explained"], 4)}
     if grid is not None:
         save_grid([torch.stack([a for a, _ in shown]), torch.stack([b for _, b in shown])], grid)
     return out
+
+
+def reconstruct_with_pca(model, loader, train_source: str, options: dict, *, pca_images: int = 20000,
+                         grid: Path | None = None) -> dict:
+    """``reconstruct`` with the PCA baseline fitted on ``pca_images`` crops of the weights' own training data
+    (``pca_baseline(model, train_source, options)``; 0 skips it). When the images are too large for an exact PCA,
+    ``pca_db`` is None and a one-line note says why."""
+    if not pca_images:
+        return reconstruct(model, loader, grid=grid)
+    try:
+        pca = pca_baseline(model, train_source, options, n=pca_images)
+    except analysis.PCATooLarge as error:
+        console.print(f"PCA baseline skipped: {error}")
+        return reconstruct(model, loader, grid=grid) | {"pca_db": None, "pca_images": 0, "pca_explained": None}
+    console.print(f"PCA baseline: k = {pca['basis'].shape[1]} components explain {pca['explained']:.1%} of the "
+                  f"variance of {pca['images']} training crops of {train_source}")
+    return reconstruct(model, loader, grid=grid, pca=pca)
 
 
 def save_grid(rows: list[torch.Tensor], path, *, pad: int = 2, min_side: int = 128) -> Path:
@@ -256,17 +320,24 @@ def _load(args, arch: str, command: str, tasks: str):
 
 
 def cmd_reconstruct(args) -> dict:
+    if args.pca_images < 0:
+        raise ValueError(f"--pca-images: expected 0 (no PCA baseline) or a number of crops, got {args.pca_images}")
     model, source, options = _load(args, "finola", "reconstruct", "finola")
     ds = data.load(source, split=args.split, **options)
     loader = data.loader(ds, batch_size=args.batch_size, transform=reconstruct_transform(model))
-    result = reconstruct(model, loader, grid=args.grid)
+    meta = model.metadata  # the PCA learns from the weights' own training data, whatever --data evaluates
+    train_source, train_options = _default_data(meta, None)
+    result = reconstruct_with_pca(model, loader, train_source,
+                                  {**train_options, "streaming": meta["train"].get("streaming", False)},
+                                  pca_images=args.pca_images, grid=args.grid)
     table = Table(title=escape(f"Reconstruction PSNR on {source} [{args.split}], {result['images']} images"))
     columns = {"psnr_db": "model", "psnr_layer_norm_db": "model, per-position norm", "mean_colour_db": "mean colour",
-               "bilinear_db": f"bilinear via {model.config.grid[0]}x{model.config.grid[1]}"}
+               "bilinear_db": f"bilinear via {model.config.grid[0]}x{model.config.grid[1]}",
+               "pca_db": f"PCA, k = {model.config.channels}"}
     shown = [k for k in columns if k in result]
     for k in shown:
         table.add_column(columns[k], justify="right")
-    table.add_row(*(f"{result[k]:.2f} dB" for k in shown))
+    table.add_row(*("-" if result[k] is None else f"{result[k]:.2f} dB" for k in shown))
     console.print(table)
     if args.grid:
         console.print(f"grid of originals (top) and reconstructions (bottom): {args.grid}")
@@ -441,6 +512,8 @@ def parse_args(argv=None):
     r.add_argument("--split", default="validation")
     r.add_argument("--grid", type=Path, help="write a PNG of originals above reconstructions here")
     r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--pca-images", type=int, default=20000,
+                   help="training crops for the PCA baseline with k = C components (0 skips it)")
     d = sub.add_parser("detect", help="COCO AP of a DETR model, and a PNG of boxes")
     d.add_argument("--weights", required=True, help="a model.safetensors written by train.py --task detr-*")
     d.add_argument("--data", help="source (default: the data the weights were trained on)")

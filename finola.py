@@ -390,6 +390,14 @@ class ConvUpsampler(nn.Sequential):
         self.scale = 2 ** (len(widths) - 1)
 
 
+# What the upsampler's last conv predicts. The paper says only "follow VQGAN", whose decoder predicts images scaled
+# to [-1, 1]. "normalized": the image as the encoder sees it, (x - mean) / std, mapped back to [0, 1] by a fixed
+# affine map, so a fresh network starts at the data's mean colour; "pixels": the image in [0, 1] directly, which
+# starts ~0.45 away from the target and, with AdamW's ~lr-sized steps, spends hundreds of steps moving the last
+# conv's bias there (EXPERIMENTS.md, the reconstruction ladder). The loss is pixel MSE either way.
+OUTPUTS = ("pixels", "normalized")
+
+
 @dataclass
 class FinolaConfig:
     """The vanilla FINOLA network (§2, Tables 2, 10, 12). Paper defaults: 256^2 images, MF-W2880, C = 3072."""
@@ -403,11 +411,14 @@ class FinolaConfig:
     widths: tuple = (512, 256, 256, 128, 128)  # Table 10
     mean: tuple = (0.485, 0.456, 0.406)     # input normalisation of [0, 1] images for the encoder
     std: tuple = (0.229, 0.224, 0.225)
+    output: str = "pixels"                  # what the upsampler predicts: see OUTPUTS ("pixels": files before it)
     encoder: dict = field(default_factory=dict)  # the encoder's own config, so a weights file rebuilds both
 
     def __post_init__(self):
         if self.norm not in ("layer", "moving-average"):
             raise ValueError(f"norm: expected 'layer' or 'moving-average', got {self.norm!r}")
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output: expected one of {sorted(OUTPUTS)}, got {self.output!r}")
         q_origin(self.q_position, self.grid)
         self.grid, self.widths, self.mean, self.std = (tuple(v) for v in (self.grid, self.widths, self.mean, self.std))
 
@@ -461,7 +472,9 @@ class Finola(nn.Module):
         return z
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.upsampler(z)
+        """The image in [0, 1] (not clamped) of a map z (B, C, *grid)."""
+        y = self.upsampler(z)
+        return y * self.pixel_std + self.pixel_mean if self.config.output == "normalized" else y
 
     def maps(self, x: torch.Tensor) -> torch.Tensor:
         """The FINOLA map (B, C, *grid) the model builds for images x (what the analyses of eval.py look at)."""

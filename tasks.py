@@ -42,7 +42,8 @@ def build_finola(args):
     encoder = weights.load_encoder(args.init) if args.init else mobileformer.create(args.encoder)
     config = finola.FinolaConfig(
         encoder_channels=encoder.out_channels, channels=args.channels, grid=(args.grid, args.grid),
-        q_position=args.q_position, norm=args.norm, widths=tuple(args.widths), encoder=encoder.config_dict())
+        q_position=args.q_position, norm=args.norm, widths=tuple(args.widths), output=args.output,
+        encoder=encoder.config_dict())
     model = (FrozenEncoderFinola(encoder, config).freeze_encoder() if args.freeze_encoder
              else finola.Finola(encoder, config))
     if model.image_size != (args.image_size, args.image_size):
@@ -58,9 +59,11 @@ def finola_loss(model, batch, args):
 
 
 def evaluate_finola(model, args, out: Path) -> dict:
+    """PSNR on --eval-split next to the baselines, the PCA one fitted on --pca-images crops of the training data."""
     ds = data.load(args.data, split=args.eval_split, **args.data_options)
     loader = data.loader(ds, batch_size=args.batch_size, transform=ev.reconstruct_transform(model))
-    return ev.reconstruct(model, loader, grid=out / "reconstructions.png")
+    return ev.reconstruct_with_pca(model, loader, args.data, {**args.data_options, "streaming": args.streaming},
+                                   pca_images=args.pca_images, grid=out / "reconstructions.png")
 
 
 FINOLA_PAPER = dict(data="hf:ILSVRC/imagenet-1k", streaming=True, epoch_size=1_281_167, encoder="mf-w2880",

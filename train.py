@@ -45,7 +45,8 @@ DEFAULTS = dict(preset="small", data=None, streaming=False, augment=True, epoch_
                 schedule="cosine", lr_drop_epoch=None, betas=[0.9, 0.999], weight_decay=0.1, grad_accum=1, seed=0, num_workers=0,
                 out=None, resume=None, checkpoint_every=500, log_every=10, freeze_encoder=False,
                 upsampler_width=512, upsampler_depth=6, head="lin", dropout=None, optimizer="adamw",
-                label_smoothing=0.0, random_erase=0.0, crop_ratio=0.875, threads=None)
+                label_smoothing=0.0, random_erase=0.0, crop_ratio=0.875, threads=None, pca_images=20000,
+                output="normalized")
 
 
 def parse_args(argv=None):
@@ -64,6 +65,8 @@ def parse_args(argv=None):
     g.add_argument("--eval-split", help="split of the final evaluation (default: validation)")
     g.add_argument("--data-options", type=json.loads, help='JSON options for the source, e.g. \'{"crops_per_photo": 8}\'')
     g.add_argument("--num-workers", type=int, help="data loader worker processes")
+    g.add_argument("--pca-images", type=int, help="finola: training crops the final evaluation's PCA baseline is "
+                                                   "fitted on (k = C components; 0 skips it)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="the task's training augmentation (--no-augment: evaluation's resize only, e.g. to overfit)")
     m = p.add_argument_group("model")
@@ -75,6 +78,8 @@ def parse_args(argv=None):
     m.add_argument("--widths", type=int, nargs="+", help="res-conv widths of the upsampler (Table 10)")
     m.add_argument("--q-position", choices=finola.Q_POSITIONS, help="where q sits in the map (App. E.1)")
     m.add_argument("--norm", choices=["layer", "moving-average"], help="FINOLA normalization (§4's ablation)")
+    m.add_argument("--output", choices=finola.OUTPUTS, help="finola: what the upsampler predicts, the image in [0, 1] "
+                                                          "or normalised as the encoder sees it (finola.OUTPUTS)")
     m.add_argument("--decoder", choices=sorted(detr.PRESETS), help="DETR's Mobile-Former decoder (Tables 4, 18)")
     m.add_argument("--num-queries", type=int, help="DETR object queries (100 in the paper)")
     m.add_argument("--init", help="start the encoder from any of our .safetensors files (default: random init); "

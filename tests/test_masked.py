@@ -206,7 +206,7 @@ def test_models_predict_images_and_evaluate_on_the_centred_block(kind):
 
 # --- the tasks -------------------------------------------------------------------------------------------------
 
-SMALL = ["--data", "photos", "--data-options", '{"crops_per_photo": 2}', "--encoder", "mf-tiny", "--image-size", "64",
+SMALL = ["--data", "photos", "--data-options", '{"crops_per_photo": 2, "with_wallpapers": false}', "--encoder", "mf-tiny", "--image-size", "64",
          "--grid", "4", "--batch-size", "4", "--log-every", "1", "--max-steps", "2", "--no-augment"]
 
 
@@ -241,7 +241,7 @@ def test_masked_tasks_run_and_rebuild(pretrained, task, capsys):
 def test_app_d_reconstruction_keeps_the_pretrained_encoder_frozen(pretrained, tmp_path):
     pre = pretrained / "masked-b"
     out = tmp_path / "appd"
-    train.main(["--task", "finola", *SMALL, "--channels", "16", "--widths", "16", "16", "16", "16", "16",
+    train.main(["--task", "finola", *SMALL, "--pca-images", "0", "--channels", "16", "--widths", "16", "16", "16", "16", "16",
                 "--init", str(pre / "model.safetensors"), "--freeze-encoder", "--out", str(out)])
     before, after = load_file(pre / "model.safetensors"), load_file(out / "model.safetensors")
     encoder = [k for k in after if k.startswith("encoder.")]

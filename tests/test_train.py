@@ -17,10 +17,11 @@ import train
 import weights
 
 ROOT = Path(__file__).resolve().parents[1]
-# 14 training rows (7 photos x 2), 4 validation crops; a 2x2 FINOLA grid decoded to 32x32 by four doublings.
-TINY = ["--task", "finola", "--data", "photos", "--data-options", '{"crops_per_photo": 2}', "--encoder", "mf-tiny",
-        "--channels", "16", "--grid", "2", "--image-size", "32", "--widths", "16", "16", "16", "16", "16",
-        "--batch-size", "4", "--lr", "0.05", "--warmup-epochs", "0", "--log-every", "1"]
+# 14 training rows (the 7 scikit-image photos x 2), 4 validation crops; a 2x2 FINOLA grid decoded to 32x32 by four doublings.
+TINY = ["--task", "finola", "--data", "photos", "--data-options", '{"crops_per_photo": 2, "with_wallpapers": false}',
+        "--encoder", "mf-tiny", "--channels", "16", "--grid", "2", "--image-size", "32", "--widths", "16", "16", "16",
+        "16", "16", "--batch-size", "4", "--lr", "0.05", "--warmup-epochs", "0", "--log-every", "1",
+        "--pca-images", "0"]
 
 
 def run(tmp_path, *extra, name="run"):
@@ -34,13 +35,14 @@ def metrics(out):
 
 
 def test_two_steps_then_rebuild_from_weights_alone(tmp_path):
-    out = run(tmp_path, "--max-steps", "2")
+    out = run(tmp_path, "--max-steps", "2", "--pca-images", "64")
     for name in ("model.safetensors", "metrics.jsonl", "args.json", "reconstructions.png", "state/trainer.json"):
         assert (out / name).exists(), name
     rows = metrics(out)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     final = rows[-1]["final"]
-    assert set(final) == {"psnr_db", "mean_colour_db", "bilinear_db", "images"} and final["images"] == 4
+    assert set(final) == {"psnr_db", "mean_colour_db", "bilinear_db", "pca_db", "pca_images", "pca_explained",
+                          "images"} and final["images"] == 4 and final["pca_images"] == 64
 
     model = weights.load_model(out / "model.safetensors")
     meta = model.metadata
@@ -125,7 +127,8 @@ def test_psnr_against_hand_computed_values():
 def test_eval_reconstruct_command(tmp_path, capsys):
     out = run(tmp_path, "--max-steps", "1")
     capsys.readouterr()
-    result = ev.main(["reconstruct", "--weights", str(out / "model.safetensors"), "--grid", str(tmp_path / "g.png")])
+    result = ev.main(["reconstruct", "--weights", str(out / "model.safetensors"), "--grid", str(tmp_path / "g.png"),
+                      "--pca-images", "0"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == result and last["images"] == 4
     assert last["mean_colour_db"] < last["bilinear_db"], "a 2x2 bilinear thumbnail beats one colour"

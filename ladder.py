@@ -1,0 +1,166 @@
+"""The reconstruction ladder: from the simplest model of the paper's design that could reconstruct to the full small
+preset, one component at a time, each trained for the same wall-clock on the same cached crops (EXPERIMENTS.md).
+
+    python ladder.py [--minutes 3] [--rungs linear/linear/normalized mf/table10/normalized ...] [--data photos]
+
+A rung is ENCODER/DECODER/OUTPUT, always around the same FINOLA recurrence (``finola.Finola``, q at the centre of a
+``--grid`` map):
+  encoder  ``linear``: one linear layer on the normalised pixels, seen by the attentional pooler as a 1x1 map (a
+           pooler over one position is linear, so the whole encoder is linear); ``mf``: ``--encoder`` (mf-tiny) and
+           the attentional pooler, as the preset.
+  decoder  ``linear``: Table 10's linear layer (each cell's C channels to its patch, ``masked.LinearUpsampler``);
+           ``table10``: Table 10's conv upsampler with ``--widths``.
+  output   what the decoder predicts (``finola.OUTPUTS``): ``pixels`` or ``normalized``.
+Training crops are drawn once by the task's training transform (``data.train_transform("crop")``) and cached, so
+every rung spends its minutes on the model; held-out PSNR is on the evaluation split, next to the mean colour.
+Ends with one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+from torch import nn
+
+import data
+import eval as ev
+import finola
+import masked
+import mobileformer
+
+console = Console(stderr=True)
+DEFAULT_RUNGS = ("linear/linear/normalized", "linear/linear/pixels", "linear/table10/normalized",
+                 "mf/linear/normalized", "mf/table10/normalized", "mf/table10/pixels")
+
+
+class LinearEncoder(nn.Module):
+    """One linear layer from the pixels to ``out_channels`` numbers, returned as a 1x1 map (and no tokens)."""
+
+    def __init__(self, image_size: int, out_channels: int):
+        super().__init__()
+        self.out_channels = out_channels
+        self.linear = nn.Linear(3 * image_size * image_size, out_channels)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))[:, :, None, None], None
+
+    def config_dict(self) -> dict:
+        return {}
+
+
+def build(rung: str, args) -> finola.Finola:
+    encoder_kind, decoder_kind, output = rung.split("/")
+    encoder = (LinearEncoder(args.image_size, args.channels) if encoder_kind == "linear"
+               else mobileformer.create(args.encoder))
+    config = finola.FinolaConfig(encoder_channels=encoder.out_channels, channels=args.channels,
+                                 grid=(args.grid, args.grid), widths=tuple(args.widths), output=output)
+    model = finola.Finola(encoder, config)
+    if decoder_kind == "linear":
+        model.upsampler = masked.LinearUpsampler(args.channels, patch=args.image_size // args.grid)
+    return model.to(memory_format=torch.channels_last)
+
+
+def crops(args) -> tuple[torch.Tensor, torch.Tensor]:
+    """``--crops`` training crops drawn by the training transform (seed 0) and the evaluation images, as uint8."""
+    train = data.loader(data.load(args.data, split="train"), batch_size=256, shuffle=True, seed=0,
+                        transform=data.train_transform("crop", size=args.image_size))
+    out, epoch = [], 0
+    with Progress(console=console) as progress:
+        task = progress.add_task("drawing training crops", total=args.crops)
+        while sum(map(len, out)) < args.crops:
+            train.set_epoch(epoch)
+            for batch in train:
+                out.append((batch["images"] * 255).round().to(torch.uint8))
+                progress.update(task, completed=min(args.crops, sum(map(len, out))))
+                if sum(map(len, out)) >= args.crops:
+                    break
+            epoch += 1
+    val = data.loader(data.load(args.data, split="validation"), batch_size=256,
+                      transform=data.eval_transform("classify", size=args.image_size, crop_ratio=1.0))
+    return torch.cat(out)[: args.crops], torch.cat([b["images"] for b in val])
+
+
+def train_rung(rung: str, x_train: torch.Tensor, x_val: torch.Tensor, args) -> dict:
+    """AdamW (0.9, 0.95), wd 0.1 on matrices, linear warm-up over ``--warmup`` steps then cosine decay over the
+    ``--minutes`` of wall-clock; returns PSNR on the evaluation images and on 512 training crops."""
+    torch.manual_seed(args.seed)
+    model = build(rung, args)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(args.seed)
+    budget, step, start = 60 * args.minutes, 0, time.perf_counter()
+    model.train()
+    while (elapsed := time.perf_counter() - start) < budget:
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * elapsed / budget))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x = x_train[torch.randint(512, len(x_train), (args.batch_size,), generator=g)].float().div(255)
+        loss = F.mse_loss(model(x.contiguous(memory_format=torch.channels_last)), x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+    model.eval()
+    with torch.no_grad():
+        seen = x_train[:512].float().div(255)  # held out of training too: the first 512 crops are never drawn
+        return {"rung": rung, "steps": step, "seconds": round(time.perf_counter() - start, 1),
+                "psnr_db": round(ev.psnr(x_val, model(x_val)).mean().item(), 2),
+                "train_crops_psnr_db": round(ev.psnr(seen, model(seen)).mean().item(), 2)}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rungs", nargs="+", default=list(DEFAULT_RUNGS), help="ENCODER/DECODER/OUTPUT, see above")
+    p.add_argument("--minutes", type=float, default=3.0, help="wall-clock of each rung's training")
+    p.add_argument("--data", default="photos")
+    p.add_argument("--crops", type=int, default=20000, help="cached training crops (the first 512 are held out)")
+    p.add_argument("--encoder", default="mf-tiny", choices=sorted(mobileformer.PRESETS))
+    p.add_argument("--channels", type=int, default=256)
+    p.add_argument("--grid", type=int, default=4)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--widths", type=int, nargs="+", default=[64, 32, 32, 16])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=30, help="warm-up steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    args = p.parse_args(argv)
+    for rung in args.rungs:
+        parts = rung.split("/")
+        if len(parts) != 3 or parts[0] not in ("linear", "mf") or parts[1] not in ("linear", "table10") \
+                or parts[2] not in finola.OUTPUTS:
+            p.error(f"--rungs: {rung!r} is not ENCODER/DECODER/OUTPUT with ENCODER in linear|mf, DECODER in "
+                    f"linear|table10, OUTPUT in {'|'.join(finola.OUTPUTS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    x_train, x_val = crops(args)
+    mean_colour = round(ev.psnr(x_val, ev.mean_colour(x_val)).mean().item(), 2)
+    results = []
+    for rung in args.rungs:
+        console.print(f"training {rung} for {args.minutes:g} min")
+        results.append(train_rung(rung, x_train, x_val, args))
+        console.print(results[-1])
+    table = Table(title=f"Reconstruction ladder: {args.minutes:g} min each on {args.data} at {args.image_size}², "
+                        f"C = {args.channels}, {args.grid}x{args.grid}; mean colour {mean_colour} dB held out")
+    for col in ("encoder / decoder / output", "steps", "held-out PSNR", "vs mean colour", "training crops PSNR"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(r["rung"], str(r["steps"]), f"{r['psnr_db']:.2f} dB", f"{r['psnr_db'] - mean_colour:+.2f}",
+                      f"{r['train_crops_psnr_db']:.2f} dB")
+    console.print(table)
+    out = {"mean_colour_db": mean_colour, "minutes": args.minutes, "rungs": results}
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
