@@ -242,13 +242,14 @@ class Crops(Transform):
     crop of evaluation (:func:`centre_boxes`); ``"whole"`` the whole image (squashed to a square)."""
 
     def __init__(self, *, size: int, mode: str, scale=(0.08, 1.0), crop_ratio: float = 0.875,
-                 randaug: bool = False, erase: float = 0.0, detection: bool = False):
+                 randaug: bool = False, erase: float = 0.0, colour: float = 0.0, detection: bool = False):
         if mode not in ("random", "centre", "whole"):
             raise ValueError(f"mode={mode!r}: expected 'random', 'centre' or 'whole'")
         super().__init__(size=size)
         self.mode, self.scale, self.crop_ratio, self.detection = mode, tuple(scale), crop_ratio, detection
         self.randaug = _RandAugment(n=2, m=27) if randaug else None
         self.erasing = K.RandomErasing(p=erase) if erase > 0 else None
+        self.colour = K.ColorJiggle(colour, colour, colour, colour / 4, p=1.0) if colour > 0 else None
 
     def batch(self, images: list[Decoded], generator: torch.Generator | None = None,
               boxes: list[torch.Tensor] | None = None):
@@ -266,6 +267,8 @@ class Crops(Transform):
         else:
             crops = torch.cat([torch.zeros_like(sizes), sizes.flip(1)], 1).float()
         x = resized_crops(images, crops, self.size, flip, clip="box" if self.mode == "random" else "image")
+        if self.colour is not None:
+            x = self.colour(x)
         if self.randaug is not None:
             x = self.randaug(x, generator)
         if self.erasing is not None:
@@ -285,18 +288,20 @@ class Crops(Transform):
 
 
 def train_transform(kind: str, *, size: int, scale: tuple[float, float] | None = None,
-                    erase: float = 0.0) -> Transform:
+                    erase: float = 0.0, colour: float = 0.0) -> Transform:
     """Training augmentation, output ``size``², batched (:func:`crop_boxes`, :func:`resized_crops`).
     ``"crop"``: RandomResizedCrop(scale (0.08, 1)) + horizontal flip (pre-training, Table 12; linear probing,
     Table 13). ``"randaug"``: that + RandAugment(9, 0.5) (tran-1 probing, Table 13; fine-tuning, Table 14) +
     RandomErasing with probability ``erase`` (0.25 for MF-W2880, Table 14). RandAug(9, 0.5) is timm's
     rand-m9-mstd0.5: 2 operations at magnitude 9/10, i.e. kornia's ``RandAugment(n=2, m=27)`` (kornia has no
-    magnitude noise), drawn per image. ``"detect"``: RandomResizedCrop(scale (0.3, 1)) + flip, boxes with them."""
+    magnitude noise), drawn per image. ``"detect"``: RandomResizedCrop(scale (0.3, 1)) + flip, boxes with them.
+    ``colour`` > 0 (not in the paper; ``--colour-jitter``) adds kornia's ColorJiggle after the crop, per image:
+    brightness, contrast and saturation factors in [1 - colour, 1 + colour], hue shifts up to colour / 4."""
     if kind == "detect":
         return Crops(size=size, mode="random", scale=scale or (0.3, 1.0), detection=True)
     if kind in ("crop", "randaug"):
         return Crops(size=size, mode="random", scale=scale or (0.08, 1.0), randaug=kind == "randaug",
-                     erase=erase if kind == "randaug" else 0.0)
+                     erase=erase if kind == "randaug" else 0.0, colour=colour)
     raise ValueError(f"kind={kind!r}: expected 'crop', 'randaug' or 'detect'")
 
 

@@ -7,7 +7,8 @@ A rung is ENCODER/DECODER/OUTPUT, always around the same FINOLA recurrence (``fi
 ``--grid`` map):
   encoder  ``linear``: one linear layer on the normalised pixels, seen by the attentional pooler as a 1x1 map (a
            pooler over one position is linear, so the whole encoder is linear); ``mf``: ``--encoder`` (mf-tiny) and
-           the attentional pooler, as the preset.
+           the attentional pooler, with Mobile-Former's own initialisation; ``mf0``: the same with its residual
+           branches zero-initialised (``--zero-init-residual``, the small preset).
   decoder  ``linear``: Table 10's linear layer (each cell's C channels to its patch, ``masked.LinearUpsampler``);
            ``table10``: Table 10's conv upsampler with ``--widths``.
   output   what the decoder predicts (``finola.OUTPUTS``): ``pixels`` or ``normalized``.
@@ -36,8 +37,8 @@ import masked
 import mobileformer
 
 console = Console(stderr=True)
-DEFAULT_RUNGS = ("linear/linear/normalized", "linear/linear/pixels", "linear/table10/normalized",
-                 "mf/linear/normalized", "mf/table10/normalized", "mf/table10/pixels")
+DEFAULT_RUNGS = ("linear/linear/pixels", "linear/linear/normalized", "linear/table10/normalized",
+                 "mf/linear/normalized", "mf0/linear/normalized", "mf0/table10/normalized", "mf/table10/pixels")
 
 
 class LinearEncoder(nn.Module):
@@ -58,7 +59,7 @@ class LinearEncoder(nn.Module):
 def build(rung: str, args) -> finola.Finola:
     encoder_kind, decoder_kind, output = rung.split("/")
     encoder = (LinearEncoder(args.image_size, args.channels) if encoder_kind == "linear"
-               else mobileformer.create(args.encoder))
+               else mobileformer.create(args.encoder, zero_init_residual=encoder_kind == "mf0"))
     config = finola.FinolaConfig(encoder_channels=encoder.out_channels, channels=args.channels,
                                  grid=(args.grid, args.grid), widths=tuple(args.widths), output=output)
     model = finola.Finola(encoder, config)
@@ -136,9 +137,9 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     for rung in args.rungs:
         parts = rung.split("/")
-        if len(parts) != 3 or parts[0] not in ("linear", "mf") or parts[1] not in ("linear", "table10") \
+        if len(parts) != 3 or parts[0] not in ("linear", "mf", "mf0") or parts[1] not in ("linear", "table10") \
                 or parts[2] not in finola.OUTPUTS:
-            p.error(f"--rungs: {rung!r} is not ENCODER/DECODER/OUTPUT with ENCODER in linear|mf, DECODER in "
+            p.error(f"--rungs: {rung!r} is not ENCODER/DECODER/OUTPUT with ENCODER in linear|mf|mf0, DECODER in "
                     f"linear|table10, OUTPUT in {'|'.join(finola.OUTPUTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)

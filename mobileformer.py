@@ -93,6 +93,7 @@ class MobileFormerConfig:
     num_classes: int = 0             # > 0 adds Mobile-Former's classifier head
     head_channels: int = 1920        # hidden width of that head (Mobile-Former's `num_features`)
     head_dropout: float = 0.0
+    zero_init_residual: bool = False  # ours (not the authors'): residual branches start at zero, see reset_parameters
 
     def __post_init__(self):
         # JSON turns the tuples into lists: normalise so that from_config(asdict(c)) == c.
@@ -393,7 +394,11 @@ class MobileFormer(nn.Module):
 
     def reset_parameters(self):
         """Mobile-Former's init (A9): conv N(0, √(2/(k²·C_out))), BN (1, 0), Linear N(0, 0.01) with zero bias,
-        tokens N(0, 1) (nn.Embedding's default), LayerNorm (1, 0)."""
+        tokens N(0, 1) (nn.Embedding's default), LayerNorm (1, 0). With ``zero_init_residual`` (ours; Goyal et al.'s
+        trick for deep residual nets), the BN closing each residual branch (bneck-lite and M-F with C_in = C_out,
+        M-F↓'s second branch) starts at γ = 0, so every such block starts as the identity and the stem's picture of
+        the image reaches the last block intact: at 32² it lifts held-out reconstruction by 2 dB after 300 steps
+        (EXPERIMENTS.md, the reconstruction ladder)."""
         nn.init.normal_(self.tokens)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -404,6 +409,12 @@ class MobileFormer(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
+        if self.config.zero_init_residual:
+            for m in self.modules():
+                last = (m.project if isinstance(m, (Bottleneck, LiteBottleneck)) and m.residual else
+                        m.project2 if isinstance(m, DownBottleneck) else None)
+                if last is not None:
+                    nn.init.zeros_(last.bn.weight)
 
     def config_dict(self) -> dict:
         """The config as a plain dict; `from_config(model.config_dict())` rebuilds the architecture."""

@@ -38,8 +38,15 @@ class FrozenEncoderFinola(classify.FrozenEncoder, finola.Finola):
     """App. D: a pre-trained encoder, frozen; pooling, FINOLA and a fresh upsampler are trained (saved as "finola")."""
 
 
+def encoder_of(args):
+    """The encoder a run starts from: the one of --init (any of our files), or a fresh --encoder."""
+    if args.init:
+        return weights.load_encoder(args.init)
+    return mobileformer.create(args.encoder, zero_init_residual=args.zero_init_residual)
+
+
 def build_finola(args):
-    encoder = weights.load_encoder(args.init) if args.init else mobileformer.create(args.encoder)
+    encoder = encoder_of(args)
     config = finola.FinolaConfig(
         encoder_channels=encoder.out_channels, channels=args.channels, grid=(args.grid, args.grid),
         q_position=args.q_position, norm=args.norm, widths=tuple(args.widths), output=args.output,
@@ -69,13 +76,13 @@ def evaluate_finola(model, args, out: Path) -> dict:
 FINOLA_PAPER = dict(data="hf:ILSVRC/imagenet-1k", streaming=True, epoch_size=1_281_167, encoder="mf-w2880",
                     channels=3072, grid=16, image_size=256, widths=[512, 256, 256, 128, 128], batch_size=128,
                     epochs=100, warmup_epochs=10, lr=1.5e-4, weight_decay=0.1, betas=[0.9, 0.95], checkpoint_every=2000)
-FINOLA_SMALL = dict(data="photos", encoder="mf-tiny", channels=256, grid=4, image_size=32, widths=[64, 32, 32, 16],
-                    batch_size=32, epochs=56, warmup_epochs=2, lr=8e-3, weight_decay=0.1, betas=[0.9, 0.95],
-                    checkpoint_every=500)
+FINOLA_SMALL = dict(data="photos", encoder="mf-tiny", zero_init_residual=True, channels=256, grid=4, image_size=32,
+                    widths=[64, 32, 32, 16], colour_jitter=0.3, batch_size=32, epochs=30, warmup_epochs=0.5, lr=8e-3, weight_decay=0.1,
+                    betas=[0.9, 0.95], checkpoint_every=500)
 
 def build_detr(args):
     """DETR with a Mobile-Former decoder on a backbone from --init (any of our files) or a fresh --encoder."""
-    backbone = weights.load_encoder(args.init) if args.init else mobileformer.create(args.encoder)
+    backbone = encoder_of(args)
     num_classes = max(data.categories(data.load(args.data, split="train", **args.data_options))) + 1
     model = detr.create(backbone, decoder=args.decoder, num_classes=num_classes, num_queries=args.num_queries,
                         frozen_backbone=args.task == "detr-probe")
@@ -115,7 +122,7 @@ DETR_FT_SMALL = dict(DETR_SMALL, lr=1e-4)
 
 def build_masked(args):
     """Masked-FINOLA-E or -B on a fresh --encoder (or one from --init); patches of --image-size / --grid pixels."""
-    encoder = weights.load_encoder(args.init) if args.init else mobileformer.create(args.encoder)
+    encoder = encoder_of(args)
     if args.image_size % args.grid:
         raise ValueError(f"--image-size {args.image_size} must be a multiple of --grid {args.grid} (the patch size)")
     common = dict(encoder_channels=encoder.out_channels, channels=args.channels or encoder.out_channels,
@@ -168,7 +175,7 @@ def build_classifier(args):
     if args.task == "supervised" and args.init:
         raise ValueError("--init: the supervised baseline trains its encoder from scratch; use --task finetune")
     ds = data.load(args.data, split="train", streaming=args.streaming, **args.data_options)
-    encoder = weights.load_encoder(args.init) if args.init else mobileformer.create(args.encoder)
+    encoder = encoder_of(args)
     config = classify.ClassifierConfig(num_classes=max(data.categories(ds)) + 1, head=args.head,
                                        encoder_channels=encoder.out_channels, dropout=args.dropout,
                                        frozen=args.task in PROBES, encoder=encoder.config_dict())
@@ -218,7 +225,7 @@ SUPERVISED_SMALL = dict(FINETUNE_SMALL, lr=4e-3, max_steps=600)
 
 
 def crop(args):
-    return data.train_transform("crop", size=args.image_size)
+    return data.train_transform("crop", size=args.image_size, colour=args.colour_jitter)
 
 
 def whole(args):

@@ -46,7 +46,7 @@ DEFAULTS = dict(preset="small", data=None, streaming=False, augment=True, epoch_
                 out=None, resume=None, checkpoint_every=500, log_every=10, freeze_encoder=False,
                 upsampler_width=512, upsampler_depth=6, head="lin", dropout=None, optimizer="adamw",
                 label_smoothing=0.0, random_erase=0.0, crop_ratio=0.875, threads=None, pca_images=20000,
-                output="normalized")
+                output="normalized", zero_init_residual=False, colour_jitter=0.0)
 
 
 def parse_args(argv=None):
@@ -67,6 +67,8 @@ def parse_args(argv=None):
     g.add_argument("--num-workers", type=int, help="data loader worker processes")
     g.add_argument("--pca-images", type=int, help="finola: training crops the final evaluation's PCA baseline is "
                                                    "fitted on (k = C components; 0 skips it)")
+    g.add_argument("--colour-jitter", type=float, help="crop transforms: per-image brightness / contrast / "
+                                                      "saturation jitter of this strength (ours; 0 in the paper)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="the task's training augmentation (--no-augment: evaluation's resize only, e.g. to overfit)")
     m = p.add_argument_group("model")
@@ -76,6 +78,9 @@ def parse_args(argv=None):
     m.add_argument("--grid", type=int, help="side of the FINOLA map (16 in the paper)")
     m.add_argument("--image-size", type=int, help="training image side")
     m.add_argument("--widths", type=int, nargs="+", help="res-conv widths of the upsampler (Table 10)")
+    m.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction,
+                   help="a fresh encoder's residual branches start at zero (ours; on in the small finola preset, "
+                        "off as in Mobile-Former's code otherwise)")
     m.add_argument("--q-position", choices=finola.Q_POSITIONS, help="where q sits in the map (App. E.1)")
     m.add_argument("--norm", choices=["layer", "moving-average"], help="FINOLA normalization (§4's ablation)")
     m.add_argument("--output", choices=finola.OUTPUTS, help="finola: what the upsampler predicts, the image in [0, 1] "

@@ -464,3 +464,18 @@ def test_detection_boxes_move_with_their_batched_crops():
         expect = expect.clamp(0, 32)
         assert torch.allclose(moved[b], expect, atol=1e-4)
         assert torch.equal(keep[b], ((expect[:, 2:] - expect[:, :2]) >= 1).all(1))
+
+
+def test_colour_jitter_is_per_image_reproducible_and_off_by_default():
+    image = data.Decoded(torch.full((3, 40, 40), 128, dtype=torch.uint8))  # one flat grey-ish image, 64 times
+
+    def draw(colour, seed):
+        torch.manual_seed(seed)  # kornia's draws (the loader seeds each batch the same way)
+        return data.train_transform("crop", size=16, colour=colour).batch([image] * 64, torch.Generator().manual_seed(0))
+
+    plain, jittered = draw(0.0, 1), draw(0.3, 1)
+    assert torch.allclose(plain, torch.full_like(plain, 128 / 255), atol=1e-6), "no jitter: the flat image stays flat"
+    means = jittered.mean((2, 3))
+    assert means.std(0).min() > 0.02, "every image draws its own brightness / contrast / saturation"
+    assert jittered.min() >= 0 and jittered.max() <= 1
+    assert torch.equal(jittered, draw(0.3, 1)) and not torch.equal(jittered, draw(0.3, 2)), "seeded, reproducible"

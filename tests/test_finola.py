@@ -303,6 +303,20 @@ def test_model_puts_q_where_asked(position, origin):
     assert model(x).shape == x.shape
 
 
+@pytest.mark.parametrize("output", finola.OUTPUTS)
+def test_output_parameterisation_is_a_fixed_affine_map_of_the_upsampler(output):
+    model = tiny_model(output=output).eval()
+    z = torch.randn(2, 16, 4, 4)
+    y = model.upsampler(z)
+    mean, std = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1), torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    assert_close(model.decode(z), y * std + mean if output == "normalized" else y)
+    # what it is for: with the last conv's output near 0, a fresh "normalized" model starts near the data's mean
+    torch.nn.init.zeros_(model.upsampler[-1].weight)
+    torch.nn.init.zeros_(model.upsampler[-1].bias)
+    start = model.decode(z)
+    assert_close(start, mean.expand_as(start) if output == "normalized" else torch.zeros_like(start))
+
+
 def test_model_rejects_wrong_images():
     with pytest.raises(ValueError, match=r"x: expected images \(B, 3, 16, 16\)"):
         tiny_model()(torch.rand(2, 3, 32, 32))
@@ -310,6 +324,8 @@ def test_model_rejects_wrong_images():
         tiny_model(q_position="middle")
     with pytest.raises(ValueError, match="norm"):
         tiny_model(norm="batch")
+    with pytest.raises(ValueError, match="output: expected one of"):
+        tiny_model(output="rgb")
 
 
 def test_moving_average_model_tracks_statistics_and_uses_them_at_inference():

@@ -178,3 +178,27 @@ def test_parameter_counts_match_the_paper(name, paper_millions):
         model = mf.create(name)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     assert abs(params / paper_millions - 1) < 0.05, f"{name}: {params:.2f} M vs the paper's {paper_millions} M"
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_zero_init_residual_makes_every_residual_branch_start_as_the_identity(zero):
+    torch.manual_seed(0)
+    model = mf.create("mf-tiny", zero_init_residual=zero).eval()
+    x, z0 = torch.randn(2, 8, 16, 16), torch.randn(2, model.config.token_dim)
+    residual = [b for b in model.blocks if getattr(b, "residual", False) or getattr(getattr(b, "mobile", None),
+                                                                                    "residual", False)]
+    assert len(residual) == 8, "bneck-lite and the seven M-F blocks with C_in = C_out"
+    lite = model.blocks[0]
+    out, _ = lite(x, None)
+    assert torch.equal(out, x) == zero, "bneck-lite: x + 0 exactly when zero-initialised"
+    for block in model.blocks:
+        mobile = getattr(block, "mobile", None)
+        if isinstance(mobile, mf.Bottleneck) and mobile.residual:
+            h = torch.randn(2, mobile.expand.conv.in_channels, 4, 4)
+            assert torch.equal(mobile(h, z0), h) == zero
+        if isinstance(mobile, mf.DownBottleneck):
+            assert (mobile.project2.bn.weight == 0).all() == zero, "M-F↓'s second branch"
+    gammas = [m.weight for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all((g == 1).all() for g in gammas) != zero, "without the flag every BN starts at 1 (Mobile-Former's init)"
+    rebuilt = mf.from_config(model.config_dict())
+    assert rebuilt.config.zero_init_residual == zero, "the flag round-trips through the saved config"
