@@ -13,10 +13,12 @@ import math
 from pathlib import Path
 
 import torch
+from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import finola
+from weights import atomic_path
 
 console = Console(stderr=True)
 
@@ -459,10 +461,23 @@ def embedding_study(model, loader, *, out: Path, limit: int | None = None, show:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def save_figure(fig, path) -> Path:
-    """Write a matplotlib figure as a PNG at ``path`` (folders made as needed)."""
+    """Write a matplotlib figure at ``path`` (a PNG unless its suffix names another format), atomically: a
+    temporary name in the same folder (made as needed), then a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix[1:].lower() or "png")
+    return path
+
+
+def save_image(image, path) -> Path:
+    """Write a PIL image at ``path`` in the format its suffix names (``.png``, ``.jpg``, ...), atomically as
+    ``save_figure``."""
+    path = Path(path)
+    kind = Image.registered_extensions().get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(f"{str(path)!r}: unknown image file extension {path.suffix!r}; use .png")
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=kind)
     return path
 
 

@@ -320,4 +320,6 @@ COMMANDS: dict = {
 }
 
 if __name__ == "__main__":
-    main()
+    import errors
+
+    errors.run(main)

@@ -23,6 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from analysis import batches, images_of, psnr, save_figure
+from data import DECODE_ERRORS, decode as decode_image
+from weights import atomic_path, one_line
 
 Q_FORMAT = "finola-q/1"
 
@@ -55,32 +57,57 @@ def q_bytes(q: torch.Tensor, *, identity: str, weights: str = "") -> bytes:
 
 
 def save_q(path, q: torch.Tensor, *, identity: str, weights: str = "") -> Path:
-    """Write the .q file of embedding q (C,) made by the model with ``identity`` (``model_identity``)."""
+    """Write the .q file of embedding q (C,) made by the model with ``identity`` (``model_identity``), atomically
+    (a temporary name in the same folder, then a rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(q_bytes(q, identity=identity, weights=weights))
+    payload = q_bytes(q, identity=identity, weights=weights)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(payload)
     return path
 
 
-def load_q(path, *, identity: str) -> torch.Tensor:
-    """The float16 embedding q (C,) of a .q file; a clear error when the file is not ours or was encoded by a model
-    other than the one with ``identity``."""
+def read_q(path) -> tuple[torch.Tensor, dict]:
+    """``(q, metadata)`` of a .q file, checked to be ours and well formed (one finite float16 vector of the length
+    its metadata states); a one-line error naming the file otherwise (junk, truncated, another format)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"q file: no such file {str(path)!r}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta, q = f.metadata() or {}, (f.get_tensor("q") if "q" in f.keys() else None)
-    except Exception as e:  # safetensors raises its own error types for other files
-        raise ValueError(f"q file: {str(path)!r} is not a safetensors file ({e})") from e
+    except Exception as e:  # safetensors raises its own error types for other files, and for truncated ones
+        raise ValueError(f"q file: {str(path)!r} is not a safetensors file, or is truncated ({one_line(e)})") from e
     if meta.get("format") != Q_FORMAT or q is None:
         raise ValueError(f"q file: {str(path)!r} is not a FINOLA .q file (metadata 'format' is "
                          f"{meta.get('format')!r}, expected {Q_FORMAT!r})")
+    if q.dim() != 1 or q.dtype != torch.float16 or str(len(q)) != meta.get("channels") or not torch.isfinite(q).all():
+        raise ValueError(f"q file: {str(path)!r} is damaged: expected one finite float16 vector of the "
+                         f"{meta.get('channels')!r} channels its metadata states, got {q.dtype} {tuple(q.shape)}"
+                         f"{'' if torch.isfinite(q).all() else ' with non-finite values'}")
+    return q, meta
+
+
+def load_q(path, *, identity: str) -> torch.Tensor:
+    """The float16 embedding q (C,) of a .q file; a clear error when the file is not ours (``read_q``) or was
+    encoded by a model other than the one with ``identity``."""
+    q, meta = read_q(path)
     if meta.get("model") != identity:
         raise ValueError(f"q file: {str(path)!r} was encoded by a different model (weights "
                          f"{meta.get('weights') or '?'!r}, identity {meta.get('model', '?')[:12]}...) than --weights "
                          f"(identity {identity[:12]}...); decode it with the weights that encoded it")
     return q
+
+
+def read_image(path) -> Image.Image:
+    """The RGB image in ``path`` (any format Pillow reads); a one-line error naming the file when it is missing or
+    not an image (text, truncated, a decompression bomb)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image: no such file {str(path)!r}")
+    try:
+        return decode_image(str(path))
+    except DECODE_ERRORS as e:
+        raise ValueError(f"image: {str(path)!r} is not an image Pillow can read ({type(e).__name__}: "
+                         f"{one_line(e)})") from e
 
 
 @torch.no_grad()

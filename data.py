@@ -33,8 +33,6 @@ from PIL import Image
 from augment import (Crops, Decoded, Transform, _RandAugment, _taps, centre_boxes, crop_boxes,  # noqa: F401
                      eval_transform, resized_crops, train_transform)
 
-MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics; batches are in [0, 1] and the model normalises if it wants
-STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 FORMS = ("accepted sources: 'hf:NAME' (a HuggingFace hub dataset); a local path: a folder of images, a folder with "
          "one subfolder per class, a COCO instances_*.json, a saved dataset folder or a .parquet file/folder; or an "
@@ -77,11 +75,15 @@ def decode(cell) -> Image.Image:
 
 
 def _open(cell) -> Image.Image:
-    """A dataset cell's PIL image, loaded, in its own mode."""
+    """A dataset cell's PIL image, loaded, in its own mode; 16-bit grey (modes ``I;16*`` and ``I``, as Pillow reads
+    16-bit PNG and TIFF) becomes 8-bit ``L`` by scaling (Pillow's own conversion to RGB would clip it to white)."""
     if isinstance(cell, dict):
         cell = io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]
     image = cell if isinstance(cell, Image.Image) else Image.open(cell)
     image.load()
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        wide = np.asarray(image).astype(np.float64).clip(0, 65535)
+        image = Image.fromarray((wide / 257).round().astype(np.uint8))
     return image
 
 
@@ -173,10 +175,29 @@ def _detection_features(names: list[str]) -> datasets.Features:
         "category_id": datasets.List(datasets.ClassLabel(names=names))})
 
 
+def _coco_box(bbox) -> list[float] | None:
+    """A COCO ``bbox`` as four finite floats, or None when it is missing, not four numbers, NaN or infinite."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return None
+    try:
+        box = [float(v) for v in bbox]
+    except (TypeError, ValueError):
+        return None
+    return box if all(math.isfinite(v) for v in box) else None
+
+
 def _coco_json(path: Path, *, images: Path | None):
-    """A COCO ``instances_*.json``; boxes outside the image, zero-area boxes and unknown category ids are dropped
-    (partly outside: clipped) with a warning that counts them. Crowd annotations are left out of training rows."""
-    coco = json.loads(path.read_text())
+    """A COCO ``instances_*.json``; malformed annotations and boxes (missing, not four numbers, NaN, infinite),
+    boxes of negative or zero size, boxes outside the image and unknown category or image ids are dropped (partly
+    outside: clipped) with a warning that counts them. Crowd annotations are left out of training rows."""
+    try:
+        coco = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"source={str(path)!r}: not valid JSON ({error})") from error
+    lacking = [k for k in ("images", "categories") if not isinstance(coco, dict) or not isinstance(coco.get(k), list)]
+    if lacking:
+        raise ValueError(f"source={str(path)!r}: not a COCO instances json (no {' or '.join(map(repr, lacking))} "
+                         "list)")
     if images is None:  # COCO layout: annotations/instances_val2017.json next to val2017/
         stem = path.stem.removeprefix("instances_")
         candidates = [path.parent.parent / stem, path.parent / stem, path.parent / "images", path.parent]
@@ -184,23 +205,34 @@ def _coco_json(path: Path, *, images: Path | None):
         if images is None:
             raise FileNotFoundError(f"source={str(path)!r}: no image folder among {[str(c) for c in candidates]}; "
                                     "pass images=FOLDER")
+    for i, im in enumerate(coco["images"]):
+        if not isinstance(im, dict) or any(k not in im for k in ("id", "file_name", "width", "height")):
+            raise ValueError(f"source={str(path)!r}: images[{i}] needs 'id', 'file_name', 'width' and 'height'")
     cats = {c["id"]: c["name"] for c in coco["categories"]}
     sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
     rows = {im["id"]: {"image": str(images / im["file_name"]), "image_id": im["id"],
                        "objects": {"bbox": [], "category_id": []}} for im in coco["images"]}
     dropped = Counter()
-    for a in coco["annotations"]:
+    for a in coco.get("annotations", []):
+        if not isinstance(a, dict):
+            dropped["malformed annotation"] += 1
+            continue
         if a.get("iscrowd", 0):
             dropped["crowd"] += 1
             continue
-        if a["category_id"] not in cats or a["image_id"] not in sizes:
+        if a.get("category_id") not in cats or a.get("image_id") not in sizes:
             dropped["unknown category or image id"] += 1
             continue
+        box = _coco_box(a.get("bbox"))
+        if box is None:
+            dropped["malformed bbox"] += 1
+            continue
         w, h = sizes[a["image_id"]]
-        x, y, bw, bh = a["bbox"]
+        x, y, bw, bh = box
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + bw, w), min(y + bh, h)
         if x1 - x0 <= 0 or y1 - y0 <= 0:
-            dropped["outside the image" if bw > 0 and bh > 0 else "zero-area"] += 1
+            dropped["negative size" if bw < 0 or bh < 0 else "outside the image" if bw > 0 and bh > 0
+                    else "zero-area"] += 1
             continue
         dropped["clipped to the image"] += (x0, y0, x1, y1) != (x, y, x + bw, y + bh)
         rows[a["image_id"]]["objects"]["bbox"].append([x0, y0, x1 - x0, y1 - y0])
@@ -223,15 +255,19 @@ def categories(dataset) -> dict[int, str]:
 
 def coco(dataset):
     """The COCO ground truth of any detection dataset as a ``pycocotools.coco.COCO`` (its ``.dataset`` is the
-    json dict), so evaluation is pycocotools' COCOeval everywhere."""
+    json dict), so evaluation is pycocotools' COCOeval everywhere. Images that cannot be read are left out (the
+    loader skips and counts them)."""
     from pycocotools.coco import COCO
 
     rows = dataset.cast_column("image", datasets.Image(decode=False))
     images, annotations = [], []
     for row in rows:
         cell = row["image"]
-        with Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]) as im:
-            width, height = im.size  # reads the header only
+        try:
+            with Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]) as im:
+                width, height = im.size  # reads the header only
+        except DECODE_ERRORS:  # an unreadable image: the loader skips and counts it, so it has no detections
+            continue
         images.append({"id": row["image_id"], "width": width, "height": height})
         for box, cat in zip(row["objects"]["bbox"], row["objects"]["category_id"]):
             annotations.append({"id": len(annotations) + 1, "image_id": row["image_id"], "bbox": list(box),
@@ -286,7 +322,8 @@ CACHE_BYTES = 1 << 30  # per loader, split over its worker processes
 # ----------------------------------------------------------------------------------------------------------------
 # Loading: batches for one rank; each sample exactly once per epoch across ranks
 # ----------------------------------------------------------------------------------------------------------------
-DECODE_ERRORS = (OSError, SyntaxError, ValueError)  # PIL's errors for corrupt and truncated files
+# PIL's errors for corrupt, truncated and non-image files and for decompression bombs (over twice MAX_IMAGE_PIXELS)
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 def _decode(cell, where: str) -> Decoded | tuple[Exception, str]:

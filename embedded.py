@@ -118,6 +118,7 @@ def photos(*, split: str = "train", size: int = 64, crops_per_photo: int = 64,
 
 # fashion-mnist: Debian's dataset-fashion-mnist (MIT), the official 60k / 10k split.
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_INSTALL = "install it with `sudo apt-get install dataset-fashion-mnist`"
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
 
@@ -135,12 +136,15 @@ def fashion_mnist(*, split: str = "train") -> datasets.Dataset:
     """Fashion-MNIST, 28×28 grey (the loader makes it RGB), 10 classes: ``train`` 60,000, ``test`` 10,000
     (``validation`` is the same official test split)."""
     _check_split("fashion-mnist", split, ("train", "test", "validation"))
-    if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
-        raise FileNotFoundError(f"source='fashion-mnist' reads {FASHION_DIR}, which is missing: install it with "
-                                "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or use "
+    prefix = "train" if split == "train" else "t10k"
+    files = [FASHION_DIR / f"{prefix}-{kind}-ubyte.gz" for kind in ("images-idx3", "labels-idx1")]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"source='fashion-mnist' reads {FASHION_DIR}, which lacks {', '.join(missing)}: "
+                                f"{FASHION_INSTALL} (Debian/Ubuntu), or use "
                                 "'hf:zalando-datasets/fashion_mnist' where the hub is reachable")
     features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=FASHION_CLASSES))
-    return _cached(_fashion_rows, features, prefix="train" if split == "train" else "t10k")
+    return _cached(_fashion_rows, features, prefix=prefix)
 
 
 # trees: the deepforest wheel's NEON aerial images with their tree-crown boxes (Pascal VOC), split by image.

@@ -168,10 +168,7 @@ def save_grid(rows: list[torch.Tensor], path, *, pad: int = 2, min_side: int = 1
         for j, img in enumerate(row):
             top, left = pad + i * (h + pad), pad + j * (w + pad)
             canvas[:, top:top + h, left:left + w] = img.float().clamp(0, 1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
-    return path
+    return analysis.save_image(Image.fromarray((canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)), path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -425,8 +422,9 @@ def cmd_pde(args) -> dict:
 
 
 def cmd_encode(args) -> dict:
+    image = codec.read_image(args.image)  # a missing or non-image file fails before the model loads
     model = _model_with(args.weights, "encode", ("encode", "expand", "decode"))
-    x = reconstruct_transform(model)(data.decode(str(args.image)))[None]
+    x = reconstruct_transform(model)(image)[None]
     q = codec.encode(model, x)
     path = codec.save_q(args.output or Path(f"{args.image}.q"), q[0], identity=codec.model_identity(model),
                         weights=args.weights)
@@ -440,8 +438,7 @@ def cmd_decode(args) -> dict:
     model = _model_with(args.weights, "decode", ("expand", "decode"))
     q = codec.load_q(args.qfile, identity=codec.model_identity(model))
     path = args.output or args.qfile.with_suffix(".png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    codec.to_pil(codec.decode(model, q[None])[0]).save(path)
+    analysis.save_image(codec.to_pil(codec.decode(model, q[None])[0]), path)
     result = {"image": str(path), "size": list(model.image_size)}
     _report(f"{args.qfile} decoded", result)
     return result
@@ -567,4 +564,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import errors
+
+    errors.run(main)

@@ -77,15 +77,21 @@ def crops(args) -> tuple[torch.Tensor, torch.Tensor]:
         task = progress.add_task("drawing training crops", total=args.crops)
         while sum(map(len, out)) < args.crops:
             train.set_epoch(epoch)
+            before = sum(map(len, out))
             for batch in train:
                 out.append((batch["images"] * 255).round().to(torch.uint8))
                 progress.update(task, completed=min(args.crops, sum(map(len, out))))
                 if sum(map(len, out)) >= args.crops:
                     break
+            if sum(map(len, out)) == before:  # every image unreadable: more epochs would never end
+                raise ValueError(f"--data {args.data!r}: the training split gave no readable images")
             epoch += 1
     val = data.loader(data.load(args.data, split="validation"), batch_size=256,
                       transform=data.eval_transform("classify", size=args.image_size, crop_ratio=1.0))
-    return torch.cat(out)[: args.crops], torch.cat([b["images"] for b in val])
+    val = [b["images"] for b in val]
+    if not val:
+        raise ValueError(f"--data {args.data!r}: the validation split gave no readable images")
+    return torch.cat(out)[: args.crops], torch.cat(val)
 
 
 def train_rung(rung: str, x_train: torch.Tensor, x_val: torch.Tensor, args) -> dict:
@@ -164,4 +170,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import errors
+
+    errors.run(main)

@@ -5,7 +5,7 @@
 A task is a row of ``tasks.TASKS``: how to build its model, its loss on a batch, its data transform and its final
 evaluation. ``--preset`` fills every flag the command line leaves unset (``small``: minutes on a laptop CPU;
 ``paper``: the paper's appendix, Table 12 for ``finola``). One loop (nanoGPT-style) serves all tasks: AdamW (SGD
-for linear probing), linear warm-up then cosine decay of lr = base_lr x effective batch / 256 (App. C), Accelerate for
+for linear probing), linear warm-up then cosine decay of lr = base_lr x global batch / 256 (App. C), Accelerate for
 devices, processes, mixed precision and gradient accumulation, atomic checkpoints of the full training state,
 ``--resume``, ``metrics.jsonl`` and a final ``model.safetensors`` whose metadata rebuilds the model
 (``weights.load_model``).
@@ -13,12 +13,16 @@ devices, processes, mixed precision and gradient accumulation, atomic checkpoint
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,6 +33,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 import data
 import detr
+import errors
 import finola
 import mobileformer
 import weights
@@ -46,38 +51,59 @@ DEFAULTS = dict(preset="small", data=None, streaming=False, augment=True, epoch_
                 out=None, resume=None, checkpoint_every=500, log_every=10, freeze_encoder=False,
                 upsampler_width=512, upsampler_depth=6, head="lin", dropout=None, optimizer="adamw",
                 label_smoothing=0.0, random_erase=0.0, crop_ratio=0.875, threads=None, pca_images=20000,
-                output="normalized", zero_init_residual=False, colour_jitter=0.0)
+                output="normalized", zero_init_residual=False, colour_jitter=0.0, clip_grad=0.0)
 
 
-def parse_args(argv=None):
+def _number(kind, low: float, *, low_ok: bool, what: str):
+    """An argparse type: ``kind`` (int or float) above ``low`` (or equal with ``low_ok``), named in the error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (value >= low if low_ok else value > low) or value != value:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    return parse
+
+
+POSITIVE = _number(int, 0, low_ok=False, what="a positive integer")
+COUNT = _number(int, 0, low_ok=True, what="an integer >= 0")
+RATE = _number(float, 0, low_ok=False, what="a number > 0")
+AMOUNT = _number(float, 0, low_ok=True, what="a number >= 0")
+# Flags a resumed run may change: they steer the run, not what it computes (see parse_args).
+RESUMABLE = ("max_steps", "checkpoint_every", "log_every", "threads", "num_workers")
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=None,
         epilog="Tasks: " + ", ".join(TASKS) + ". Presets: " + "; ".join(
             f"{t}/{n}: " + ", ".join(f"{k}={v}" for k, v in d.items()) for t, task in TASKS.items()
             for n, d in task.presets.items()))
-    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--task", choices=sorted(TASKS), help="the experiment (required unless --resume)")
     p.add_argument("--preset", choices=["small", "paper"], help="defaults for every unset flag (default: small)")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="source for data.load: an embedded name (photos, fashion-mnist, trees, shapes), "
                                   "a local path or hf:NAME")
     g.add_argument("--streaming", action=argparse.BooleanOptionalAction, help="stream the source (hub scale)")
-    g.add_argument("--epoch-size", type=int, help="images per epoch of a streamed source (it has no length)")
+    g.add_argument("--epoch-size", type=POSITIVE, help="images per epoch of a streamed source (it has no length)")
     g.add_argument("--eval-split", help="split of the final evaluation (default: validation)")
     g.add_argument("--data-options", type=json.loads, help='JSON options for the source, e.g. \'{"crops_per_photo": 8}\'')
-    g.add_argument("--num-workers", type=int, help="data loader worker processes")
-    g.add_argument("--pca-images", type=int, help="finola: training crops the final evaluation's PCA baseline is "
+    g.add_argument("--num-workers", type=COUNT, help="data loader worker processes")
+    g.add_argument("--pca-images", type=COUNT, help="finola: training crops the final evaluation's PCA baseline is "
                                                    "fitted on (k = C components; 0 skips it)")
-    g.add_argument("--colour-jitter", type=float, help="crop transforms: per-image brightness / contrast / "
+    g.add_argument("--colour-jitter", type=AMOUNT, help="crop transforms: per-image brightness / contrast / "
                                                       "saturation jitter of this strength (ours; 0 in the paper)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="the task's training augmentation (--no-augment: evaluation's resize only, e.g. to overfit)")
     m = p.add_argument_group("model")
     m.add_argument("--encoder", choices=sorted(mobileformer.PRESETS), help="Mobile-Former variant (Table 9)")
-    m.add_argument("--channels", type=int, help="latent channels C of q and the FINOLA map (Table 2a; masked-b: "
+    m.add_argument("--channels", type=POSITIVE, help="latent channels C of q and the FINOLA map (Table 2a; masked-b: "
                                                 "default the encoder's width, its features used directly)")
-    m.add_argument("--grid", type=int, help="side of the FINOLA map (16 in the paper)")
-    m.add_argument("--image-size", type=int, help="training image side")
-    m.add_argument("--widths", type=int, nargs="+", help="res-conv widths of the upsampler (Table 10)")
+    m.add_argument("--grid", type=POSITIVE, help="side of the FINOLA map (16 in the paper)")
+    m.add_argument("--image-size", type=POSITIVE, help="training image side")
+    m.add_argument("--widths", type=POSITIVE, nargs="+", help="res-conv widths of the upsampler (Table 10)")
     m.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction,
                    help="a fresh encoder's residual branches start at zero (ours; on in the small finola preset, "
                         "off as in Mobile-Former's code otherwise)")
@@ -86,76 +112,146 @@ def parse_args(argv=None):
     m.add_argument("--output", choices=finola.OUTPUTS, help="finola: what the upsampler predicts, the image in [0, 1] "
                                                           "or normalised as the encoder sees it (finola.OUTPUTS)")
     m.add_argument("--decoder", choices=sorted(detr.PRESETS), help="DETR's Mobile-Former decoder (Tables 4, 18)")
-    m.add_argument("--num-queries", type=int, help="DETR object queries (100 in the paper)")
+    m.add_argument("--num-queries", type=POSITIVE, help="DETR object queries (100 in the paper)")
     m.add_argument("--init", help="start the encoder from any of our .safetensors files (default: random init); "
                                   "finetune from a classifier file with the same --head also starts its decoder there")
     m.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction,
                    help="finola: keep the encoder fixed, train pooling + FINOLA + upsampler (App. D, with --init)")
-    m.add_argument("--upsampler-width", type=int, help="masked-b: width of the transformer upsampler (Table 10: 512)")
-    m.add_argument("--upsampler-depth", type=int, help="masked-b: its transformer blocks (Table 10: 6; Table 16)")
+    m.add_argument("--upsampler-width", type=POSITIVE, help="masked-b: width of the transformer upsampler (Table 10: 512)")
+    m.add_argument("--upsampler-depth", type=POSITIVE, help="masked-b: its transformer blocks (Table 10: 6; Table 16)")
     m.add_argument("--head", choices=["lin", "tran-1", "tran-4"],
                    help="classification decoder: BN + linear, or 1 / 4 transformer blocks + linear (App. B)")
-    m.add_argument("--dropout", type=float, help="tran-N decoders (Table 13: 0.1 for MF-W720, 0.2 for W1440/W2880)")
+    m.add_argument("--dropout", type=AMOUNT, help="tran-N decoders (Table 13: 0.1 for MF-W720, 0.2 for W1440/W2880)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--batch-size", type=int, help="images per process per step")
-    o.add_argument("--epochs", type=int)
-    o.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (the schedule's length)")
-    o.add_argument("--warmup-epochs", type=float)
-    o.add_argument("--lr", type=float, help="base learning rate (scaled by effective batch / 256 with --scale-lr)")
-    o.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, help="lr = base x effective batch / 256")
+    o.add_argument("--batch-size", type=POSITIVE, help="the global batch: images per optimizer step over all processes "
+                                                       "and --grad-accum micro-steps (the paper's batch sizes)")
+    o.add_argument("--epochs", type=POSITIVE)
+    o.add_argument("--max-steps", type=POSITIVE, help="stop after this many optimizer steps (the schedule's length)")
+    o.add_argument("--warmup-epochs", type=AMOUNT)
+    o.add_argument("--lr", type=RATE, help="base learning rate (scaled by --batch-size / 256 with --scale-lr)")
+    o.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, help="lr = base x --batch-size / 256")
     o.add_argument("--schedule", choices=["cosine", "step"], help="cosine decay, or x0.1 at --lr-drop-epoch")
-    o.add_argument("--lr-drop-epoch", type=float, help="epoch of the x0.1 drop of the step schedule")
-    o.add_argument("--weight-decay", type=float)
+    o.add_argument("--lr-drop-epoch", type=AMOUNT, help="epoch of the x0.1 drop of the step schedule")
+    o.add_argument("--weight-decay", type=AMOUNT)
     o.add_argument("--betas", type=float, nargs=2, help="AdamW betas (FINOLA presets: MAE's 0.9 0.95)")
-    o.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
+    o.add_argument("--grad-accum", type=POSITIVE, help="gradient accumulation steps (the global batch is split over them)")
+    o.add_argument("--clip-grad", type=AMOUNT, help="clip the gradient norm to this (DETR: 0.1, on in the detection "
+                                                    "presets; 0: off)")
     o.add_argument("--seed", type=int)
     o.add_argument("--optimizer", choices=["adamw", "sgd"], help="sgd: momentum 0.9 (linear probing, Table 13)")
-    o.add_argument("--label-smoothing", type=float, help="of the classification loss (Table 13: 0.1 for tran-1)")
-    o.add_argument("--random-erase", type=float, help="RandomErasing probability with RandAug (0.25 for MF-W2880)")
-    o.add_argument("--crop-ratio", type=float, help="classification: evaluation resizes to size / ratio and centre-"
+    o.add_argument("--label-smoothing", type=AMOUNT, help="of the classification loss (Table 13: 0.1 for tran-1)")
+    o.add_argument("--random-erase", type=AMOUNT, help="RandomErasing probability with RandAug (0.25 for MF-W2880)")
+    o.add_argument("--crop-ratio", type=RATE, help="classification: evaluation resizes to size / ratio and centre-"
                                                     "crops (0.875; 1 keeps small images whole)")
     r = p.add_argument_group("run")
-    r.add_argument("--threads", type=int, help="CPU threads per process (default: every core for a single CPU "
+    r.add_argument("--threads", type=POSITIVE, help="CPU threads per process (default: every core for a single CPU "
                                                "process, as accelerate leaves each process one)")
     r.add_argument("--out", help="run folder (default: runs/<task>-<YYYYmmdd-HHMMSS>)")
-    r.add_argument("--resume", help="a run folder to continue from its last checkpoint")
-    r.add_argument("--checkpoint-every", type=int, help="optimizer steps between checkpoints")
-    r.add_argument("--log-every", type=int, help="optimizer steps between metrics.jsonl lines")
+    r.add_argument("--resume", help="a run folder to continue from its last checkpoint, with its saved flags; only "
+                                    + ", ".join("--" + k.replace("_", "-") for k in RESUMABLE) + " may change")
+    r.add_argument("--checkpoint-every", type=POSITIVE, help="optimizer steps between checkpoints")
+    r.add_argument("--log-every", type=POSITIVE, help="optimizer steps between metrics.jsonl lines")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The run's flags: the command line, then the preset, then ``DEFAULTS``; with ``--resume``, the run's saved
+    flags, of which only ``RESUMABLE`` may be changed (others given with a different value are refused)."""
+    p = _parser()
     args = p.parse_args(argv)
+    given = {k for k, v in vars(args).items() if v is not None}
+    if args.resume:
+        return _resumed(p, args, given)
+    if args.task is None:
+        p.error("the following arguments are required: --task (or --resume RUN)")
     preset = TASKS[args.task].presets[args.preset or "small"]
     for key, default in DEFAULTS.items():
         if getattr(args, key, None) is None:
             setattr(args, key, preset.get(key, default))
     if args.data is None:
         p.error(f"--data is required for task {args.task!r}")
+    if args.streaming and not args.epoch_size:
+        p.error("--epoch-size is required with --streaming: a streamed dataset has no length, so the schedule "
+                "counts epochs of --epoch-size images")
     return args
+
+
+def _resumed(p: argparse.ArgumentParser, args: argparse.Namespace, given: set[str]) -> argparse.Namespace:
+    run = Path(args.resume)
+    if not run.is_dir():
+        raise FileNotFoundError(f"--resume {str(run)!r}: no such run folder")
+    try:
+        saved = json.loads((run / "args.json").read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--resume {str(run)!r}: no args.json, so not a run folder of train.py") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--resume {str(run)!r}: args.json is corrupt ({e}); the run's flags cannot be "
+                         f"recovered from it") from None
+    if not isinstance(saved, dict) or saved.get("task") not in TASKS:
+        raise ValueError(f"--resume {str(run)!r}: args.json does not describe a train.py run (no known 'task')")
+    refused = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved.get(k)})"
+               for k in sorted(given - {"resume", *RESUMABLE}) if getattr(args, k) != saved.get(k)]
+    if refused:
+        p.error(f"--resume continues a run with its own flags; these cannot change: {', '.join(refused)}. Only "
+                + ", ".join("--" + k.replace("_", "-") for k in RESUMABLE) + " may; start a new run (--out) instead")
+    return argparse.Namespace(**{**DEFAULTS, **saved, **{k: getattr(args, k) for k in given & set(RESUMABLE)},
+                                 "resume": args.resume})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints: Accelerate's full state in a folder, written to a temporary name and renamed into place
 # ---------------------------------------------------------------------------------------------------------------------
 
-def save_checkpoint(accelerator, out: Path, step: int, epoch: int):
+def crash_point(stage: str, step: int):
+    """Tests only: ``FINOLA_CRASH_AT=STAGE@STEP`` kills this process (SIGKILL: no cleanup, as a power cut) when it
+    reaches ``STAGE`` at optimizer step ``STEP`` (stages: ``step``, mid-step after the backward pass, and the
+    ``checkpoint-*`` stages of ``save_checkpoint``)."""
+    if os.environ.get("FINOLA_CRASH_AT") == f"{stage}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save_checkpoint(accelerator, out: Path, step: int, epoch: int, seen: int = 0):
+    """The full training state in ``out/state``. It is written to ``state.tmp``, then ``state`` becomes ``state.old``
+    and ``state.tmp`` becomes ``state``: a kill at any moment leaves a complete ``state`` or ``state.old``."""
     tmp, final, old = out / "state.tmp", out / "state", out / "state.old"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    crash_point("checkpoint-written", step)
     if accelerator.is_main_process:
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "epoch": epoch}))
+        # trainer.json last: a folder without it is incomplete and never resumed from
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "epoch": epoch, "seen": seen}))
         if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
+        crash_point("checkpoint-old", step)
         tmp.rename(final)
+        crash_point("checkpoint-new", step)
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
 def find_checkpoint(run: Path) -> Path:
-    """The last complete checkpoint of a run (``state``, or ``state.old`` if a crash hit the rename)."""
-    for name in ("state", "state.old"):
+    """The newest complete checkpoint of a run: ``state``, or if a kill hit ``save_checkpoint``'s renames, a
+    ``state.tmp`` holding its ``trainer.json`` (written last), else ``state.old``."""
+    for name in ("state", "state.tmp", "state.old"):
         if (run / name / "trainer.json").exists():
             return run / name
-    raise FileNotFoundError(f"--resume {str(run)!r}: no checkpoint (state/trainer.json) in that folder")
+    raise FileNotFoundError(
+        f"--resume {str(run)!r}: the run has no checkpoint yet: it stopped before its first one (every "
+        f"--checkpoint-every steps), so there is nothing to continue. Start it again with the command that began it "
+        f"(its flags are in {str(run / 'args.json')!r})")
+
+
+def per_process_batch(batch_size: int, *, processes: int, grad_accum: int) -> int:
+    """``--batch-size`` is the global batch (Tables 12-14, App. C): per-process batch x processes x ``grad_accum``."""
+    share = processes * grad_accum
+    if batch_size % share:
+        raise ValueError(f"--batch-size {batch_size}: the global batch must divide by processes x --grad-accum = "
+                         f"{processes} x {grad_accum} = {share}")
+    return batch_size // share
 
 
 def lr_at(step: int, *, base: float, warmup: int, total: int, drop: int | None = None) -> float:
@@ -172,17 +268,20 @@ def lr_at(step: int, *, base: float, warmup: int, total: int, drop: int | None =
 # ---------------------------------------------------------------------------------------------------------------------
 
 def train(args) -> Path:
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=args.grad_accum)
+    # gradient accumulation is the loop's own (below): a step ends at every --grad-accum-th micro-batch and at the
+    # end of each epoch, so no step mixes two epochs
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if args.threads:
         torch.set_num_threads(args.threads)
     elif accelerator.device.type == "cpu" and accelerator.num_processes == 1:
         torch.set_num_threads(os.cpu_count() or 1)  # accelerate sets OMP_NUM_THREADS=1 per process
     task = TASKS[args.task]
     out = Path(args.resume or args.out or f"runs/{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if args.resume:
-        saved = json.loads((out / "args.json").read_text())
-        args = argparse.Namespace(**{**DEFAULTS, **saved, "resume": args.resume,
-                                     "max_steps": args.max_steps or saved["max_steps"]})
+    if not args.resume and any((out / name).exists() for name in ("state", "state.tmp", "state.old",
+                                                                      "model.safetensors")):
+        raise ValueError(f"--out {str(out)!r} already holds a run (a checkpoint or weights): continue it with "
+                         f"--resume {str(out)!r}, or choose another --out")
+    state = find_checkpoint(out) if args.resume else None  # before any work: a run killed too early has none
     set_seed(args.seed)
     model, arch, config = task.build(args)
     if accelerator.device.type == "cpu":
@@ -190,15 +289,20 @@ def train(args) -> Path:
 
     ds = data.load(args.data, split="train", streaming=args.streaming, **args.data_options)
     transform = task.transform(args) if args.augment else task.plain(args)
-    loader = data.loader(ds, batch_size=args.batch_size, transform=transform, shuffle=True,
+    local = per_process_batch(args.batch_size, processes=accelerator.num_processes, grad_accum=args.grad_accum)
+    if accelerator.is_main_process:
+        console.print(f"batch {args.batch_size} = {local} a process x {accelerator.num_processes} process(es) x "
+                      f"{args.grad_accum} accumulation step(s)")
+    loader = data.loader(ds, batch_size=local, transform=transform, shuffle=True,
                          num_workers=args.num_workers, seed=args.seed, accelerator=accelerator)
     steps_per_epoch = (math.ceil(len(loader) / args.grad_accum) if not args.streaming
-                       else args.epoch_size // (args.batch_size * args.grad_accum * accelerator.num_processes))
+                       else args.epoch_size // args.batch_size)
     if steps_per_epoch < 1:
-        raise ValueError(f"--batch-size {args.batch_size}: the training data holds less than one step per epoch")
+        raise ValueError(f"--batch-size {args.batch_size}: the training data holds less than one step per epoch"
+                         + (f" of --epoch-size {args.epoch_size}" if args.streaming else ""))
     total = args.max_steps or args.epochs * steps_per_epoch
     warmup = min(total, round(args.warmup_epochs * steps_per_epoch))
-    base_lr = args.lr * (args.batch_size * args.grad_accum * accelerator.num_processes / 256 if args.scale_lr else 1)
+    base_lr = args.lr * (args.batch_size / 256 if args.scale_lr else 1)
     drop = round(args.lr_drop_epoch * steps_per_epoch) if args.schedule == "step" else None
     trained = [p for p in model.parameters() if p.requires_grad]  # a frozen backbone stays out
     decay = [p for p in trained if p.dim() >= 2]
@@ -211,40 +315,59 @@ def train(args) -> Path:
                                       fused=accelerator.device.type in ("cpu", "cuda"))
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    step = epoch = 0
-    if args.resume:
-        state = find_checkpoint(out)
+    step = epoch = seen_before = 0
+    log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process)
+    if state is not None:
         accelerator.load_state(str(state))
-        step, epoch = (json.loads((state / "trainer.json").read_text())[k] for k in ("step", "epoch"))
+        saved = json.loads((state / "trainer.json").read_text())
+        step, epoch, seen_before = saved["step"], saved["epoch"], saved.get("seen", 0)
+        log.rewind(step=step, epoch=epoch)
     elif accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
-    log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process)
+        with weights.atomic_path(out / "args.json") as tmp:
+            tmp.write_text(json.dumps(vars(args), indent=1))
+        log.path.unlink(missing_ok=True)  # a run that died before its first checkpoint starts afresh
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=console, disable=not accelerator.is_main_process)
-    seen = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    # images this epoch, this rank; a resumed run's count before the checkpoint is carried by the main process
+    seen = torch.tensor(seen_before if accelerator.is_main_process else 0, device=accelerator.device)
     with progress:
         bar = progress.add_task(args.task, total=total, completed=step, stats="")
-        t0, images, last_good = time.perf_counter(), 0, step
+        t0, images, last_good, step_images = time.perf_counter(), 0, step, 0
         while step < total:
             skip = step * args.grad_accum - epoch * steps_per_epoch * args.grad_accum  # > 0: resumed mid-epoch
             loader.set_epoch(epoch, skip=skip)
-            n_batches = None if args.streaming else len(loader)
-            for i, batch in enumerate(loader, start=skip):
+            # a streamed epoch is --epoch-size images: its first n_batches batches
+            n_batches = steps_per_epoch * args.grad_accum if args.streaming else len(loader)
+            batches = itertools.islice(loader, n_batches - skip) if args.streaming else loader
+            i, epoch_done = skip - 1, False
+            for i, batch in enumerate(batches, start=skip):
                 model.train()
-                with accelerator.accumulate(model):
+                sync = (i + 1) % args.grad_accum == 0 or i + 1 == n_batches
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                     for g in optimizer.param_groups:
                         g["lr"] = lr_at(step, base=base_lr, warmup=warmup, total=total, drop=drop)
                     loss = task.loss(model, batch, args)
                     check_finite(accelerator, loss, step, out, last_good)
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    # each image of a step weighs the same, also when a micro-batch is short
+                    accelerator.backward(loss if args.grad_accum == 1 else
+                                         loss * (len(batch["images"]) / (local * args.grad_accum)))
                 images += len(batch["images"]) * accelerator.num_processes
                 seen += len(batch["images"])
-                if not accelerator.sync_gradients:
+                step_images += len(batch["images"])
+                if not sync:
                     continue
+                if args.grad_accum > 1 and step_images != local * args.grad_accum:  # the epoch's short last step
+                    for p in trained:
+                        if p.grad is not None:
+                            p.grad.mul_(local * args.grad_accum / step_images)
+                crash_point("step", step + 1)
+                if args.clip_grad:
+                    accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step_images = 0
                 step += 1
                 if step % args.log_every == 0 or step == total:
                     rate = images / (time.perf_counter() - t0)
@@ -253,15 +376,28 @@ def train(args) -> Path:
                     progress.update(bar, stats=f"loss {loss.item():.4f}  lr {lr:.2e}  {rate:.0f} img/s")
                 progress.update(bar, completed=step)
                 epoch_done = i + 1 == n_batches
+                if epoch_done:  # logged before the checkpoint that counts the epoch as done
+                    log.write(epoch=epoch, samples=accelerator.reduce(seen, "sum").item(),
+                              dataset=None if args.streaming else len(ds))
+                    seen.zero_()
                 if step % args.checkpoint_every == 0 or step == total:
-                    save_checkpoint(accelerator, out, step, epoch + epoch_done)
+                    save_checkpoint(accelerator, out, step, epoch + epoch_done,
+                                    seen=accelerator.reduce(seen, "sum").item())
                     last_good = step
                 if step >= total and not epoch_done:
                     break
             else:
-                samples = accelerator.reduce(seen, "sum").item()
-                log.write(epoch=epoch, samples=samples, dataset=None if args.streaming else len(ds))
-                seen.zero_()
+                if i < skip:  # not one batch: every image unreadable, or an empty stream
+                    raise ValueError(f"--data {args.data!r}: epoch {epoch} gave no readable training images"
+                                     + (f"; {data.BAD.total()} unreadable files skipped, e.g. "
+                                        f"{data.BAD.skipped.most_common(1)[0][0]}" if data.BAD.total() else ""))
+                if not epoch_done:  # a stream that ran short, or batches dropped whole as unreadable
+                    if args.streaming:
+                        warnings.warn(f"epoch {epoch}: the stream ended after {i + 1} of its {n_batches} batches "
+                                      f"(--epoch-size {args.epoch_size} is more than it holds)")
+                    log.write(epoch=epoch, samples=accelerator.reduce(seen, "sum").item(),
+                              dataset=None if args.streaming else len(ds))
+                    seen.zero_()
                 epoch += 1
 
     model = accelerator.unwrap_model(model)
@@ -293,8 +429,21 @@ def ranks_in_sync(accelerator, model) -> bool:
     return bool((every == every[:1]).all().item())
 
 
+def read_metrics(path) -> list[dict]:
+    """The records of a ``metrics.jsonl``; a line torn by a kill (or otherwise not JSON) is skipped with a warning."""
+    records = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}: line {n} is not JSON (torn by a kill?); skipped")
+    return records
+
+
 class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step, epoch or evaluation (main process only)."""
+    """metrics.jsonl: one JSON object per logged step, epoch or evaluation (main process only), appended line by
+    line; after a kill, ``rewind`` drops what the checkpoint being resumed does not hold, so each step is logged
+    once."""
 
     def __init__(self, path: Path, *, enabled: bool):
         self.path, self.enabled, self.t0 = path, enabled, time.time()
@@ -303,6 +452,17 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps({**fields, "time_s": round(time.time() - self.t0, 2)}) + "\n")
+
+    def rewind(self, *, step: int, epoch: int):
+        """Keep the step records up to ``step`` and the records of epochs before ``epoch`` (atomically)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [r for r in read_metrics(self.path)
+                if ("loss" in r and r["step"] <= step) or ("samples" in r and r["epoch"] < epoch)
+                or r.get("resumed_at_step", math.inf) <= step]
+        with weights.atomic_path(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.write(resumed_at_step=step)
 
 
 def report(out: Path, metrics: dict, eval_command: str):
@@ -328,4 +488,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

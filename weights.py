@@ -10,6 +10,7 @@ Metadata keys (all values are strings; JSON where structured):
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -33,6 +34,23 @@ ARCHS: dict[str, tuple[str, str]] = {
 }
 
 
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary name in ``path``'s folder; on success rename it to ``path`` (``os.replace``, atomic on one
+    filesystem), on any error remove it. A kill at any moment leaves either the old file or the new one, never a
+    torn one. Used for every file a run writes: weights, figures, ``.q`` files, ``args.json``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save(path, state_dict: dict[str, torch.Tensor], *, arch: str, config: dict, task: str = "",
          train: dict | None = None, data: str = "", metrics: dict | None = None) -> Path:
     """Write ``state_dict`` and our metadata to ``path`` atomically (temporary file, then rename)."""
@@ -49,16 +67,15 @@ def save(path, state_dict: dict[str, torch.Tensor], *, arch: str, config: dict, 
     }
     # safetensors refuses shared or non-contiguous storage: store independent contiguous copies.
     tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
+
+
+def one_line(error: Exception, limit: int = 300) -> str:
+    """An exception's message on one line, at most ``limit`` characters (for messages that quote a library's)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def read_metadata(path) -> dict:
@@ -70,37 +87,75 @@ def read_metadata(path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for non-safetensors files
-        raise ValueError(f"weights: {str(path)!r} is not a safetensors file ({e})") from e
+        raise ValueError(f"weights: {str(path)!r} is not a safetensors file ({one_line(e)})") from e
     if raw.get("format") != FORMAT:
         raise ValueError(f"weights: {str(path)!r} is not a finola weights file "
                          f"(metadata 'format' is {raw.get('format')!r}, expected {FORMAT!r})")
     meta = dict(raw)
     for key in ("model", "train", "metrics"):
-        meta[key] = json.loads(raw.get(key) or "{}")
+        try:
+            meta[key] = json.loads(raw.get(key) or "{}")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"weights: {str(path)!r}: metadata {key!r} is not valid JSON ({e})") from e
+        if not isinstance(meta[key], dict):
+            raise ValueError(f"weights: {str(path)!r}: metadata {key!r} should be a JSON object, got "
+                             f"{type(meta[key]).__name__}")
     return meta
 
 
 def read(path, *, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:
     """``(state_dict, metadata)`` of one of our files."""
     meta = read_metadata(path)
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # a file cut short after its header, a tensor safetensors cannot read
+        raise ValueError(f"weights: {str(path)!r}: cannot read its tensors ({one_line(e)})") from e
     return tensors, meta
 
 
-def build(model_meta: dict) -> torch.nn.Module:
-    """A fresh (randomly initialised) module from the ``model`` metadata ``{"arch", "config"}``."""
+def build(model_meta: dict, *, source: str = "metadata") -> torch.nn.Module:
+    """A fresh (randomly initialised) module from the ``model`` metadata ``{"arch", "config"}``; ``source`` names
+    where it came from in errors (e.g. the file)."""
     arch = model_meta.get("arch")
     if arch not in ARCHS:
-        raise ValueError(f"weights: unknown architecture {arch!r} in metadata; expected one of {sorted(ARCHS)}")
+        raise ValueError(f"weights: {source}: unknown architecture {arch!r} in metadata 'model'; expected one of "
+                         f"{sorted(ARCHS)}")
+    if not isinstance(model_meta.get("config"), dict):
+        raise ValueError(f"weights: {source}: metadata 'model' has no 'config' object for architecture {arch!r}")
     module, fn = ARCHS[arch]
-    return getattr(importlib.import_module(module), fn)(model_meta["config"])
+    try:
+        return getattr(importlib.import_module(module), fn)(model_meta["config"])
+    except (TypeError, KeyError, ValueError) as e:  # a config with unknown, missing or invalid fields
+        raise ValueError(f"weights: {source}: the {arch!r} config in metadata 'model' does not build a model "
+                         f"({type(e).__name__}: {one_line(e)})") from e
+
+
+def _names(names, limit: int = 3) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_tensors(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """A one-line error when ``tensors`` do not fit ``module`` exactly (names and shapes)."""
+    expected = module.state_dict()
+    missing = expected.keys() - tensors.keys()
+    unexpected = tensors.keys() - expected.keys()
+    shapes = [f"{k}: file {tuple(tensors[k].shape)}, model {tuple(expected[k].shape)}"
+              for k in sorted(expected.keys() & tensors.keys()) if tensors[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{what} ({len(names)}): {_names(names)}" for what, names in
+                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if names]
+        raise ValueError(f"weights: {source}: tensors do not match the model its metadata describes "
+                         f"({'; '.join(parts)})")
 
 
 def load_model(path, *, device="cpu") -> torch.nn.Module:
     """Rebuild one of our models from a ``.safetensors`` file alone, weights loaded, in eval mode."""
     tensors, meta = read(path, device=device)
-    model = build(meta["model"]).to(device)
+    source = repr(str(path))
+    model = build(meta["model"], source=source).to(device)
+    check_tensors(model, tensors, source)
     model.load_state_dict(tensors, strict=True)
     model.metadata = meta
     return model.eval()

@@ -44,13 +44,40 @@ def classifier(head="lin", frozen=False, name="mf-tiny"):
 
 # --- decoders --------------------------------------------------------------------------------------------------
 
-def test_lin_is_batchnorm_without_affine_then_linear_on_the_pooled_map():
-    model = classifier("lin").eval()
+@pytest.fixture
+def one_thread():
+    """A tiny model gains nothing from a second thread, and beside another busy process its spin-waits slow it
+    down many times."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_lin_is_batchnorm_without_affine_then_linear_on_the_pooled_map(one_thread):
+    """After training-mode batches, eval normalises the pooled map with the running statistics, not the batch's."""
+    model = classifier("lin")
     assert isinstance(model.norm, torch.nn.BatchNorm1d) and not model.norm.affine
-    x = torch.rand(3, 3, 32, 32)
-    pooled = model.features(x).mean((2, 3))
-    expected = model.classifier((pooled - model.norm.running_mean) / torch.sqrt(model.norm.running_var + 1e-6))
-    torch.testing.assert_close(model(x), expected)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    with torch.no_grad():
+        for _ in range(5):  # the BatchNorm learns running statistics of real pooled features
+            model(torch.rand(4, 3, 32, 32, generator=g))
+    model.eval()
+    x = torch.rand(3, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        pooled = model.features(x).mean((2, 3))
+        mean, var = model.norm.running_mean, model.norm.running_var
+        expected = model.classifier((pooled - mean) / torch.sqrt(var + 1e-6))
+        without_norm = model.classifier(pooled)
+        batch_stats = model.classifier((pooled - pooled.mean(0)) / torch.sqrt(pooled.var(0, unbiased=False) + 1e-6))
+        out = model(x)
+    assert not torch.allclose(mean, torch.zeros_like(mean)) and not torch.allclose(var, torch.ones_like(var)), \
+        "the training batches went through the BatchNorm and moved its running statistics"
+    # so dropping the norm, or normalising with the batch's statistics, would give other logits
+    assert not torch.allclose(expected, without_norm, rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(expected, batch_stats, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(out, expected)
 
 
 @pytest.mark.parametrize("head,blocks,width", [("tran-1", 1, 64), ("tran-4", 4, 64)])

@@ -119,14 +119,16 @@ def test_criterion_values_and_normalisation():
     logits = torch.zeros(1, Q, K + 1)
     crit = detr.SetCriterion(K)
     out = crit({"pred_logits": logits, "pred_boxes": boxes}, targets)
-    assert_close(out["loss_bbox"], torch.tensor(0.0)) and assert_close(out["loss_giou"], torch.tensor(0.0))
+    assert_close(out["loss_bbox"], torch.tensor(0.0))
+    assert_close(out["loss_giou"], torch.tensor(0.0))
     # uniform logits: CE = log(K+1) for every query, weighted mean over queries is the same
     assert_close(out["loss_ce"], torch.log(torch.tensor(K + 1.0)))
     shifted = boxes.clone()
     shifted[0, 0, 0] += 0.1
     a = crit({"pred_logits": logits, "pred_boxes": shifted}, targets)
     b = crit({"pred_logits": logits, "pred_boxes": shifted}, targets, num_boxes=2.0)
-    assert_close(a["loss_bbox"], torch.tensor(0.1)) and assert_close(b["loss_bbox"], torch.tensor(0.05))
+    assert_close(a["loss_bbox"], torch.tensor(0.1))
+    assert_close(b["loss_bbox"], torch.tensor(0.05))
     assert_close(b["loss_giou"], a["loss_giou"] / 2)
     # no-object weight: confident no-object everywhere except the matched query costs little per no-object query
     logits2 = torch.zeros(1, Q, K + 1)
