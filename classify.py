@@ -44,8 +44,8 @@ class ClassifierConfig:
     heads: int | None = None                # attention heads (width / 64, at least 2)
     dropout: float | None = None            # before the classifier (and in the blocks' MLP) of tran-N
     frozen: bool = False                    # probing: the encoder is fixed
-    mean: tuple = (0.485, 0.456, 0.406)     # input normalisation of [0, 1] images for the encoder
-    std: tuple = (0.229, 0.224, 0.225)
+    mean: tuple = mobileformer.IMAGENET_MEAN  # input normalisation of [0, 1] images for the encoder (PixelNorm)
+    std: tuple = mobileformer.IMAGENET_STD
     encoder: dict = field(default_factory=dict)  # the encoder's own config, so a weights file rebuilds both
 
     def __post_init__(self):
@@ -95,8 +95,7 @@ class Classifier(FrozenEncoder, nn.Module):
         super().__init__()
         self.config = config
         self.encoder = encoder
-        self.register_buffer("pixel_mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+        self.pixels = mobileformer.PixelNorm(config.mean, config.std)
         C, K = config.encoder_channels, config.num_classes
         if config.head == "lin":
             self.norm = nn.BatchNorm1d(C, affine=False, eps=1e-6)
@@ -117,10 +116,9 @@ class Classifier(FrozenEncoder, nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder's final map (B, C, h, w) of images x in [0, 1]; without autograd when frozen."""
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"x: expected images (B, 3, H, W), got {tuple(x.shape)}")
+        x = self.pixels(x)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.frozen):
-            fmap, _ = self.encoder((x - self.pixel_mean) / self.pixel_std)
+            fmap, _ = self.encoder(x)
         return fmap
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

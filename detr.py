@@ -264,10 +264,12 @@ class MLP(nn.Sequential):
 class DETR(nn.Module):
     """Backbone (a Mobile-Former encoder) + Mobile-Former decoder + DETR heads. `model(images)` →
     {"pred_logits": (B, Q, K+1), "pred_boxes": (B, Q, 4) cxcywh in [0, 1], "aux_outputs": [{...}] × (L − 1)}.
-    A frozen backbone gets no gradient and keeps its BatchNorm in eval mode (App. C, decoder probing)."""
+    `images` are in [0, 1]; the backbone sees them normalised as every encoder here is trained (`PixelNorm`), unless
+    `normalize_input=False` (files written before that fix, whose backbones saw raw pixels). A frozen backbone gets
+    no gradient and keeps its BatchNorm in eval mode (App. C, decoder probing)."""
 
     def __init__(self, backbone: nn.Module, decoder: DecoderConfig, *, num_classes: int,
-                 frozen_backbone: bool = False):
+                 frozen_backbone: bool = False, normalize_input: bool = True):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes: must be positive, got {num_classes}")
@@ -275,6 +277,8 @@ class DETR(nn.Module):
             raise ValueError("backbone: need a multi-scale encoder with forward_features() and map_channels "
                              f"(a mobileformer.MobileFormer), got {type(backbone).__name__}")
         self.num_classes, self.frozen_backbone = num_classes, frozen_backbone
+        self.normalize_input = normalize_input
+        self.pixels = mobileformer.PixelNorm()
         self.backbone = backbone
         ch = backbone.map_channels
         self.decoder = MobileFormerDecoder(decoder, channels=ch["features"], stride8_channels=ch["stride8"])
@@ -283,9 +287,15 @@ class DETR(nn.Module):
         for module in (self.decoder, self.class_head, self.box_head):
             module.apply(_init_weights)
         nn.init.normal_(self.decoder.queries)
-        if frozen_backbone:
-            backbone.requires_grad_(False)
-            backbone.eval()
+        self.freeze_backbone(frozen_backbone)
+
+    def freeze_backbone(self, frozen: bool = True) -> "DETR":
+        """Decoder probing (frozen: no gradient, BatchNorm in eval mode) or fine-tuning (trainable) from here on."""
+        self.frozen_backbone = frozen
+        self.backbone.requires_grad_(not frozen)
+        if frozen:
+            self.backbone.eval()
+        return self
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -294,6 +304,7 @@ class DETR(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> dict:
+        images = self.pixels(images) if self.normalize_input else self.pixels.check(images)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_backbone):
             maps = self.backbone.forward_features(images)
         states = self.decoder(maps["features"], maps["stride8"])            # (L, B, Q, D)
@@ -304,7 +315,8 @@ class DETR(nn.Module):
     def config_dict(self) -> dict:
         """Plain dict; `from_config(model.config_dict())` rebuilds the architecture (backbone included)."""
         return {"backbone": self.backbone.config_dict(), "decoder": dataclasses.asdict(self.decoder.config),
-                "num_classes": self.num_classes, "frozen_backbone": self.frozen_backbone}
+                "num_classes": self.num_classes, "frozen_backbone": self.frozen_backbone,
+                "normalize_input": self.normalize_input}
 
 
 def _init_weights(m: nn.Module):
@@ -338,7 +350,8 @@ def from_config(config: dict) -> DETR:
     if missing:
         raise ValueError(f"config: missing DETR config keys {missing}")
     return DETR(mobileformer.from_config(config["backbone"]), DecoderConfig(**config["decoder"]),
-                num_classes=config["num_classes"], frozen_backbone=config.get("frozen_backbone", False))
+                num_classes=config["num_classes"], frozen_backbone=config.get("frozen_backbone", False),
+                normalize_input=config.get("normalize_input", False))  # files before it: raw pixels
 
 
 # ---------------------------------------------------------------------------------------------------------------

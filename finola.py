@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mobileformer
+
 KEYS = ("A", "B", "A_neg", "B_neg")
 
 
@@ -409,8 +411,8 @@ class FinolaConfig:
     momentum: float = 0.1                   # of the running statistics, for norm="moving-average"
     heads: int = 8                          # of the attentional pooler
     widths: tuple = (512, 256, 256, 128, 128)  # Table 10
-    mean: tuple = (0.485, 0.456, 0.406)     # input normalisation of [0, 1] images for the encoder
-    std: tuple = (0.229, 0.224, 0.225)
+    mean: tuple = mobileformer.IMAGENET_MEAN  # input normalisation of [0, 1] images for the encoder (PixelNorm)
+    std: tuple = mobileformer.IMAGENET_STD
     output: str = "pixels"                  # what the upsampler predicts: see OUTPUTS ("pixels": files before it)
     encoder: dict = field(default_factory=dict)  # the encoder's own config, so a weights file rebuilds both
 
@@ -440,8 +442,7 @@ class Finola(nn.Module):
         self.upsampler = ConvUpsampler(config.channels, config.widths)
         self.origin = q_origin(config.q_position, config.grid)
         self.image_size = tuple(g * self.upsampler.scale for g in config.grid)
-        self.register_buffer("pixel_mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+        self.pixels = mobileformer.PixelNorm(config.mean, config.std)
         if config.norm == "moving-average":
             self.register_buffer("running_mean", torch.zeros(()))
             self.register_buffer("running_var", torch.ones(()))
@@ -449,10 +450,7 @@ class Finola(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """q (B, C) of images x in [0, 1]."""
-        if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != self.image_size:
-            raise ValueError(f"x: expected images (B, 3, {self.image_size[0]}, {self.image_size[1]}), "
-                             f"got {tuple(x.shape)}")
-        fmap, _ = self.encoder((x - self.pixel_mean) / self.pixel_std)
+        fmap, _ = self.encoder(self.pixels(x, size=self.image_size))
         return self.pool(fmap)
 
     def expand(self, q: torch.Tensor) -> torch.Tensor:
@@ -474,7 +472,7 @@ class Finola(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The image in [0, 1] (not clamped) of a map z (B, C, *grid)."""
         y = self.upsampler(z)
-        return y * self.pixel_std + self.pixel_mean if self.config.output == "normalized" else y
+        return self.pixels.inverse(y) if self.config.output == "normalized" else y
 
     def maps(self, x: torch.Tensor) -> torch.Tensor:
         """The FINOLA map (B, C, *grid) the model builds for images x (what the analyses of eval.py look at)."""

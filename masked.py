@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import finola
+import mobileformer
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -293,8 +294,8 @@ class MaskedEConfig:
     grid: tuple = (16, 16)
     patch: int = 16                         # pixels per grid cell: the linear layer outputs p x p x 3
     heads: int = 8                          # of the attentional pooler (App. B)
-    mean: tuple = (0.485, 0.456, 0.406)     # input normalisation of [0, 1] images for the encoder
-    std: tuple = (0.229, 0.224, 0.225)
+    mean: tuple = mobileformer.IMAGENET_MEAN  # input normalisation of [0, 1] images for the encoder (PixelNorm)
+    std: tuple = mobileformer.IMAGENET_STD
     encoder: dict = field(default_factory=dict)  # the encoder's own config, so a weights file rebuilds both
 
     def __post_init__(self):
@@ -312,8 +313,8 @@ class MaskedBConfig:
     width: int = 512                        # transformer upsampler (Table 10)
     depth: int = 6                          # its blocks (Table 16 ablates the depth)
     heads: int = 8
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
+    mean: tuple = mobileformer.IMAGENET_MEAN
+    std: tuple = mobileformer.IMAGENET_STD
     encoder: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -337,18 +338,15 @@ class _Masked(nn.Module):
         self.encoder = encoder
         self.finola = nn.ParameterDict({k: nn.Parameter(v) for k, v in finola.init(config.channels).items()})
         self.image_size = tuple(g * config.patch for g in config.grid)
-        self.register_buffer("pixel_mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+        self.pixels = mobileformer.PixelNorm(config.mean, config.std)
 
     def _check(self, x: torch.Tensor):
-        if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != self.image_size:
-            raise ValueError(f"x: expected images (B, 3, {self.image_size[0]}, {self.image_size[1]}), "
-                             f"got {tuple(x.shape)}")
+        self.pixels.check(x, self.image_size)
 
     def encode_block(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """The encoder's output map (B, C_enc, gh/2, gw/2) of the unmasked blocks alone."""
         crop = crop_blocks(x, blocks, patch=self.config.patch)
-        fmap, _ = self.encoder((crop - self.pixel_mean) / self.pixel_std)
+        fmap, _ = self.encoder(self.pixels(crop))
         return fmap
 
     def _blocks(self, x: torch.Tensor, blocks):

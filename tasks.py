@@ -81,11 +81,20 @@ FINOLA_SMALL = dict(data="photos", encoder="mf-tiny", zero_init_residual=True, c
                     betas=[0.9, 0.95], checkpoint_every=500)
 
 def build_detr(args):
-    """DETR with a Mobile-Former decoder on a backbone from --init (any of our files) or a fresh --encoder."""
-    backbone = encoder_of(args)
+    """DETR with a Mobile-Former decoder on a backbone from --init (any of our files) or a fresh --encoder. From a
+    DETR file the whole detector continues (App. C: fine-tuning follows the decoder probe), its backbone trainable
+    for detr-finetune; from any other file only its encoder is taken."""
     num_classes = max(data.categories(data.load(args.data, split="train", **args.data_options))) + 1
-    model = detr.create(backbone, decoder=args.decoder, num_classes=num_classes, num_queries=args.num_queries,
-                        frozen_backbone=args.task == "detr-probe")
+    frozen = args.task == "detr-probe"
+    if args.init and weights.read_metadata(args.init)["model"].get("arch") == "detr":
+        model = weights.load_model(args.init)
+        if model.num_classes != num_classes:
+            raise ValueError(f"--init {args.init!r}: a detector of {model.num_classes} classes, but --data "
+                             f"{args.data!r} has {num_classes}")
+        model.freeze_backbone(frozen)
+        return model.train(), "detr", model.config_dict()
+    model = detr.create(encoder_of(args), decoder=args.decoder, num_classes=num_classes,
+                        num_queries=args.num_queries, frozen_backbone=frozen)
     return model, "detr", model.config_dict()
 
 
@@ -106,12 +115,14 @@ def evaluate_detr(model, args, out: Path) -> dict:
     return ev.detect(model, loader, data.coco(ds), figure=out / "detections.png")
 
 
-# App. C: AdamW, weight decay 1e-4, 2 images x 8 GPUs; probe 500 epochs at 1e-4 (x0.1 after 400), fine-tune 200
-# epochs at 1e-5 (x0.1 after 150). DETR's lr is not scaled with the batch.
+# App. C: AdamW, weight decay 1e-4, 2 images x 8 GPUs (a global batch of 16); probe 500 epochs at 1e-4 (x0.1 after
+# 400), fine-tune 200 epochs at 1e-5 (x0.1 after 150). DETR's lr is not scaled with the batch; DETR clips the gradient
+# norm at 0.1 (its default, which the paper does not change).
 DETR_PAPER = dict(data="hf:detection-datasets/coco", encoder="mf-w2880", decoder="mf-dec-522", image_size=800,
-                  batch_size=2, epochs=500, lr=1e-4, schedule="step", lr_drop_epoch=400, scale_lr=False,
+                  batch_size=16, clip_grad=0.1, epochs=500, lr=1e-4, schedule="step", lr_drop_epoch=400, scale_lr=False,
                   weight_decay=1e-4, warmup_epochs=0, checkpoint_every=5000)
-DETR_SMALL = dict(data="shapes", encoder="mf-tiny", decoder="mf-dec-tiny", image_size=64, batch_size=16, epochs=20,
+DETR_SMALL = dict(data="shapes", encoder="mf-tiny", decoder="mf-dec-tiny", image_size=64, batch_size=16, clip_grad=0.1,
+                  epochs=20,
                   lr=5e-4, schedule="step", lr_drop_epoch=15, scale_lr=False, weight_decay=1e-4, warmup_epochs=0,
                   checkpoint_every=500)
 DETR_FT_PAPER = dict(DETR_PAPER, epochs=200, lr=1e-5, lr_drop_epoch=150)

@@ -1,0 +1,95 @@
+"""The training recipe as the paper and DETR run it (issue 13): --batch-size is the global batch, split over processes
+and accumulation steps; gradient clipping (DETR's max-norm 0.1) in the detection presets; detr-finetune continues the
+probe's whole detector."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import eval as ev
+import train
+import weights
+
+
+@pytest.mark.parametrize("batch, processes, accum, local", [
+    (32, 1, 1, 32), (32, 2, 1, 16), (32, 2, 2, 8), (4096, 8, 1, 512), (1024, 8, 4, 32), (16, 8, 1, 2), (128, 1, 4, 32)])
+def test_the_global_batch_splits_over_processes_and_accumulation(batch, processes, accum, local):
+    assert train.per_process_batch(batch, processes=processes, grad_accum=accum) == local
+    assert local * processes * accum == batch
+
+
+@pytest.mark.parametrize("batch, processes, accum", [(30, 8, 1), (16, 2, 3), (2, 8, 1)])
+def test_a_global_batch_that_does_not_divide_is_refused(batch, processes, accum):
+    with pytest.raises(ValueError, match=f"--batch-size {batch}: the global batch must divide by processes x "
+                                         f"--grad-accum = {processes} x {accum} = {processes * accum}"):
+        train.per_process_batch(batch, processes=processes, grad_accum=accum)
+
+
+@pytest.mark.parametrize("task, preset, batch, clip", [
+    ("detr-probe", "paper", 16, 0.1), ("detr-finetune", "paper", 16, 0.1), ("detr-probe", "small", 16, 0.1),
+    ("finola", "paper", 128, 0.0), ("masked-b", "paper", 1024, 0.0), ("linprobe", "paper", 4096, 0.0)])
+def test_paper_batches_are_totals_and_only_detection_clips(task, preset, batch, clip):
+    args = train.parse_args(["--task", task, "--preset", preset])
+    assert (args.batch_size, args.clip_grad) == (batch, clip)
+
+
+def test_clipping_bounds_the_update_of_a_run(tmp_path, monkeypatch):
+    """With --clip-grad, the gradient the optimizer sees has norm <= the bound (recorded at each optimizer step)."""
+    import torch
+    norms = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    base = ["--task", "finola", "--data", "photos", "--data-options",
+            '{"crops_per_photo": 2, "with_wallpapers": false}', "--channels", "16", "--grid", "2", "--widths", "16",
+            "16", "16", "16", "16", "--batch-size", "4", "--max-steps", "2", "--pca-images", "0"]
+    train.main(base + ["--out", str(tmp_path / "free")])
+    free, norms[:] = list(norms), []
+    train.main(base + ["--clip-grad", "0.01", "--out", str(tmp_path / "clipped")])
+    assert max(free) > 0.01, "the bound is below the natural gradient norm, so clipping acts"
+    assert max(norms) <= 0.01 * (1 + 1e-5)
+
+
+DETR_TINY = ["--data", "shapes", "--data-options", '{"n": 8, "size": 32}', "--encoder", "mf-tiny", "--decoder",
+             "mf-dec-tiny", "--num-queries", "10", "--image-size", "32", "--batch-size", "4", "--log-every", "1"]
+
+
+def test_finetuning_from_a_probe_file_starts_at_the_probe(tmp_path):
+    """App. C: COCO fine-tuning follows the decoder probe. From a DETR file, detr-finetune starts with all of the
+    probe's weights (decoder, queries, heads, backbone) and its AP, and trains the backbone."""
+    probe = tmp_path / "probe"
+    train.main(["--task", "detr-probe", *DETR_TINY, "--max-steps", "3", "--lr", "1e-3", "--out", str(probe)])
+    probe_ap = [json.loads(line) for line in (probe / "metrics.jsonl").read_text().splitlines()][-1]["final"]
+    argv = ["--task", "detr-finetune", *DETR_TINY, "--init", str(probe / "model.safetensors"), "--max-steps", "2",
+            "--lr", "1e-3", "--out", str(tmp_path / "ft")]
+    start, arch, config = train.TASKS["detr-finetune"].build(train.parse_args(argv))
+    assert arch == "detr" and config["frozen_backbone"] is False and start.training
+    saved = load_file(probe / "model.safetensors")
+    assert start.state_dict().keys() == saved.keys()
+    assert all(torch.equal(v, saved[k]) for k, v in start.state_dict().items()), "every weight is the probe's"
+    assert all(p.requires_grad for p in start.backbone.parameters())
+    args = train.parse_args(argv)
+    before = train.TASKS["detr-finetune"].evaluate(start.eval(), args, tmp_path)
+    assert before["AP"] == pytest.approx(probe_ap["AP"]) and before["AP50"] == pytest.approx(probe_ap["AP50"])
+
+    train.main(argv)
+    after = weights.load_model(tmp_path / "ft" / "model.safetensors")
+    moved = [k for k, v in after.backbone.state_dict().items() if k.endswith("weight")
+             and not torch.equal(v, saved["backbone." + k])]
+    assert moved, "fine-tuning trains the probe's backbone"
+
+
+def test_a_probe_file_of_other_classes_is_refused(tmp_path, monkeypatch):
+    probe = tmp_path / "probe"
+    train.main(["--task", "detr-probe", *DETR_TINY, "--max-steps", "1", "--out", str(probe)])
+    import data
+    monkeypatch.setattr(data, "categories", lambda ds: [0, 1, 2])  # data of 3 classes, not the shapes' 4
+    argv = ["--task", "detr-finetune", *DETR_TINY, "--init", str(probe / "model.safetensors")]
+    with pytest.raises(ValueError, match="a detector of 4 classes, but --data 'shapes' has 3"):
+        train.TASKS["detr-finetune"].build(train.parse_args(argv))
