@@ -2,7 +2,7 @@
 
 Rows are ``{"image": PIL image, "label": int}`` (classification; unlabelled folders have no ``label``) or
 ``{"image": …, "objects": {"bbox": [[x, y, w, h], …], "category_id": […]}, "image_id": int}`` (detection, COCO
-conventions, absolute pixels). Class and category names live in ``ClassLabel`` features; :func:`categories` reads them.
+conventions, absolute pixels; COCO json sources add each object's ``area`` and ``iscrowd``). Class and category names live in ``ClassLabel`` features; :func:`categories` reads them.
 
 The loader decodes each image once into a per-process cache (:class:`ImageCache`) and transforms batches whole with
 ``transform.batch``. The transforms (the paper's augmentations, Tables 12-14, and the evaluation resizes) live in
@@ -169,10 +169,14 @@ def _local(path: Path, *, split: str, images: str | None = None):
                                       features=datasets.Features(image=datasets.Image()))
 
 
-def _detection_features(names: list[str]) -> datasets.Features:
-    return datasets.Features(image=datasets.Image(), image_id=datasets.Value("int64"), objects={
-        "bbox": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
-        "category_id": datasets.List(datasets.ClassLabel(names=names))})
+def _detection_features(names: list[str], *, crowd: bool = False) -> datasets.Features:
+    """Detection rows; ``crowd``: objects also carry COCO's ``area`` and ``iscrowd`` (crowd regions are ignored by
+    COCO's evaluation and left out of training targets)."""
+    objects = {"bbox": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
+               "category_id": datasets.List(datasets.ClassLabel(names=names))}
+    if crowd:
+        objects |= {"area": datasets.List(datasets.Value("float32")), "iscrowd": datasets.List(datasets.Value("bool"))}
+    return datasets.Features(image=datasets.Image(), image_id=datasets.Value("int64"), objects=objects)
 
 
 def _coco_box(bbox) -> list[float] | None:
@@ -189,7 +193,9 @@ def _coco_box(bbox) -> list[float] | None:
 def _coco_json(path: Path, *, images: Path | None):
     """A COCO ``instances_*.json``; malformed annotations and boxes (missing, not four numbers, NaN, infinite),
     boxes of negative or zero size, boxes outside the image and unknown category or image ids are dropped (partly
-    outside: clipped) with a warning that counts them. Crowd annotations are left out of training rows."""
+    outside: clipped) with a warning that counts them. Crowd annotations stay, flagged ``iscrowd`` (ignore regions
+    at evaluation, left out of training targets); each object keeps the json's ``area`` (COCO's is the mask's, which
+    sets the small / medium / large split), else its box's."""
     try:
         coco = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -211,14 +217,11 @@ def _coco_json(path: Path, *, images: Path | None):
     cats = {c["id"]: c["name"] for c in coco["categories"]}
     sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
     rows = {im["id"]: {"image": str(images / im["file_name"]), "image_id": im["id"],
-                       "objects": {"bbox": [], "category_id": []}} for im in coco["images"]}
+                       "objects": {"bbox": [], "category_id": [], "area": [], "iscrowd": []}} for im in coco["images"]}
     dropped = Counter()
     for a in coco.get("annotations", []):
         if not isinstance(a, dict):
             dropped["malformed annotation"] += 1
-            continue
-        if a.get("iscrowd", 0):
-            dropped["crowd"] += 1
             continue
         if a.get("category_id") not in cats or a.get("image_id") not in sizes:
             dropped["unknown category or image id"] += 1
@@ -235,12 +238,18 @@ def _coco_json(path: Path, *, images: Path | None):
                     else "zero-area"] += 1
             continue
         dropped["clipped to the image"] += (x0, y0, x1, y1) != (x, y, x + bw, y + bh)
-        rows[a["image_id"]]["objects"]["bbox"].append([x0, y0, x1 - x0, y1 - y0])
-        rows[a["image_id"]]["objects"]["category_id"].append(a["category_id"])
+        area = a.get("area")
+        area = float(area) if isinstance(area, (int, float)) and math.isfinite(area) and area > 0 else (
+            (x1 - x0) * (y1 - y0))
+        objects = rows[a["image_id"]]["objects"]
+        objects["bbox"].append([x0, y0, x1 - x0, y1 - y0])
+        objects["category_id"].append(a["category_id"])
+        objects["area"].append(area)
+        objects["iscrowd"].append(bool(a.get("iscrowd", 0)))
     if +dropped:
         warnings.warn(f"{path.name}: cleaned annotations: " + ", ".join(f"{k}: {n}" for k, n in sorted((+dropped).items())))
     names = [cats.get(i, f"N/A {i}") for i in range(max(cats, default=-1) + 1)]  # ClassLabel wants unique names
-    return datasets.Dataset.from_list(list(rows.values()), features=_detection_features(names))
+    return datasets.Dataset.from_list(list(rows.values()), features=_detection_features(names, crowd=True))
 
 
 def categories(dataset) -> dict[int, str]:
@@ -269,9 +278,13 @@ def coco(dataset):
         except DECODE_ERRORS:  # an unreadable image: the loader skips and counts it, so it has no detections
             continue
         images.append({"id": row["image_id"], "width": width, "height": height})
-        for box, cat in zip(row["objects"]["bbox"], row["objects"]["category_id"]):
+        objects = row["objects"]
+        n = len(objects["bbox"])
+        for box, cat, area, crowd in zip(objects["bbox"], objects["category_id"],
+                                         objects.get("area") or [b[2] * b[3] for b in objects["bbox"]],
+                                         objects.get("iscrowd") or [False] * n):
             annotations.append({"id": len(annotations) + 1, "image_id": row["image_id"], "bbox": list(box),
-                                "area": box[2] * box[3], "category_id": cat, "iscrowd": 0})
+                                "area": area, "category_id": cat, "iscrowd": int(crowd)})
     gt = COCO()
     gt.dataset = {"images": images, "annotations": annotations,
                   "categories": [{"id": i, "name": n} for i, n in categories(dataset).items()]}
@@ -358,6 +371,9 @@ def _batch(rows: list[dict], images: list, transform: Transform | None) -> dict:
         keep = None if boxes is None else [torch.ones(len(b), dtype=torch.bool) for b in boxes]
     batch["images"] = x
     if boxes is not None:
+        # crowd regions (COCO's iscrowd) are no training targets: evaluation ignores them (data.coco)
+        keep = [k & ~torch.tensor(row["objects"].get("iscrowd") or [False] * len(k), dtype=torch.bool).reshape(-1)
+                for row, k in zip(rows, keep)]
         scale = torch.tensor([x.shape[3], x.shape[2]] * 2)
         batch["targets"] = [
             {"boxes": torch.cat([(b[k, :2] + b[k, 2:]) / 2, b[k, 2:] - b[k, :2]], 1) / scale,

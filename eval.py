@@ -119,9 +119,8 @@ def reconstruct(model, loader, *, grid: Path | None = None, show: int = 8, pca: 
         y = model(x)
         scores["psnr_db"].append(psnr(x, y))
         if moving:  # §4's ablation: the same model normalising per position, as it did in training
-            model.use_running_stats = False
-            scores["psnr_layer_norm_db"].append(psnr(x, model(x)))
-            model.use_running_stats = True
+            with model.per_position_norm():
+                scores["psnr_layer_norm_db"].append(psnr(x, model(x)))
         scores["mean_colour_db"].append(psnr(x, mean_colour(x)))
         scores["bilinear_db"].append(psnr(x, bilinear(x, model.config.grid)))
         if pca is not None:

@@ -16,6 +16,7 @@ This file imports torch and the standard library only, so it can be copied alone
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -452,6 +453,17 @@ class Finola(nn.Module):
         """q (B, C) of images x in [0, 1]."""
         fmap, _ = self.encoder(self.pixels(x, size=self.image_size))
         return self.pool(fmap)
+
+    @contextlib.contextmanager
+    def per_position_norm(self):
+        """Within the block, a norm="moving-average" model normalises per position at inference too, as it does in
+        training (§4's "Is normalization necessary?"); the previous setting comes back however the block ends."""
+        before = getattr(self, "use_running_stats", False)
+        self.use_running_stats = False
+        try:
+            yield self
+        finally:
+            self.use_running_stats = before
 
     def expand(self, q: torch.Tensor) -> torch.Tensor:
         """The FINOLA map (B, C, *grid) of q; with norm="moving-average", running statistics at inference."""

@@ -98,14 +98,11 @@ def build_detr(args):
     return model, "detr", model.config_dict()
 
 
-_CRITERIA: dict[int, detr.SetCriterion] = {}
-
-
 def detr_loss(model, batch, args):
     """DETR's set criterion on every decoder layer (CE, no-object weight 0.1; L1 x5; GIoU x2)."""
     outputs = model(batch["images"])
     k = outputs["pred_logits"].shape[-1] - 1
-    criterion = _CRITERIA.setdefault(k, detr.SetCriterion(k).to(outputs["pred_logits"].device))
+    criterion = detr.SetCriterion(k).to(outputs["pred_logits"].device)  # no parameters: built per call, no state
     return criterion(outputs, batch["targets"])["loss"]
 
 

@@ -67,10 +67,44 @@ def test_coco_json_is_cleaned_with_a_warning(tmp_path):
         ds = data.load(str(path))
     row = ds[0]
     assert row["image_id"] == 9 and row["image"].size == (50, 40)
-    assert row["objects"] == {"bbox": [[5, 5, 10, 10], [45, 30, 5, 10]], "category_id": [1, 3]}
+    assert row["objects"] == {"bbox": [[5, 5, 10, 10], [45, 30, 5, 10]], "category_id": [1, 3], "area": [100, 50],
+                              "iscrowd": [False, False]}
     gt = data.coco(ds)
     assert gt.loadCats(gt.getCatIds()) == [{"id": 1, "name": "cat"}, {"id": 3, "name": "dog"}]
     assert gt.imgs[9] == {"id": 9, "width": 50, "height": 40} and len(gt.anns) == 2
+
+
+def test_coco_crowd_regions_are_ignored_at_evaluation_and_left_out_of_training(tmp_path):
+    """COCO's iscrowd annotations: kept as ignore regions for COCOeval (a detection on a crowd is no false positive)
+    and not training targets; each object keeps the json's area (COCO's mask area, which sets APs/APm/APl)."""
+    import contextlib
+
+    from pycocotools.cocoeval import COCOeval
+    _save(tmp_path / "val2017" / "a.png", _noise(0, 40, 50))
+    anns = [{"id": 1, "image_id": 9, "bbox": [5, 5, 10, 10], "category_id": 1, "iscrowd": 0, "area": 70.5},
+            {"id": 2, "image_id": 9, "bbox": [30, 10, 15, 20], "category_id": 1, "iscrowd": 1, "area": 250.0}]
+    coco = {"images": [{"id": 9, "file_name": "a.png", "width": 50, "height": 40}],
+            "categories": [{"id": 1, "name": "cat"}], "annotations": anns}
+    (tmp_path / "annotations").mkdir()
+    path = tmp_path / "annotations" / "instances_val2017.json"
+    path.write_text(json.dumps(coco))
+    ds = data.load(str(path))
+    assert ds[0]["objects"]["iscrowd"] == [False, True] and ds[0]["objects"]["area"] == [70.5, 250.0]
+
+    gt = data.coco(ds)
+    assert sorted((a["iscrowd"], a["area"]) for a in gt.anns.values()) == [(0, 70.5), (1, 250.0)]
+    # the object found first, then a detection on the crowd region: a perfect AP only if the crowd is ignored
+    dets = gt.loadRes([{"image_id": 9, "category_id": 1, "bbox": [5, 5, 10, 10], "score": 0.9},
+                       {"image_id": 9, "category_id": 1, "bbox": [30, 10, 15, 20], "score": 0.95}])
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev = COCOeval(gt, dets, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert ev.stats[1] == pytest.approx(1.0), "AP50: the crowd detection is not a false positive"
+
+    batch = next(iter(data.loader(ds, batch_size=1, transform=data.eval_transform("detect", size=32))))
+    assert batch["targets"][0]["labels"].tolist() == [1], "the crowd region is no training target"
 
 
 def test_unknown_source_lists_the_accepted_forms():

@@ -358,3 +358,21 @@ def test_moving_average_model_tracks_statistics_and_uses_them_at_inference():
     model.use_running_stats = False
     assert_close(model.expand(q), finola.expand(dict(model.finola), q, size=(4, 4)))
     assert torch.equal(model.running_mean, before), "inference leaves the statistics alone"
+
+
+def test_per_position_norm_is_scoped_and_restored_on_error():
+    """§4's ablation switch: inside the block a moving-average model normalises per position at inference; the
+    running statistics come back afterwards, also when the block raises."""
+    model = tiny_model(norm="moving-average").eval()
+    model.running_mean.fill_(3.0)  # statistics far from any map's own, so the two normalisations differ
+    model.running_var.fill_(9.0)
+    q = torch.randn(2, 16)
+    running = model.expand(q)
+    with model.per_position_norm():
+        per_position = model.expand(q)
+    assert not torch.allclose(running, per_position)
+    with pytest.raises(RuntimeError, match="inside"):
+        with model.per_position_norm():
+            raise RuntimeError("inside")
+    assert model.use_running_stats is True
+    assert_close(model.expand(q), running)

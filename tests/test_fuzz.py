@@ -233,8 +233,9 @@ def test_a_coco_json_with_broken_boxes(tmp_path):
         ds = data.load(str(path))
     rows = {row["image_id"]: row["objects"] for row in ds.select_columns(["image_id", "objects"])}
     assert sorted(rows) == [1, 2, 3, 4, 5, 6]
-    assert rows[1] == {"bbox": [[5, 5, 10, 10], [40, 30, 10, 10]], "category_id": [1, 2]}
-    assert rows[2] == {"bbox": [[10, 10, 20, 20]], "category_id": [2]}
+    assert rows[1] == {"bbox": [[5, 5, 10, 10], [40, 30, 10, 10]], "category_id": [1, 2], "area": [100, 100],
+                       "iscrowd": [False, False]}
+    assert rows[2] == {"bbox": [[10, 10, 20, 20]], "category_id": [2], "area": [400], "iscrowd": [False]}
     assert all(math.isfinite(v) for objects in rows.values() for box in objects["bbox"] for v in box)
 
     args = train.parse_args(DETR + ["--data", str(path)])
