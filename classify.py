@@ -15,7 +15,7 @@ its 14 M for W1440 + lin is 0.8 M above our 13.24 M, unexplained).
 
 ``frozen=True`` (linear and tran-1 probing: "The encoders are frozen during both tasks", Table 13) really freezes the
 encoder: no parameter requires a gradient, it runs without autograd, and it stays in eval mode (BatchNorm uses and
-keeps its running statistics) even when ``.train()`` is called on the classifier.
+keeps its running statistics) even when ``.train()`` is called on the classifier (``MobileFormer.freeze``).
 """
 from __future__ import annotations
 
@@ -68,26 +68,7 @@ class ClassifierConfig:
         self.heads = self.heads or max(2, self.width // 64)
 
 
-class FrozenEncoder:
-    """Mixin for a model with an ``encoder``: ``freeze_encoder()`` takes its gradients away and puts it in eval
-    mode, which ``.train()`` then keeps (BatchNorm statistics stay fixed). ``Classifier`` uses it for the probes,
-    App. D's reconstruction from a pre-trained (masked) encoder on ``finola.Finola``."""
-    encoder_frozen = False
-
-    def freeze_encoder(self):
-        self.encoder.requires_grad_(False)
-        self.encoder.eval()
-        self.encoder_frozen = True
-        return self
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.encoder_frozen:
-            self.encoder.eval()
-        return self
-
-
-class Classifier(FrozenEncoder, nn.Module):
+class Classifier(nn.Module):
     """Encoder -> decoder -> logits. ``model(x)`` takes images in [0, 1] (B, 3, H, W); ``encoder(x)`` must return
     ``(feature_map, tokens)`` (a Mobile-Former without classifier head)."""
 
@@ -112,7 +93,7 @@ class Classifier(FrozenEncoder, nn.Module):
             self.classifier = nn.Linear(d, K)
             init_vit(nn.ModuleList([self.embed, self.blocks, self.classifier]))
         if config.frozen:
-            self.freeze_encoder()
+            encoder.freeze()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder's final map (B, C, h, w) of images x in [0, 1]; without autograd when frozen."""

@@ -276,7 +276,7 @@ class DETR(nn.Module):
         if not (hasattr(backbone, "forward_features") and hasattr(backbone, "map_channels")):
             raise ValueError("backbone: need a multi-scale encoder with forward_features() and map_channels "
                              f"(a mobileformer.MobileFormer), got {type(backbone).__name__}")
-        self.num_classes, self.frozen_backbone = num_classes, frozen_backbone
+        self.num_classes = num_classes
         self.normalize_input = normalize_input
         self.pixels = mobileformer.PixelNorm()
         self.backbone = backbone
@@ -290,18 +290,13 @@ class DETR(nn.Module):
         self.freeze_backbone(frozen_backbone)
 
     def freeze_backbone(self, frozen: bool = True) -> "DETR":
-        """Decoder probing (frozen: no gradient, BatchNorm in eval mode) or fine-tuning (trainable) from here on."""
-        self.frozen_backbone = frozen
-        self.backbone.requires_grad_(not frozen)
-        if frozen:
-            self.backbone.eval()
+        """Decoder probing (frozen: no gradient, BatchNorm in eval mode; ``MobileFormer.freeze``) or fine-tuning."""
+        self.backbone.freeze(frozen)
         return self
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.frozen_backbone:
-            self.backbone.eval()
-        return self
+    @property
+    def frozen_backbone(self) -> bool:
+        return self.backbone.frozen
 
     def forward(self, images: torch.Tensor) -> dict:
         images = self.pixels(images) if self.normalize_input else self.pixels.check(images)

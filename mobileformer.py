@@ -428,6 +428,19 @@ class MobileFormer(nn.Module):
     def out_channels(self) -> int:
         return self.config.final_channels
 
+    frozen = False
+
+    def freeze(self, frozen: bool = True) -> "MobileFormer":
+        """Probing (Table 13, App. C and D): no gradients, and BatchNorm statistics fixed (eval mode, which
+        ``.train()`` keeps while frozen). The one way the classifier, FINOLA and DETR freeze their encoder;
+        ``freeze(False)`` makes it trainable again (the owner's next ``.train()`` sets the mode)."""
+        self.frozen = frozen
+        self.requires_grad_(not frozen)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True):
+        return super().train(mode and not self.frozen)
+
     def reset_parameters(self):
         """Mobile-Former's init (A9): conv N(0, √(2/(k²·C_out))), BN (1, 0), Linear N(0, 0.01) with zero bias,
         tokens N(0, 1) (nn.Embedding's default), LayerNorm (1, 0). With ``zero_init_residual`` (ours; Goyal et al.'s

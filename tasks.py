@@ -34,10 +34,6 @@ class Task:
     eval_command: str    # how to evaluate the weights again with eval.py
 
 
-class FrozenEncoderFinola(classify.FrozenEncoder, finola.Finola):
-    """App. D: a pre-trained encoder, frozen; pooling, FINOLA and a fresh upsampler are trained (saved as "finola")."""
-
-
 def encoder_of(args):
     """The encoder a run starts from: the one of --init (any of our files), or a fresh --encoder."""
     if args.init:
@@ -51,8 +47,8 @@ def build_finola(args):
         encoder_channels=encoder.out_channels, channels=args.channels, grid=(args.grid, args.grid),
         q_position=args.q_position, norm=args.norm, widths=tuple(args.widths), output=args.output,
         encoder=encoder.config_dict())
-    model = (FrozenEncoderFinola(encoder, config).freeze_encoder() if args.freeze_encoder
-             else finola.Finola(encoder, config))
+    # App. D (--freeze-encoder): a pre-trained encoder, frozen; pooling, FINOLA and a fresh upsampler are trained
+    model = finola.Finola(encoder.freeze(args.freeze_encoder), config)
     if model.image_size != (args.image_size, args.image_size):
         raise ValueError(f"--image-size {args.image_size} must equal --grid {args.grid} x 2^(len(--widths) - 1) "
                          f"= {model.image_size[0]}")

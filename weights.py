@@ -202,4 +202,4 @@ def load_encoder(path, *, device="cpu") -> torch.nn.Module:
         import dataclasses
         encoder.head = None
         encoder.config = dataclasses.replace(encoder.config, num_classes=0)
-    return encoder.requires_grad_(True).train()  # trainable again, also when it was a frozen probe's
+    return encoder.freeze(False).train()  # trainable again, also when it was a frozen probe's

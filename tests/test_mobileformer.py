@@ -202,3 +202,20 @@ def test_zero_init_residual_makes_every_residual_branch_start_as_the_identity(ze
     assert all((g == 1).all() for g in gammas) != zero, "without the flag every BN starts at 1 (Mobile-Former's init)"
     rebuilt = mf.from_config(model.config_dict())
     assert rebuilt.config.zero_init_residual == zero, "the flag round-trips through the saved config"
+
+
+def test_freeze_keeps_weights_and_batchnorm_statistics_through_train_mode():
+    """The one way every model freezes its encoder: no gradients, eval mode that .train() keeps; freeze(False)
+    undoes both (a parent's .train() then trains it)."""
+    torch.manual_seed(0)
+    model = mf.create("mf-tiny").freeze()
+    parent = torch.nn.Sequential(model)
+    parent.train()
+    assert not model.training and not any(m.training for m in model.modules())
+    assert not any(p.requires_grad for p in model.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model(torch.rand(2, 3, 32, 32) * 5)  # batch statistics far from the running ones
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "running statistics unchanged"
+    model.freeze(False)
+    parent.train()
+    assert model.training and all(p.requires_grad for p in model.parameters())
