@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import itertools
 import json
 import math
@@ -72,7 +73,11 @@ COUNT = _number(int, 0, low_ok=True, what="an integer >= 0")
 RATE = _number(float, 0, low_ok=False, what="a number > 0")
 AMOUNT = _number(float, 0, low_ok=True, what="a number >= 0")
 # Flags a resumed run may change: they steer the run, not what it computes (see parse_args).
-RESUMABLE = ("max_steps", "checkpoint_every", "log_every", "threads", "num_workers")
+RESUMABLE = ("max_steps", "checkpoint_every", "log_every", "threads", "num_workers", "log_with")
+# Experiment trackers Accelerate logs to (--log-with), each an optional install: name -> (module, pip package).
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow"),
+            "comet_ml": ("comet_ml", "comet-ml"), "aim": ("aim", "aim"), "clearml": ("clearml", "clearml"),
+            "dvclive": ("dvclive", "dvclive")}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -151,6 +156,10 @@ def _parser() -> argparse.ArgumentParser:
                                     + ", ".join("--" + k.replace("_", "-") for k in RESUMABLE) + " may change")
     r.add_argument("--checkpoint-every", type=POSITIVE, help="optimizer steps between checkpoints")
     r.add_argument("--log-every", type=POSITIVE, help="optimizer steps between metrics.jsonl lines")
+    r.add_argument("--log-with", nargs="+", choices=sorted(TRACKERS),
+                   help="also log the metrics (and the task's figure) to these trackers through Accelerate, under the "
+                        "run folder; optional installs (pip install tensorboard, wandb, ...). metrics.jsonl is always "
+                        "written")
     return p
 
 
@@ -270,13 +279,17 @@ def lr_at(step: int, *, base: float, warmup: int, total: int, drop: int | None =
 def train(args) -> Path:
     # gradient accumulation is the loop's own (below): a step ends at every --grad-accum-th micro-batch and at the
     # end of each epoch, so no step mixes two epochs
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    out = Path(args.resume or args.out or f"runs/{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    for name in args.log_with or []:
+        module, package = TRACKERS[name]
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"--log-with {name}: the {package!r} package is not installed: pip install {package}")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=args.log_with or None, project_dir=str(out))
     if args.threads:
         torch.set_num_threads(args.threads)
     elif accelerator.device.type == "cpu" and accelerator.num_processes == 1:
         torch.set_num_threads(os.cpu_count() or 1)  # accelerate sets OMP_NUM_THREADS=1 per process
     task = TASKS[args.task]
-    out = Path(args.resume or args.out or f"runs/{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     if not args.resume and any((out / name).exists() for name in ("state", "state.tmp", "state.old",
                                                                       "model.safetensors")):
         raise ValueError(f"--out {str(out)!r} already holds a run (a checkpoint or weights): continue it with "
@@ -316,7 +329,8 @@ def train(args) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     step = epoch = seen_before = 0
-    log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process)
+    log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process,
+                     accelerator=accelerator if args.log_with else None, flags=vars(args))
     if state is not None:
         accelerator.load_state(str(state))
         saved = json.loads((state / "trainer.json").read_text())
@@ -408,7 +422,9 @@ def train(args) -> Path:
         weights.save(out / "model.safetensors", model.state_dict(), arch=arch, config=config, task=args.task,
                      train=vars(args), data=args.data, metrics=metrics)
         report(out, metrics, task.eval_command)
+        log.images(out, step=step)
     accelerator.wait_for_everyone()
+    accelerator.end_training()
     return out
 
 
@@ -445,13 +461,34 @@ class MetricsLog:
     line; after a kill, ``rewind`` drops what the checkpoint being resumed does not hold, so each step is logged
     once."""
 
-    def __init__(self, path: Path, *, enabled: bool):
-        self.path, self.enabled, self.t0 = path, enabled, time.time()
+    def __init__(self, path: Path, *, enabled: bool, accelerator=None, flags: dict | None = None):
+        self.path, self.enabled, self.t0, self.accelerator = path, enabled, time.time(), accelerator
+        if accelerator is not None:  # --log-with: the trackers get the same figures, and the flags
+            accelerator.init_trackers(path.parent.name, config={
+                k: v for k, v in (flags or {}).items() if isinstance(v, (int, float, str, bool))})
 
     def write(self, **fields):
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps({**fields, "time_s": round(time.time() - self.t0, 2)}) + "\n")
+        if self.accelerator is not None and "step" in fields:
+            values = {f"final/{k}": v for k, v in fields.get("final", {}).items()} | {
+                k: v for k, v in fields.items() if k not in ("step", "final")}
+            self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))
+                                  and not isinstance(v, bool)}, step=fields["step"])
+
+    def images(self, out: Path, *, step: int):
+        """The run's PNGs to the trackers that take images."""
+        import numpy as np
+        from PIL import Image
+
+        for tracker in self.accelerator.trackers if self.accelerator is not None else []:
+            for png in sorted(out.glob("*.png")):
+                if tracker.name == "tensorboard":
+                    pixels = np.asarray(Image.open(png).convert("RGB"))[None]
+                    tracker.log_images({png.stem: pixels}, step=step, dataformats="NHWC")
+                elif hasattr(tracker, "log_images"):
+                    tracker.log_images({png.stem: [Image.open(png).convert("RGB")]}, step=step)
 
     def rewind(self, *, step: int, epoch: int):
         """Keep the step records up to ``step`` and the records of epochs before ``epoch`` (atomically)."""
