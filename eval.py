@@ -13,6 +13,8 @@ does no work, so its functions serve notebooks and tests.
     rate-distortion  bytes per image and PSNR of q (float16, 8-bit) against JPEG at matched sizes
     masked        PSNR of a masked FINOLA model's prediction of the masked region from the centred block (§3)
     classify      top-1 / top-5 accuracy of a classifier (linear / tran-1 probes, fine-tuned, supervised; Tables 1, 3)
+    curves        loss, lr, img/s and final metrics of training runs against step, overlaid (``python eval.py curves
+                  RUN [RUN ...]``, runs.py)
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from rich.table import Table
 import analysis
 import codec
 import data
+import runs
 import weights
 from analysis import gaussian_curvature, psnr  # noqa: F401  (eval.gaussian_curvature, eval.psnr: public API)
 
@@ -494,7 +497,24 @@ def cmd_classify(args) -> dict:
     return result
 
 
-COMMANDS = {"reconstruct": cmd_reconstruct, "detect": cmd_detect, "curvature": cmd_curvature,
+def cmd_curves(args) -> dict:
+    labels = args.labels or [Path(r).name for r in args.runs]
+    if len(labels) != len(args.runs):
+        raise ValueError(f"--labels: {len(labels)} names for {len(args.runs)} runs")
+    series = {label: runs.curves(runs.run_metrics(r)) for label, r in zip(labels, args.runs)}
+    figure = runs.draw(series, args.out or Path(args.runs[0]) / "curves.png")
+    finals = {label: runs.last_values(s) for label, s in series.items()}
+    names = sorted({n for f in finals.values() for n in f})
+    table = Table(title=escape(f"Last values of {len(finals)} run(s); curves in {figure}"))
+    for col in ("run", *names):
+        table.add_column(col, justify="right")
+    for label, f in finals.items():
+        table.add_row(escape(label), *(f"{f[n]:.4g}" if n in f else "" for n in names))
+    console.print(table)
+    return {"runs": finals, "figure": str(figure)}
+
+
+COMMANDS = {"curves": cmd_curves, "reconstruct": cmd_reconstruct, "detect": cmd_detect, "curvature": cmd_curvature,
             "embedding": cmd_embedding, "pde": cmd_pde, "encode": cmd_encode, "decode": cmd_decode,
             "rate-distortion": cmd_rate_distortion, "masked": cmd_masked, "classify": cmd_classify}
 
@@ -545,6 +565,10 @@ def parse_args(argv=None):
     mk.add_argument("--split", default="validation")
     mk.add_argument("--grid", type=Path, help="write a PNG of originals, visible blocks and predictions here")
     mk.add_argument("--batch-size", type=int, default=32)
+    cu = sub.add_parser("curves", help="loss, lr, img/s and the final metrics of runs against step (PNG, table)")
+    cu.add_argument("runs", nargs="+", help="run folders of train.py (or their metrics.jsonl), overlaid")
+    cu.add_argument("--labels", nargs="+", help="one name per run (default: the folders' names)")
+    cu.add_argument("--out", type=Path, help="the PNG (default: curves.png in the first run's folder)")
     cl = sub.add_parser("classify", help="top-1 / top-5 accuracy of a classifier")
     cl.add_argument("--weights", required=True, help="a model.safetensors written by train.py --task linprobe, "
                                                      "tran1-probe, finetune or supervised")

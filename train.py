@@ -37,6 +37,7 @@ import detr
 import errors
 import finola
 import mobileformer
+import runs
 import weights
 from tasks import TASKS
 
@@ -445,17 +446,6 @@ def ranks_in_sync(accelerator, model) -> bool:
     return bool((every == every[:1]).all().item())
 
 
-def read_metrics(path) -> list[dict]:
-    """The records of a ``metrics.jsonl``; a line torn by a kill (or otherwise not JSON) is skipped with a warning."""
-    records = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            warnings.warn(f"{path}: line {n} is not JSON (torn by a kill?); skipped")
-    return records
-
-
 class MetricsLog:
     """metrics.jsonl: one JSON object per logged step, epoch or evaluation (main process only), appended line by
     line; after a kill, ``rewind`` drops what the checkpoint being resumed does not hold, so each step is logged
@@ -494,7 +484,7 @@ class MetricsLog:
         """Keep the step records up to ``step`` and the records of epochs before ``epoch`` (atomically)."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [r for r in read_metrics(self.path)
+        kept = [r for r in runs.read_metrics(self.path)
                 if ("loss" in r and r["step"] <= step) or ("samples" in r and r["epoch"] < epoch)
                 or r.get("resumed_at_step", math.inf) <= step]
         with weights.atomic_path(self.path) as tmp:

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from PIL import Image
 
 import errors
+import runs
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +112,7 @@ def test_random_time_kills_then_resume(tmp_path, reference):
         proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while kills < 3 and proc.poll() is None and not any(r.get("step", 0) >= target and "loss" in r for r in (
-                train.read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else [])):
+                runs.read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else [])):
             time.sleep(0.02)
         time.sleep(delay)
         if kills < 3 and proc.poll() is None:  # three kills, then the run may finish
@@ -207,7 +208,7 @@ def test_metrics_reader_skips_a_torn_last_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
     with pytest.warns(UserWarning, match="line 3 is not JSON"):
-        assert [r["step"] for r in train.read_metrics(path)] == [1, 2]
+        assert [r["step"] for r in runs.read_metrics(path)] == [1, 2]
 
 
 # --- the paper's streaming path, on CPU ----------------------------------------------------------------------------

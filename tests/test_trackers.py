@@ -1,4 +1,5 @@
-"""--log-with: the metrics of metrics.jsonl (and the task's figure) reach Accelerate's trackers (issue 17, item 1);
+"""--log-with: the metrics of metrics.jsonl (and the task's figure) reach Accelerate's trackers (issue 17, item 1), and
+`eval.py curves` draws them (item 4);
 tested offline with TensorBoard's event files (tensorboard is in requirements-dev.txt, an optional install otherwise)."""
 import importlib.util
 import json
@@ -36,3 +37,26 @@ def test_a_tracker_that_is_not_installed_is_a_one_line_error(tmp_path, monkeypat
         errors.run(train.main, TINY + ["--out", str(tmp_path / "run"), "--log-with", "wandb"])
     assert e.value.code == 2
     assert "--log-with wandb: the 'wandb' package is not installed: pip install wandb" in capsys.readouterr().err
+
+
+def test_curves_command_overlays_runs_and_ends_with_the_final_values(tmp_path, capsys):
+    import eval as ev
+    import runs
+    a, b = tmp_path / "a", tmp_path / "b"
+    train.main(TINY + ["--out", str(a), "--max-steps", "3"])
+    train.main(TINY + ["--out", str(b), "--max-steps", "2", "--lr", "0.01"])
+    capsys.readouterr()
+    result = ev.main(["curves", str(a), str(b / "metrics.jsonl"), "--labels", "lr 0.05", "lr 0.01",
+                      "--out", str(tmp_path / "c.png")])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    for label, run, steps in (("lr 0.05", a, 3), ("lr 0.01", b, 2)):
+        rows = runs.read_metrics(run / "metrics.jsonl")
+        last = result["runs"][label]
+        assert last["step"] == steps and last["loss"] == [r["loss"] for r in rows if "loss" in r][-1]
+        assert last["final/psnr_db"] == rows[-1]["final"]["psnr_db"] and last["lr"] > 0
+    from PIL import Image
+    assert Image.open(tmp_path / "c.png").size[0] > 600, "one panel per curve, three a row"
+    with pytest.raises(ValueError, match="--labels: 1 names for 2 runs"):
+        ev.main(["curves", str(a), str(b), "--labels", "x"])
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        ev.main(["curves", str(tmp_path / "nowhere")])

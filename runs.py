@@ -1,0 +1,95 @@
+"""A run folder's record read back: ``metrics.jsonl`` (written by ``train.MetricsLog``: one JSON object per logged
+step, epoch and final evaluation) and the curves it draws.
+
+    python eval.py curves RUN [RUN ...] [--labels A B ...] [--out curves.png]
+
+Several runs are overlaid (an ablation): loss, learning rate and images/s against the optimizer step, and each final
+evaluation metric as a point at the run's last step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+TRAINING = ("loss", "lr", "img_per_s")  # the per-step figures of a training record
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a ``metrics.jsonl``; a line torn by a kill (or otherwise not JSON) is skipped with a warning."""
+    records = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}: line {n} is not JSON (torn by a kill?); skipped")
+    return records
+
+
+def run_metrics(run) -> list[dict]:
+    """``read_metrics`` of a run folder (or of a ``metrics.jsonl`` itself), with a clear error for anything else."""
+    path = Path(run)
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"run: no metrics.jsonl at {str(path)!r} (a run folder of train.py holds one)")
+    return read_metrics(path)
+
+
+def curves(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """``{name: (steps, values)}``: each of ``TRAINING`` over the logged steps, and ``final/<metric>`` (one point at
+    the step of the final evaluation) for each numeric metric of it (image counts left out)."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for r in records:
+        if "loss" in r:
+            for name in TRAINING:
+                if isinstance(r.get(name), (int, float)):
+                    out.setdefault(name, ([], []))[0].append(r["step"])
+                    out[name][1].append(float(r[name]))
+        for name, value in (r.get("final") or {}).items():
+            if name.endswith("images"):  # counts of evaluated images, not metrics
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                out[f"final/{name}"] = ([r["step"]], [float(value)])
+    return out
+
+
+def last_values(series: dict[str, tuple[list[int], list[float]]]) -> dict[str, float]:
+    """Each curve's last value, and the last step."""
+    out = {name: values[-1] for name, (_, values) in series.items()}
+    steps = [s for steps, _ in series.values() for s in steps]
+    return {"step": max(steps, default=0), **out}
+
+
+def draw(runs: dict[str, dict], path) -> Path:
+    """One panel per curve name over all ``runs`` (``{label: curves(...)}``), the runs overlaid; a PNG at ``path``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from analysis import save_figure
+
+    names = sorted({n for s in runs.values() for n in s}, key=lambda n: (n not in TRAINING, TRAINING.index(n)
+                                                                          if n in TRAINING else 0, n))
+    if not names:
+        raise ValueError("runs: no logged steps or evaluations to draw")
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        for label, series in runs.items():
+            if name in series:
+                steps, values = series[name]
+                ax.plot(steps, values, marker="o" if len(steps) == 1 else None, label=label)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        if name == "loss" and all(v > 0 for s in runs.values() for v in s.get("loss", ([], []))[1]):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    path = save_figure(fig, path)
+    plt.close(fig)
+    return path
