@@ -15,6 +15,8 @@ does no work, so its functions serve notebooks and tests.
     classify      top-1 / top-5 accuracy of a classifier (linear / tran-1 probes, fine-tuned, supervised; Tables 1, 3)
     curves        loss, lr, img/s and final metrics of training runs against step, overlaid (``python eval.py curves
                   RUN [RUN ...]``, runs.py)
+    export        a folder ready to upload to the hub: model.safetensors and a model card (README.md); every
+                  --weights / --init also takes hf:ORG/REPO[/FILE]
 """
 from __future__ import annotations
 
@@ -514,7 +516,13 @@ def cmd_curves(args) -> dict:
     return {"runs": finals, "figure": str(figure)}
 
 
-COMMANDS = {"curves": cmd_curves, "reconstruct": cmd_reconstruct, "detect": cmd_detect, "curvature": cmd_curvature,
+def cmd_export(args) -> dict:
+    out = weights.export(args.weights, args.out)
+    console.print(f"{out}: model.safetensors + README.md; upload: huggingface-cli upload ORG/REPO {escape(str(out))}")
+    return {"folder": str(out), "files": ["model.safetensors", "README.md"]}
+
+
+COMMANDS = {"curves": cmd_curves, "export": cmd_export, "reconstruct": cmd_reconstruct, "detect": cmd_detect, "curvature": cmd_curvature,
             "embedding": cmd_embedding, "pde": cmd_pde, "encode": cmd_encode, "decode": cmd_decode,
             "rate-distortion": cmd_rate_distortion, "masked": cmd_masked, "classify": cmd_classify}
 
@@ -569,6 +577,9 @@ def parse_args(argv=None):
     cu.add_argument("runs", nargs="+", help="run folders of train.py (or their metrics.jsonl), overlaid")
     cu.add_argument("--labels", nargs="+", help="one name per run (default: the folders' names)")
     cu.add_argument("--out", type=Path, help="the PNG (default: curves.png in the first run's folder)")
+    ex = sub.add_parser("export", help="a folder ready for the hub: model.safetensors and its model card")
+    ex.add_argument("--weights", required=True, help="any of our files (or hf:ORG/REPO[/FILE])")
+    ex.add_argument("--out", type=Path, required=True, help="the folder to write")
     cl = sub.add_parser("classify", help="top-1 / top-5 accuracy of a classifier")
     cl.add_argument("--weights", required=True, help="a model.safetensors written by train.py --task linprobe, "
                                                      "tran1-probe, finetune or supervised")

@@ -53,7 +53,7 @@ DEFAULTS = dict(preset="small", data=None, streaming=False, augment=True, epoch_
                 out=None, resume=None, checkpoint_every=500, log_every=10, freeze_encoder=False,
                 upsampler_width=512, upsampler_depth=6, head="lin", dropout=None, optimizer="adamw",
                 label_smoothing=0.0, random_erase=0.0, crop_ratio=0.875, threads=None, pca_images=20000,
-                output="normalized", zero_init_residual=False, colour_jitter=0.0, clip_grad=0.0)
+                output="normalized", zero_init_residual=False, colour_jitter=0.0, clip_grad=0.0, compile=False)
 
 
 def _number(kind, low: float, *, low_ok: bool, what: str):
@@ -113,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction,
                    help="a fresh encoder's residual branches start at zero (ours; on in the small finola preset, "
                         "off as in Mobile-Former's code otherwise)")
+    m.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="wrap the model in torch.compile (off by default; costs and gains on a CPU: README, benchmarks)")
     m.add_argument("--q-position", choices=finola.Q_POSITIONS, help="where q sits in the map (App. E.1)")
     m.add_argument("--norm", choices=["layer", "moving-average"], help="FINOLA normalization (§4's ablation)")
     m.add_argument("--output", choices=finola.OUTPUTS, help="finola: what the upsampler predicts, the image in [0, 1] "
@@ -327,6 +329,8 @@ def train(args) -> Path:
     else:
         optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(args.betas),
                                       fused=accelerator.device.type in ("cpu", "cuda"))
+    if args.compile:
+        model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     step = epoch = seen_before = 0
@@ -415,7 +419,7 @@ def train(args) -> Path:
                     seen.zero_()
                 epoch += 1
 
-    model = accelerator.unwrap_model(model)
+    model = accelerator.unwrap_model(model, keep_torch_compile=False)  # the weights file has the plain names
     log.write(step=step, ranks_in_sync=ranks_in_sync(accelerator, model))
     if accelerator.is_main_process:
         metrics = task.evaluate(model.eval(), args, out)

@@ -78,9 +78,36 @@ def one_line(error: Exception, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+HUB = "hf:"  # hf:ORG/REPO[/FILE]: a file of a HuggingFace hub repository (default FILE: model.safetensors)
+
+
+def resolve(path) -> Path:
+    """A local file for ``path``: itself, or for ``hf:ORG/REPO[/FILE]`` the hub file through ``huggingface_hub``'s
+    cache (downloaded once; with ``HF_HUB_OFFLINE=1`` the cache alone, and a clear error when it lacks the file)."""
+    text = str(path)
+    if not text.startswith(HUB):
+        return Path(path)
+    parts = text[len(HUB):].split("/")
+    if len(parts) < 2 or not all(parts):
+        raise ValueError(f"weights: {text!r}: expected hf:ORG/REPO or hf:ORG/REPO/FILE")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or "model.safetensors"
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, EntryNotFoundError
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except LocalEntryNotFoundError as e:
+        raise FileNotFoundError(
+            f"weights: {text!r}: not in the hub cache ({constants.HF_HUB_CACHE}) and the hub is "
+            f"{'off (HF_HUB_OFFLINE=1)' if constants.HF_HUB_OFFLINE else 'unreachable'}; download it where the hub "
+            f"is reachable, or give a local file") from e
+    except (RepositoryNotFoundError, EntryNotFoundError) as e:
+        raise FileNotFoundError(f"weights: {text!r}: no such repository or file on the hub ({one_line(e)})") from e
+
+
 def read_metadata(path) -> dict:
-    """The parsed metadata of one of our files (JSON fields decoded); a clear error for anything else."""
-    path = Path(path)
+    """The parsed metadata of one of our files (JSON fields decoded); a clear error for anything else. ``path`` may
+    be ``hf:ORG/REPO[/FILE]`` (``resolve``), as everywhere a weights file is read."""
+    path = resolve(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights: no such file {str(path)!r}")
     try:
@@ -105,6 +132,7 @@ def read_metadata(path) -> dict:
 
 def read(path, *, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:
     """``(state_dict, metadata)`` of one of our files."""
+    path = resolve(path)
     meta = read_metadata(path)
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
@@ -203,3 +231,59 @@ def load_encoder(path, *, device="cpu") -> torch.nn.Module:
         encoder.head = None
         encoder.config = dataclasses.replace(encoder.config, num_classes=0)
     return encoder.freeze(False).train()  # trainable again, also when it was a frozen probe's
+
+
+def model_card(path) -> str:
+    """A hub model card (README.md) for one of our files: what it is, its config, training flags, data and final
+    metrics from its metadata, and the commands that use it."""
+    meta = read_metadata(path)
+    arch, train = meta["model"].get("arch"), meta["train"]
+    metrics = "\n".join(f"| {k} | {v} |" for k, v in meta["metrics"].items()) or "| (none recorded) | |"
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in train.items() if isinstance(v, (int, float, str))
+                     and not isinstance(v, bool) and k not in ("out", "resume"))
+    return f"""---
+library_name: finola
+tags: [finola, mobile-former, safetensors]
+---
+# {meta["task"] or arch}: a finola `{arch}` model
+
+Weights written by `train.py --task {meta["task"]}` of finola, the reference library of *Image is First-order
+Norm+Linear Autoregressive* (FINOLA). The file alone rebuilds the model: its metadata holds the config.
+
+```python
+import weights
+model = weights.load_model("hf:ORG/REPO")  # this repository's model.safetensors
+```
+
+## Data
+`{meta["data"]}`
+
+## Final metrics
+| metric | value |
+|---|---|
+{metrics}
+
+## Training flags
+```
+{flags}
+```
+
+## Config
+```json
+{json.dumps(meta["model"], indent=1)}
+```
+"""
+
+
+def export(path, out) -> Path:
+    """A folder ready to upload to the hub: ``model.safetensors`` (a copy of ``path``) and ``README.md`` (its model
+    card)."""
+    import shutil
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    card = model_card(path)  # reads (and checks) the file first
+    with atomic_path(out / "model.safetensors") as tmp:
+        shutil.copyfile(resolve(path), tmp)
+    with atomic_path(out / "README.md") as tmp:
+        tmp.write_text(card)
+    return out
