@@ -429,7 +429,8 @@ def train(args) -> Path:
         report(out, metrics, task.eval_command)
         log.images(out, step=step)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not accelerator.end_training(): main() tears the process group down
+        tracker.finish()
     return out
 
 
