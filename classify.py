@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+import finola
 import mobileformer
 from masked import TransformerBlock, init_vit
 
@@ -44,8 +45,8 @@ class ClassifierConfig:
     heads: int | None = None                # attention heads (width / 64, at least 2)
     dropout: float | None = None            # before the classifier (and in the blocks' MLP) of tran-N
     frozen: bool = False                    # probing: the encoder is fixed
-    mean: tuple = mobileformer.IMAGENET_MEAN  # input normalisation of [0, 1] images for the encoder (PixelNorm)
-    std: tuple = mobileformer.IMAGENET_STD
+    mean: tuple = finola.IMAGENET_MEAN  # input normalisation of [0, 1] images for the encoder (PixelNorm)
+    std: tuple = finola.IMAGENET_STD
     encoder: dict = field(default_factory=dict)  # the encoder's own config, so a weights file rebuilds both
 
     def __post_init__(self):
@@ -76,7 +77,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = encoder
-        self.pixels = mobileformer.PixelNorm(config.mean, config.std)
+        self.pixels = finola.PixelNorm(config.mean, config.std)
         C, K = config.encoder_channels, config.num_classes
         if config.head == "lin":
             self.norm = nn.BatchNorm1d(C, affine=False, eps=1e-6)

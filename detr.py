@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+import finola
 import mobileformer
 from mobileformer import Former, FormerToMobile, LiteBottleneck, MobileToFormer, conv_bn
 
@@ -278,7 +279,7 @@ class DETR(nn.Module):
                              f"(a mobileformer.MobileFormer), got {type(backbone).__name__}")
         self.num_classes = num_classes
         self.normalize_input = normalize_input
-        self.pixels = mobileformer.PixelNorm()
+        self.pixels = finola.PixelNorm()
         self.backbone = backbone
         ch = backbone.map_channels
         self.decoder = MobileFormerDecoder(decoder, channels=ch["features"], stride8_channels=ch["stride8"])

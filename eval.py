@@ -500,20 +500,7 @@ def cmd_classify(args) -> dict:
 
 
 def cmd_curves(args) -> dict:
-    labels = args.labels or [Path(r).name for r in args.runs]
-    if len(labels) != len(args.runs):
-        raise ValueError(f"--labels: {len(labels)} names for {len(args.runs)} runs")
-    series = {label: runs.curves(runs.run_metrics(r)) for label, r in zip(labels, args.runs)}
-    figure = runs.draw(series, args.out or Path(args.runs[0]) / "curves.png")
-    finals = {label: runs.last_values(s) for label, s in series.items()}
-    names = sorted({n for f in finals.values() for n in f})
-    table = Table(title=escape(f"Last values of {len(finals)} run(s); curves in {figure}"))
-    for col in ("run", *names):
-        table.add_column(col, justify="right")
-    for label, f in finals.items():
-        table.add_row(escape(label), *(f"{f[n]:.4g}" if n in f else "" for n in names))
-    console.print(table)
-    return {"runs": finals, "figure": str(figure)}
+    return runs.report(args.runs, labels=args.labels, out=args.out, console=console)
 
 
 def cmd_export(args) -> dict:

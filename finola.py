@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import mobileformer
 
 KEYS = ("A", "B", "A_neg", "B_neg")
 
@@ -401,6 +400,43 @@ class ConvUpsampler(nn.Sequential):
 OUTPUTS = ("pixels", "normalized")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The input convention: [0, 1] RGB images normalised by ImageNet's statistics (every model here feeds its encoder so; DETR,
+# the classifier and the masked models use this one)
+# ---------------------------------------------------------------------------------------------------------------
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PixelNorm(nn.Module):
+    """``(x - mean) / std`` per channel of (B, C, H, W) images in [0, 1]; ``inverse`` maps back. The one place where
+    FINOLA, the masked models, the classifier and DETR normalise what their encoder sees; its buffers are not saved
+    (the statistics live in each model's config)."""
+
+    def __init__(self, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD):
+        super().__init__()
+        if len(mean) != len(std) or min(std) <= 0:
+            raise ValueError(f"std: expected {len(mean)} positive values to go with mean={tuple(mean)}, got {tuple(std)}")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def check(self, x: torch.Tensor, size: tuple | None = None) -> torch.Tensor:
+        """``x`` itself, or a clear error when it is not (B, C, H, W) images (of ``size`` (H, W) when given)."""
+        c = self.mean.shape[1]
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != c or (
+                size is not None and tuple(x.shape[-2:]) != tuple(size)):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            want = f"{size[0]}, {size[1]}" if size is not None else "H, W"
+            raise ValueError(f"x: expected images (B, {c}, {want}), got {shape}")
+        return x
+
+    def forward(self, x: torch.Tensor, *, size: tuple | None = None) -> torch.Tensor:
+        return (self.check(x, size) - self.mean) / self.std
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y * self.std + self.mean
+
+
 @dataclass
 class FinolaConfig:
     """The vanilla FINOLA network (§2, Tables 2, 10, 12). Paper defaults: 256^2 images, MF-W2880, C = 3072."""
@@ -412,8 +448,8 @@ class FinolaConfig:
     momentum: float = 0.1                   # of the running statistics, for norm="moving-average"
     heads: int = 8                          # of the attentional pooler
     widths: tuple = (512, 256, 256, 128, 128)  # Table 10
-    mean: tuple = mobileformer.IMAGENET_MEAN  # input normalisation of [0, 1] images for the encoder (PixelNorm)
-    std: tuple = mobileformer.IMAGENET_STD
+    mean: tuple = IMAGENET_MEAN  # input normalisation of [0, 1] images for the encoder (PixelNorm)
+    std: tuple = IMAGENET_STD
     output: str = "pixels"                  # what the upsampler predicts: see OUTPUTS ("pixels": files before it)
     encoder: dict = field(default_factory=dict)  # the encoder's own config, so a weights file rebuilds both
 
@@ -443,7 +479,7 @@ class Finola(nn.Module):
         self.upsampler = ConvUpsampler(config.channels, config.widths)
         self.origin = q_origin(config.q_position, config.grid)
         self.image_size = tuple(g * self.upsampler.scale for g in config.grid)
-        self.pixels = mobileformer.PixelNorm(config.mean, config.std)
+        self.pixels = PixelNorm(config.mean, config.std)
         if config.norm == "moving-average":
             self.register_buffer("running_mean", torch.zeros(()))
             self.register_buffer("running_var", torch.ones(()))

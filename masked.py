@@ -56,7 +56,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import finola
-import mobileformer
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -294,8 +293,8 @@ class MaskedEConfig:
     grid: tuple = (16, 16)
     patch: int = 16                         # pixels per grid cell: the linear layer outputs p x p x 3
     heads: int = 8                          # of the attentional pooler (App. B)
-    mean: tuple = mobileformer.IMAGENET_MEAN  # input normalisation of [0, 1] images for the encoder (PixelNorm)
-    std: tuple = mobileformer.IMAGENET_STD
+    mean: tuple = finola.IMAGENET_MEAN  # input normalisation of [0, 1] images for the encoder (PixelNorm)
+    std: tuple = finola.IMAGENET_STD
     encoder: dict = field(default_factory=dict)  # the encoder's own config, so a weights file rebuilds both
 
     def __post_init__(self):
@@ -313,8 +312,8 @@ class MaskedBConfig:
     width: int = 512                        # transformer upsampler (Table 10)
     depth: int = 6                          # its blocks (Table 16 ablates the depth)
     heads: int = 8
-    mean: tuple = mobileformer.IMAGENET_MEAN
-    std: tuple = mobileformer.IMAGENET_STD
+    mean: tuple = finola.IMAGENET_MEAN
+    std: tuple = finola.IMAGENET_STD
     encoder: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -338,7 +337,7 @@ class _Masked(nn.Module):
         self.encoder = encoder
         self.finola = nn.ParameterDict({k: nn.Parameter(v) for k, v in finola.init(config.channels).items()})
         self.image_size = tuple(g * config.patch for g in config.grid)
-        self.pixels = mobileformer.PixelNorm(config.mean, config.std)
+        self.pixels = finola.PixelNorm(config.mean, config.std)
 
     def _check(self, x: torch.Tensor):
         self.pixels.check(x, self.image_size)

@@ -352,42 +352,6 @@ class ClassifierHead(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The input convention: [0, 1] RGB images normalised by ImageNet's statistics (every model here feeds its encoder so)
-# ---------------------------------------------------------------------------------------------------------------
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class PixelNorm(nn.Module):
-    """``(x - mean) / std`` per channel of (B, C, H, W) images in [0, 1]; ``inverse`` maps back. The one place where
-    FINOLA, the masked models, the classifier and DETR normalise what their encoder sees; its buffers are not saved
-    (the statistics live in each model's config)."""
-
-    def __init__(self, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD):
-        super().__init__()
-        if len(mean) != len(std) or min(std) <= 0:
-            raise ValueError(f"std: expected {len(mean)} positive values to go with mean={tuple(mean)}, got {tuple(std)}")
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-
-    def check(self, x: torch.Tensor, size: tuple | None = None) -> torch.Tensor:
-        """``x`` itself, or a clear error when it is not (B, C, H, W) images (of ``size`` (H, W) when given)."""
-        c = self.mean.shape[1]
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != c or (
-                size is not None and tuple(x.shape[-2:]) != tuple(size)):
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            want = f"{size[0]}, {size[1]}" if size is not None else "H, W"
-            raise ValueError(f"x: expected images (B, {c}, {want}), got {shape}")
-        return x
-
-    def forward(self, x: torch.Tensor, *, size: tuple | None = None) -> torch.Tensor:
-        return (self.check(x, size) - self.mean) / self.std
-
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return y * self.std + self.mean
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The encoder
 # ---------------------------------------------------------------------------------------------------------------
 class MobileFormer(nn.Module):

@@ -93,3 +93,26 @@ def draw(runs: dict[str, dict], path) -> Path:
     path = save_figure(fig, path)
     plt.close(fig)
     return path
+
+
+def report(paths: list, *, labels: list[str] | None = None, out=None, console=None) -> dict:
+    """``eval.py curves``: the runs' curves drawn to ``out`` (default: ``curves.png`` in the first run's folder), their
+    last values as a rich table; returns ``{"runs": {label: last values}, "figure": path}``."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    labels = labels or [Path(p).name for p in paths]
+    if len(labels) != len(paths):
+        raise ValueError(f"--labels: {len(labels)} names for {len(paths)} runs")
+    series = {label: curves(run_metrics(p)) for label, p in zip(labels, paths)}
+    figure = draw(series, out or Path(paths[0]) / "curves.png")
+    finals = {label: last_values(s) for label, s in series.items()}
+    names = sorted({n for f in finals.values() for n in f})
+    table = Table(title=escape(f"Last values of {len(finals)} run(s); curves in {figure}"))
+    for col in ("run", *names):
+        table.add_column(col, justify="right")
+    for label, f in finals.items():
+        table.add_row(escape(label), *(f"{f[n]:.4g}" if n in f else "" for n in names))
+    if console is not None:
+        console.print(table)
+    return {"runs": finals, "figure": str(figure)}

@@ -148,12 +148,18 @@ def test_a_training_step_on_the_folder(tmp_path, capsys):
     assert data.BAD.total() >= len(BAD) and "bad images:" in capsys.readouterr().err
 
 
-def test_ladder_refuses_a_folder_of_only_bad_images(tmp_path):
+def only_bad_images(tmp_path):
+    """A folder of two files with image names and no image in them; data.BAD reset."""
     folder = tmp_path / "bad"
     folder.mkdir()
     (folder / "empty.png").write_bytes(b"")
     (folder / "text.jpg").write_text("no pixels here")
     data.BAD.reset()
+    return folder
+
+
+def test_ladder_refuses_a_folder_of_only_bad_images(tmp_path):
+    folder = only_bad_images(tmp_path)
     assert list(data.loader(data.load(str(folder)), batch_size=2)) == [] and data.BAD.total() == 2
 
     class Hung(BaseException):  # not an OSError: the loader counts those as bad images and carries on
@@ -285,10 +291,6 @@ def test_malformed_coco_files_get_one_line_errors(tmp_path):
 
 def test_training_refuses_a_folder_of_only_bad_images(tmp_path):
     """An epoch without one readable image stops the run with the bad-image report instead of looping forever."""
-    folder = tmp_path / "bad"
-    folder.mkdir()
-    (folder / "empty.png").write_bytes(b"")
-    (folder / "text.jpg").write_text("no pixels here")
-    data.BAD.reset()
+    folder = only_bad_images(tmp_path)
     with pytest.raises(ValueError, match=r"epoch 0 gave no readable training images; 2 unreadable files skipped, e\.g\. "):
         train.main(FINOLA + ["--data", str(folder), "--max-steps", "1", "--out", str(tmp_path / "run")])

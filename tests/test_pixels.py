@@ -48,8 +48,8 @@ def test_a_frozen_encoder_gives_identical_features_through_every_model():
             assert_close(maps, seen["maps"][0], rtol=1e-5, atol=1e-6, msg=name)
         else:
             assert torch.equal(maps, seen["maps"][0]), name
-    expected = (x - torch.tensor(mobileformer.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
-        mobileformer.IMAGENET_STD).view(1, 3, 1, 1)
+    expected = (x - torch.tensor(finola.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        finola.IMAGENET_STD).view(1, 3, 1, 1)
     assert_close(seen["inputs"][0], expected, rtol=0, atol=1e-6, msg="ImageNet's statistics, per channel")
 
 
@@ -73,6 +73,6 @@ def test_detr_files_written_before_the_fix_keep_raw_pixels(tmp_path):
 
 @pytest.mark.parametrize("shape", [(3, 32, 32), (2, 1, 32, 32), (2, 3, 32, 31)])
 def test_bad_image_shapes_get_one_message(shape):
-    norm = mobileformer.PixelNorm()
+    norm = finola.PixelNorm()
     with pytest.raises(ValueError, match=r"x: expected images \(B, 3, 32, 32\), got"):
         norm(torch.rand(shape), size=(32, 32))

@@ -74,12 +74,12 @@ def _bn_stays_in_eval(self, mode=True):
     return torch.nn.Module.train(self, False)
 
 
-def test_grad_accum_2_gives_the_update_of_twice_the_batch(tmp_path, monkeypatch, one_thread):
-    """Through ``train.main`` (``--batch-size`` is the global batch): ``--batch-size 4 --grad-accum 2`` (micro-batches
-    of 2) and ``--batch-size 4`` see the same images per step and must make the same 2 SGD updates (float tolerance).
-    BatchNorm is held in eval mode (running statistics), because batch statistics of 2 images differ from those of 4
-    and would make the runs differ for a reason that is not accumulation. Control: a batch of 2 without accumulation
-    at the same lr, i.e. half of each step's images, makes a clearly different update."""
+@pytest.fixture
+def update(tmp_path, monkeypatch, one_thread):
+    """``update(name, *flags)``: a train.main run of ``ACCUM_FLAGS`` + flags with BatchNorm held in eval mode (batch
+    statistics of different micro-batch sizes would differ for a reason that is not accumulation); returns the
+    run's whole update (final minus initial weights, flattened), its metrics.jsonl records and every run's initial
+    weights so far (recorded as train.py builds the model)."""
     monkeypatch.setattr(torch.nn.modules.batchnorm._BatchNorm, "train", _bn_stays_in_eval)
     task = train.TASKS["finola"]
     real_build, inits = task.build, []
@@ -91,15 +91,24 @@ def test_grad_accum_2_gives_the_update_of_twice_the_batch(tmp_path, monkeypatch,
 
     monkeypatch.setattr(task, "build", recording_build)
 
-    def update(name, *flags):
+    def run(name, *flags):
         out = tmp_path / name
         train.main(ACCUM_FLAGS + ["--out", str(out), *flags])
         final, init = load_file(out / "model.safetensors"), inits[-1]
-        return torch.cat([(final[k] - init[k]).flatten() for k in sorted(init)])
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return torch.cat([(final[k] - init[k]).flatten() for k in sorted(init)]), rows, inits
 
-    full = update("full", "--batch-size", "4")
-    accumulated = update("accum", "--batch-size", "4", "--grad-accum", "2")
-    half = update("half", "--batch-size", "2", "--lr", "6.4")  # the same lr, one micro-batch per step
+    return run
+
+
+def test_grad_accum_2_gives_the_update_of_twice_the_batch(update):
+    """Through ``train.main`` (``--batch-size`` is the global batch): ``--batch-size 4 --grad-accum 2`` (micro-batches
+    of 2) and ``--batch-size 4`` see the same images per step and must make the same 2 SGD updates (float tolerance).
+    Control: a batch of 2 without accumulation at the same lr, i.e. half of each step's images, makes a clearly
+    different update."""
+    full, _, _ = update("full", "--batch-size", "4")
+    accumulated, _, _ = update("accum", "--batch-size", "4", "--grad-accum", "2")
+    half, _, inits = update("half", "--batch-size", "2", "--lr", "6.4")  # the same lr, one micro-batch per step
     assert all(torch.equal(inits[0][k], i[k]) for i in inits[1:] for k in inits[0]), "same initial weights"
 
     def distance(d):
@@ -110,30 +119,12 @@ def test_grad_accum_2_gives_the_update_of_twice_the_batch(tmp_path, monkeypatch,
     assert distance(half) > 1e-1, "the tolerance tells the runs apart"
 
 
-def test_a_short_last_step_weighs_every_image_alike_and_epochs_do_not_mix(tmp_path, monkeypatch, one_thread):
+def test_a_short_last_step_weighs_every_image_alike_and_epochs_do_not_mix(update):
     """14 rows, --batch-size 8 --grad-accum 2: micro-batches of 4, 4, 4, 2 make 2 steps an epoch, the second of 6
     images in a 4 + 2 split. Its update equals that of one batch of 6 (the 2 images do not count double), and each
     epoch logs all 14 images (no step mixes two epochs). Compared as in the test above, on the whole update."""
-    monkeypatch.setattr(torch.nn.modules.batchnorm._BatchNorm, "train", _bn_stays_in_eval)
-    task = train.TASKS["finola"]
-    real_build, inits = task.build, []
-
-    def recording_build(args):
-        model, arch, config = real_build(args)
-        inits.append({k: v.detach().clone() for k, v in model.named_parameters()})
-        return model, arch, config
-
-    monkeypatch.setattr(task, "build", recording_build)
-
-    def update(name, *flags):
-        out = tmp_path / name
-        train.main(ACCUM_FLAGS + ["--out", str(out), "--batch-size", "8", "--max-steps", "4", *flags])
-        final, init = load_file(out / "model.safetensors"), inits[-1]
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        return torch.cat([(final[k] - init[k]).flatten() for k in sorted(init)]), rows
-
-    whole, _ = update("whole")  # the same data order in whole batches: 8 + 6 an epoch
-    accumulated, rows = update("accum", "--grad-accum", "2")
+    whole, _, _ = update("whole", "--batch-size", "8", "--max-steps", "4")  # the same data order: 8 + 6 an epoch
+    accumulated, rows, _ = update("accum", "--batch-size", "8", "--max-steps", "4", "--grad-accum", "2")
     assert [(r["epoch"], r["samples"]) for r in rows if "samples" in r] == [(0, 14), (1, 14)]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     distance = ((accumulated - whole).norm() / whole.norm()).item()
