@@ -32,6 +32,7 @@ from PIL import Image
 # the transforms live in augment.py; re-exported so that data.train_transform, data.Decoded, … keep working
 from augment import (Crops, Decoded, Transform, _RandAugment, _taps, centre_boxes, crop_boxes,  # noqa: F401
                      eval_transform, resized_crops, train_transform)
+from embedded import EMBEDDED, detection_features
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 FORMS = ("accepted sources: 'hf:NAME' (a HuggingFace hub dataset); a local path: a folder of images, a folder with "
@@ -43,7 +44,8 @@ FORMS = ("accepted sources: 'hf:NAME' (a HuggingFace hub dataset); a local path:
 # Bad data: skipped, counted, reported at the end of a run
 # ----------------------------------------------------------------------------------------------------------------
 class BadImages:
-    """Counts images that could not be decoded; ``report()`` is the line a run prints at its end."""
+    """Counts images that could not be decoded; ``report()`` is the line a run prints at its end. Each loader has
+    one (``loader.bad``, or one shared by several loaders through ``data.loader(..., bad=...)``)."""
 
     def __init__(self):
         self.skipped: Counter[str] = Counter()
@@ -60,11 +62,6 @@ class BadImages:
         lines = [f"  {n}× {what}" for what, n in self.skipped.most_common(20)]
         return f"bad images: {self.total()} skipped\n" + "\n".join(lines)
 
-    def reset(self):
-        self.skipped.clear()
-
-
-BAD = BadImages()
 
 
 def decode(cell) -> Image.Image:
@@ -97,8 +94,6 @@ def load(source: str, *, split: str = "train", streaming: bool = False, **option
     ``shapes``); ``options`` go to the source (embedded sources' options are documented on their functions)."""
     if source.startswith("hf:"):
         return _hub(source[3:], split=split, streaming=streaming, **options)
-    from embedded import EMBEDDED  # embedded sources build on this module's decode
-
     if source in EMBEDDED:
         ds = EMBEDDED[source](split=split, **options)
     elif Path(source).exists():
@@ -167,16 +162,6 @@ def _local(path: Path, *, split: str, images: str | None = None):
                                 f"subfolders; {FORMS}")
     return datasets.Dataset.from_dict({"image": list(map(str, files))},
                                       features=datasets.Features(image=datasets.Image()))
-
-
-def _detection_features(names: list[str], *, crowd: bool = False) -> datasets.Features:
-    """Detection rows; ``crowd``: objects also carry COCO's ``area`` and ``iscrowd`` (crowd regions are ignored by
-    COCO's evaluation and left out of training targets)."""
-    objects = {"bbox": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
-               "category_id": datasets.List(datasets.ClassLabel(names=names))}
-    if crowd:
-        objects |= {"area": datasets.List(datasets.Value("float32")), "iscrowd": datasets.List(datasets.Value("bool"))}
-    return datasets.Features(image=datasets.Image(), image_id=datasets.Value("int64"), objects=objects)
 
 
 def _coco_box(bbox) -> list[float] | None:
@@ -249,7 +234,7 @@ def _coco_json(path: Path, *, images: Path | None):
     if +dropped:
         warnings.warn(f"{path.name}: cleaned annotations: " + ", ".join(f"{k}: {n}" for k, n in sorted((+dropped).items())))
     names = [cats.get(i, f"N/A {i}") for i in range(max(cats, default=-1) + 1)]  # ClassLabel wants unique names
-    return datasets.Dataset.from_list(list(rows.values()), features=_detection_features(names, crowd=True))
+    return datasets.Dataset.from_list(list(rows.values()), features=detection_features(names, crowd=True))
 
 
 def categories(dataset) -> dict[int, str]:
@@ -499,11 +484,12 @@ class Loader:
     """Batches for one rank: ``{"images": (B, 3, H, W) float in [0, 1], "labels": (B,) long}`` (classification),
     ``{"images", "targets": [{"boxes": (n, 4) normalised cx, cy, w, h, "labels": (n,), "image_id", "orig_size":
     (h, w)}]}`` (detection, DETR's convention) or just ``images`` (unlabelled). Call ``set_epoch(e)`` each epoch.
-    Undecodable images are skipped and counted in ``data.BAD``. A map-style dataset's decoded images are cached
+    Undecodable images are skipped and counted in ``self.bad``. A map-style dataset's decoded images are cached
     (``cache_bytes`` in all, split over the worker processes, which persist across epochs with their caches)."""
 
     def __init__(self, dataset, *, batch_size: int, transform, shuffle: bool, num_workers: int, seed: int,
-                 rank: int, world_size: int, device, buffer_size: int, cache_bytes: int = CACHE_BYTES):
+                 rank: int, world_size: int, device, buffer_size: int, cache_bytes: int = CACHE_BYTES,
+                 bad: BadImages | None = None):
         self.stream = isinstance(dataset, datasets.IterableDataset)
         dataset = dataset.cast_column("image", datasets.Image(decode=False))
         if self.stream:
@@ -512,7 +498,7 @@ class Loader:
         self.dataset, self.transform, self.batch_size, self.shuffle = dataset, transform, batch_size, shuffle
         self.num_workers, self.seed, self.rank, self.world_size, self.device = (num_workers, seed, rank,
                                                                                 world_size, device)
-        self.epoch, self.skip = 0, 0
+        self.epoch, self.skip, self.bad = 0, 0, BadImages() if bad is None else bad
         self.cache, self._source = ImageCache(cache_bytes // max(1, num_workers)), None  # one per process
 
     def set_epoch(self, epoch: int, *, skip: int = 0):
@@ -545,7 +531,7 @@ class Loader:
             source = itertools.islice(source, self.skip, None)
         for batch in source:
             for where, error in batch.pop("bad"):
-                BAD.add(where, error)
+                self.bad.add(where, error)
             if not len(batch["images"]):
                 continue
             if self.device is not None:
@@ -562,13 +548,14 @@ def _identity(batch):
 
 def loader(dataset, *, batch_size: int, transform: Transform | None = None, shuffle: bool = False,
            num_workers: int = 0, seed: int = 0, accelerator=None, rank: int = 0, world_size: int = 1,
-           buffer_size: int = 1000, cache_bytes: int = CACHE_BYTES) -> Loader:
+           buffer_size: int = 1000, cache_bytes: int = CACHE_BYTES, bad: BadImages | None = None) -> Loader:
     """A :class:`Loader` over ``dataset`` for this process: with an ``accelerator``, its process index, count and
     device (do not pass the result to ``accelerator.prepare``: it is sharded already); otherwise ``rank`` and
     ``world_size``. Map-style datasets are dealt by :func:`rank_batches`; streams by
     ``split_dataset_by_node`` (then a shuffle buffer of ``buffer_size`` when ``shuffle``). Map-style datasets keep
     up to ``cache_bytes`` of decoded images (:class:`ImageCache`; split evenly over ``num_workers``), so repeated
-    rows and later epochs decode nothing while they fit."""
+    rows and later epochs decode nothing while they fit. Unreadable images are counted in ``bad`` (a fresh
+    :class:`BadImages` by default; the loader's ``.bad``)."""
     if accelerator is not None:
         rank, world_size = accelerator.process_index, accelerator.num_processes
     if not 0 <= rank < world_size:
@@ -576,4 +563,4 @@ def loader(dataset, *, batch_size: int, transform: Transform | None = None, shuf
     return Loader(dataset, batch_size=batch_size, transform=transform, shuffle=shuffle, num_workers=num_workers,
                   seed=seed, rank=rank, world_size=world_size,
                   device=accelerator.device if accelerator is not None else None, buffer_size=buffer_size,
-                  cache_bytes=cache_bytes)
+                  cache_bytes=cache_bytes, bad=bad)

@@ -18,7 +18,22 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from data import _detection_features, decode
+
+def detection_features(names: list[str], *, crowd: bool = False) -> datasets.Features:
+    """The features of detection rows (every detection source's, COCO json folders' too); ``crowd``: objects also carry COCO's ``area`` and ``iscrowd`` (crowd regions are ignored by
+    COCO's evaluation and left out of training targets)."""
+    objects = {"bbox": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
+               "category_id": datasets.List(datasets.ClassLabel(names=names))}
+    if crowd:
+        objects |= {"area": datasets.List(datasets.Value("float32")), "iscrowd": datasets.List(datasets.Value("bool"))}
+    return datasets.Features(image=datasets.Image(), image_id=datasets.Value("int64"), objects=objects)
+
+
+def _open_rgb(path: str) -> Image.Image:
+    """A shipped image file (8-bit RGB, RGBA, palette or grey) as RGB."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Embedded sources (offline, no download). Each is generated once and cached by `datasets` under HF_HOME.
@@ -71,7 +86,7 @@ def _photos(split: str, extra: tuple[str, ...] = ()) -> list[Image.Image]:
     folder = _package_dir("skimage", "pip install scikit-image") / "data"
     out = []
     for path in [folder / name for name in PHOTOS[split]] + [Path(p) for p in extra]:
-        im = decode(str(path))
+        im = _open_rgb(str(path))
         scale = PHOTO_SIDE / min(im.size)
         out.append(im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.LANCZOS))
     return out
@@ -157,7 +172,7 @@ def _tree_rows(split: str, size: int, min_visible: float):
     folder = _package_dir("deepforest", NODEPS) / "data"
     image_id = 0
     for stem in TREES[split]:
-        image = decode(str(folder / f"{stem}.png"))
+        image = _open_rgb(str(folder / f"{stem}.png"))
         xml = ET.parse(folder / f"{stem}.xml").getroot()
         boxes = np.array([[float(o.find("bndbox").find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")]
                           for o in xml.iter("object")])
@@ -179,7 +194,7 @@ def trees(*, split: str = "train", size: int = 400, min_visible: float = 0.5) ->
     ``train``: YELL 2299×2472 (574 boxes) + OSBS_029 400² (61); ``validation``: YELL 1249×1035 (279) +
     SOAP_061 400² (37)."""
     _check_split("trees", split, ("train", "validation"))
-    return _cached(_tree_rows, _detection_features(["tree"]), split=split, size=size, min_visible=min_visible)
+    return _cached(_tree_rows, detection_features(["tree"]), split=split, size=size, min_visible=min_visible)
 
 
 # shapes: synthetic detection, generated deterministically from a seed.
@@ -247,7 +262,7 @@ def shapes(*, split: str = "train", n: int | None = None, size: int = 64, max_ob
     if background not in ("texture", "photo"):
         raise ValueError(f"background={background!r}: expected 'texture' or 'photo'")
     n = n if n is not None else (2000 if split == "train" else 200)
-    return _cached(_shape_rows, _detection_features(list(SHAPES)), split=split, n=n, size=size,
+    return _cached(_shape_rows, detection_features(list(SHAPES)), split=split, n=n, size=size,
                    max_objects=max_objects, background=background, seed=seed)
 
 

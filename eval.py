@@ -91,17 +91,17 @@ def _crops(loader, n: int):
 
 
 def pca_baseline(model, train_source: str, options: dict, *, n: int = 20000, seed: int = 0,
-                 batch_size: int = 256) -> dict:
+                 batch_size: int = 256, bad: data.BadImages | None = None) -> dict:
     """The best linear code with as many numbers as q: ``analysis.fit_pca`` with k = C (``model.config.channels``)
     components over ``n`` crops of ``train_source``'s training split (``options`` go to ``data.load``), drawn by the
     training transform (RandomResizedCrop + flip at the model's image size) epoch after epoch from ``seed``: the
     same crops every time. Raises ``analysis.PCATooLarge`` before reading any data when the images have more than
-    ``analysis.PCA_MAX_DIM`` numbers (the paper's 256²)."""
+    ``analysis.PCA_MAX_DIM`` numbers (the paper's 256²). Unreadable images are counted in ``bad``."""
     size, k = model.image_size[0], model.config.channels
     analysis.check_pca_size(3 * size * size, k)
     ds = data.load(train_source, split="train", **options)
     loader = data.loader(ds, batch_size=batch_size, transform=data.train_transform("crop", size=size), shuffle=True,
-                         seed=seed)
+                         seed=seed, bad=bad)
     return analysis.fit_pca(_crops(loader, n), k, max_images=n)
 
 
@@ -144,14 +144,14 @@ def reconstruct(model, loader, *, grid: Path | None = None, show: int = 8, pca: 
 
 
 def reconstruct_with_pca(model, loader, train_source: str, options: dict, *, pca_images: int = 20000,
-                         grid: Path | None = None) -> dict:
+                         grid: Path | None = None, bad: data.BadImages | None = None) -> dict:
     """``reconstruct`` with the PCA baseline fitted on ``pca_images`` crops of the weights' own training data
-    (``pca_baseline(model, train_source, options)``; 0 skips it). When the images are too large for an exact PCA,
-    ``pca_db`` is None and a one-line note says why."""
+    (``pca_baseline(model, train_source, options, bad=bad)``; 0 skips it). When the images are too large for an
+    exact PCA, ``pca_db`` is None and a one-line note says why."""
     if not pca_images:
         return reconstruct(model, loader, grid=grid)
     try:
-        pca = pca_baseline(model, train_source, options, n=pca_images)
+        pca = pca_baseline(model, train_source, options, n=pca_images, bad=bad)
     except analysis.PCATooLarge as error:
         console.print(f"PCA baseline skipped: {error}")
         return reconstruct(model, loader, grid=grid) | {"pca_db": None, "pca_images": 0, "pca_explained": None}
@@ -325,12 +325,12 @@ def cmd_reconstruct(args) -> dict:
         raise ValueError(f"--pca-images: expected 0 (no PCA baseline) or a number of crops, got {args.pca_images}")
     model, source, options = _load(args, "finola", "reconstruct", "finola")
     ds = data.load(source, split=args.split, **options)
-    loader = data.loader(ds, batch_size=args.batch_size, transform=reconstruct_transform(model))
+    loader = data.loader(ds, batch_size=args.batch_size, transform=reconstruct_transform(model), bad=args.bad)
     meta = model.metadata  # the PCA learns from the weights' own training data, whatever --data evaluates
     train_source, train_options = _default_data(meta, None)
     result = reconstruct_with_pca(model, loader, train_source,
                                   {**train_options, "streaming": meta["train"].get("streaming", False)},
-                                  pca_images=args.pca_images, grid=args.grid)
+                                  pca_images=args.pca_images, grid=args.grid, bad=args.bad)
     table = Table(title=escape(f"Reconstruction PSNR on {source} [{args.split}], {result['images']} images"))
     columns = {"psnr_db": "model", "psnr_layer_norm_db": "model, per-position norm", "mean_colour_db": "mean colour",
                "bilinear_db": f"bilinear via {model.config.grid[0]}x{model.config.grid[1]}",
@@ -342,8 +342,6 @@ def cmd_reconstruct(args) -> dict:
     console.print(table)
     if args.grid:
         console.print(f"grid of originals (top) and reconstructions (bottom): {args.grid}")
-    if data.BAD.total():
-        console.print(data.BAD.report())
     return result
 
 
@@ -351,7 +349,8 @@ def cmd_detect(args) -> dict:
     model, source, options = _load(args, "detr", "detect", "detr-probe or detr-finetune")
     size = args.image_size or model.metadata["train"].get("image_size", 800)
     ds = data.load(source, split=args.split, **options)
-    loader = data.loader(ds, batch_size=args.batch_size, transform=data.eval_transform("detect", size=size))
+    loader = data.loader(ds, batch_size=args.batch_size, transform=data.eval_transform("detect", size=size),
+                         bad=args.bad)
     result = detect(model, loader, data.coco(ds), figure=args.figure)
     table = Table(title=escape(f"COCO box AP on {source} [{args.split}], {result['images']} images at {size}x{size}"))
     for name in AP_NAMES:
@@ -376,7 +375,7 @@ def _model_with(path, command: str, needs: tuple[str, ...]):
 def _images(args, model, source: str, options: dict):
     """A loader of ``source`` [--split], prepared for ``model`` as reconstruct prepares it."""
     ds = data.load(source, split=args.split, **options)
-    return data.loader(ds, batch_size=args.batch_size, transform=reconstruct_transform(model))
+    return data.loader(ds, batch_size=args.batch_size, transform=reconstruct_transform(model), bad=args.bad)
 
 
 def _report(title: str, result: dict) -> None:
@@ -467,8 +466,8 @@ def cmd_masked(args) -> dict:
                          "'masked-b' model (train.py --task masked-e or masked-b)")
     source, options = _default_data(model.metadata, args.data)
     ds = data.load(source, split=args.split, **options)
-    result = masked_reconstruct(model, data.loader(ds, batch_size=args.batch_size,
-                                                   transform=reconstruct_transform(model)), grid=args.grid)
+    loader = data.loader(ds, batch_size=args.batch_size, transform=reconstruct_transform(model), bad=args.bad)
+    result = masked_reconstruct(model, loader, grid=args.grid)
     table = Table(title=escape(f"Masked-region PSNR on {source} [{args.split}], {result['images']} images, "
                                "centred block"))
     table.add_column(f"{arch}", justify="right")
@@ -486,7 +485,7 @@ def cmd_classify(args) -> dict:
     size = args.image_size or train.get("image_size", 224)
     ds = data.load(source, split=args.split, **options)
     transform = classify_transform(size, crop_ratio=train.get("crop_ratio", 0.875))
-    result = classify(model, data.loader(ds, batch_size=args.batch_size, transform=transform))
+    result = classify(model, data.loader(ds, batch_size=args.batch_size, transform=transform, bad=args.bad))
     table = Table(title=escape(f"Classification on {source} [{args.split}], {result['images']} images at "
                                f"{size}x{size}, {model.config.head} decoder"))
     shown = [k for k in ("top1", "top5") if k in result]
@@ -494,8 +493,6 @@ def cmd_classify(args) -> dict:
         table.add_column(k, justify="right")
     table.add_row(*(f"{100 * result[k]:.2f}%" for k in shown))
     console.print(table)
-    if data.BAD.total():
-        console.print(data.BAD.report())
     return result
 
 
@@ -579,7 +576,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    args.bad = data.BadImages()  # every loader of the command counts its unreadable images here
     result = COMMANDS[args.command](args)
+    if args.bad.total():
+        console.print(args.bad.report())
     print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}))
     return result
 

@@ -392,6 +392,35 @@ class ConvUpsampler(nn.Sequential):
         self.scale = 2 ** (len(widths) - 1)
 
 
+def fold_patches(patches: torch.Tensor, grid, patch: int) -> torch.Tensor:
+    """(B, gh gw, 3 p p) patch vectors in row-major grid order -> the (B, 3, gh p, gw p) image."""
+    B = patches.shape[0]
+    gh, gw = grid
+    return patches.reshape(B, gh, gw, 3, patch, patch).permute(0, 3, 1, 4, 2, 5).reshape(B, 3, gh * patch, gw * patch)
+
+
+class LinearUpsampler(nn.Module):
+    """Table 10's "linear" upsampler (Masked-FINOLA-E's, "to facilitate longer training"): one linear layer maps
+    each cell's C channels to its p x p x 3 patch of the image."""
+
+    def __init__(self, channels: int, *, patch: int):
+        super().__init__()
+        self.patch = self.scale = patch
+        self.linear = nn.Linear(channels, 3 * patch * patch)
+
+    def patches(self, z: torch.Tensor) -> torch.Tensor:
+        return self.linear(z.flatten(2).transpose(1, 2))  # (B, C, H, W) -> (B, H W, 3 p p)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return fold_patches(self.patches(z), z.shape[-2:], self.patch)
+
+
+# Which of Table 10's upsamplers decodes the vanilla FINOLA map: "conv" (ConvUpsampler, the paper's) or "linear"
+# (LinearUpsampler, ours for the small preset: at 32^2 it trains ~1.7x faster on a CPU and reaches the same PSNR in
+# less time, EXPERIMENTS.md).
+UPSAMPLERS = ("conv", "linear")
+
+
 # What the upsampler's last conv predicts. The paper says only "follow VQGAN", whose decoder predicts images scaled
 # to [-1, 1]. "normalized": the image as the encoder sees it, (x - mean) / std, mapped back to [0, 1] by a fixed
 # affine map, so a fresh network starts at the data's mean colour; "pixels": the image in [0, 1] directly, which
@@ -447,7 +476,9 @@ class FinolaConfig:
     norm: str = "layer"                     # "layer" (Eq. 1) or "moving-average" (§4's ablation)
     momentum: float = 0.1                   # of the running statistics, for norm="moving-average"
     heads: int = 8                          # of the attentional pooler
-    widths: tuple = (512, 256, 256, 128, 128)  # Table 10
+    upsampler: str = "conv"                 # see UPSAMPLERS (Table 10)
+    widths: tuple = (512, 256, 256, 128, 128)  # Table 10, upsampler="conv"
+    patch: int = 16                         # Table 10, upsampler="linear": each cell's patch side
     mean: tuple = IMAGENET_MEAN  # input normalisation of [0, 1] images for the encoder (PixelNorm)
     std: tuple = IMAGENET_STD
     output: str = "pixels"                  # what the upsampler predicts: see OUTPUTS ("pixels": files before it)
@@ -456,6 +487,8 @@ class FinolaConfig:
     def __post_init__(self):
         if self.norm not in ("layer", "moving-average"):
             raise ValueError(f"norm: expected 'layer' or 'moving-average', got {self.norm!r}")
+        if self.upsampler not in UPSAMPLERS:
+            raise ValueError(f"upsampler: expected one of {list(UPSAMPLERS)}, got {self.upsampler!r}")
         if self.output not in OUTPUTS:
             raise ValueError(f"output: expected one of {sorted(OUTPUTS)}, got {self.output!r}")
         q_origin(self.q_position, self.grid)
@@ -476,7 +509,8 @@ class Finola(nn.Module):
         self.encoder = encoder
         self.pool = AttentionPool(config.encoder_channels, config.channels, heads=config.heads)
         self.finola = nn.ParameterDict({k: nn.Parameter(v) for k, v in init(config.channels).items()})
-        self.upsampler = ConvUpsampler(config.channels, config.widths)
+        self.upsampler = (ConvUpsampler(config.channels, config.widths) if config.upsampler == "conv"
+                          else LinearUpsampler(config.channels, patch=config.patch))
         self.origin = q_origin(config.q_position, config.grid)
         self.image_size = tuple(g * self.upsampler.scale for g in config.grid)
         self.pixels = PixelNorm(config.mean, config.std)

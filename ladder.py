@@ -9,7 +9,7 @@ A rung is ENCODER/DECODER/OUTPUT, always around the same FINOLA recurrence (``fi
            pooler over one position is linear, so the whole encoder is linear); ``mf``: ``--encoder`` (mf-tiny) and
            the attentional pooler, with Mobile-Former's own initialisation; ``mf0``: the same with its residual
            branches zero-initialised (``--zero-init-residual``, the small preset).
-  decoder  ``linear``: Table 10's linear layer (each cell's C channels to its patch, ``masked.LinearUpsampler``);
+  decoder  ``linear``: Table 10's linear layer (each cell's C channels to its patch, ``finola.LinearUpsampler``);
            ``table10``: Table 10's conv upsampler with ``--widths``.
   output   what the decoder predicts (``finola.OUTPUTS``): ``pixels`` or ``normalized``.
 Training crops are drawn once by the task's training transform (``data.train_transform("crop")``) and cached, so
@@ -33,7 +33,6 @@ from torch import nn
 import data
 import eval as ev
 import finola
-import masked
 import mobileformer
 
 console = Console(stderr=True)
@@ -61,11 +60,9 @@ def build(rung: str, args) -> finola.Finola:
     encoder = (LinearEncoder(args.image_size, args.channels) if encoder_kind == "linear"
                else mobileformer.create(args.encoder, zero_init_residual=encoder_kind == "mf0"))
     config = finola.FinolaConfig(encoder_channels=encoder.out_channels, channels=args.channels,
-                                 grid=(args.grid, args.grid), widths=tuple(args.widths), output=output)
-    model = finola.Finola(encoder, config)
-    if decoder_kind == "linear":
-        model.upsampler = masked.LinearUpsampler(args.channels, patch=args.image_size // args.grid)
-    return model.to(memory_format=torch.channels_last)
+                                 grid=(args.grid, args.grid), upsampler="linear" if decoder_kind == "linear" else "conv",
+                                 widths=tuple(args.widths), patch=args.image_size // args.grid, output=output)
+    return finola.Finola(encoder, config).to(memory_format=torch.channels_last)
 
 
 def crops(args) -> tuple[torch.Tensor, torch.Tensor]:

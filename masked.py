@@ -200,33 +200,12 @@ def blockwise_map(params: dict, features: torch.Tensor, blocks: torch.Tensor, gr
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Decoders (Table 10): the linear patch layer, and transformer blocks without positional embedding before it
+# Decoders (Table 10): transformer blocks without positional embedding before the linear patch layer
+# (finola.LinearUpsampler)
 # ---------------------------------------------------------------------------------------------------------------------
-
-def fold_patches(patches: torch.Tensor, grid, patch: int) -> torch.Tensor:
-    """(B, gh gw, 3 p p) patch vectors in row-major grid order -> the (B, 3, gh p, gw p) image."""
-    B = patches.shape[0]
-    gh, gw = grid
-    return patches.reshape(B, gh, gw, 3, patch, patch).permute(0, 3, 1, 4, 2, 5).reshape(B, 3, gh * patch, gw * patch)
-
 
 def _tokens(z: torch.Tensor) -> torch.Tensor:
     return z.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H W, C)
-
-
-class LinearUpsampler(nn.Module):
-    """Table 10, Masked-FINOLA-E: one linear layer maps each C-channel token of the map to a p x p x 3 patch."""
-
-    def __init__(self, channels: int, *, patch: int):
-        super().__init__()
-        self.patch = patch
-        self.linear = nn.Linear(channels, 3 * patch * patch)
-
-    def patches(self, z: torch.Tensor) -> torch.Tensor:
-        return self.linear(_tokens(z))
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return fold_patches(self.patches(z), z.shape[-2:], self.patch)
 
 
 class TransformerBlock(nn.Module):
@@ -278,7 +257,7 @@ class TransformerUpsampler(nn.Module):
         return self.linear(self.norm(self.blocks(self.embed(_tokens(z)))))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return fold_patches(self.patches(z), z.shape[-2:], self.patch)
+        return finola.fold_patches(self.patches(z), z.shape[-2:], self.patch)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -373,7 +352,7 @@ class MaskedFinolaE(_Masked):
         super().__init__()
         self._setup(encoder, config)
         self.pool = finola.AttentionPool(config.encoder_channels, config.channels, heads=config.heads)
-        self.upsampler = LinearUpsampler(config.channels, patch=config.patch)
+        self.upsampler = finola.LinearUpsampler(config.channels, patch=config.patch)
 
     def build_map(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """Expand q over a (2gh - 1) x (2gw - 1) canvas from its centre, then cut each image's (gh, gw) window so

@@ -29,7 +29,8 @@ class Task:
     loss: Callable       # (model, batch, args) -> scalar loss
     transform: Callable  # args -> training transform (data.train_transform kind)
     plain: Callable      # args -> the same without augmentation (--no-augment), as at evaluation
-    evaluate: Callable   # (model, args, out_dir) -> dict of final metrics (main process)
+    evaluate: Callable   # (model, args, out_dir, *, bad) -> dict of final metrics (main process); unreadable
+                         # images counted in bad (data.BadImages)
     presets: dict        # preset name -> flag defaults
     eval_command: str    # how to evaluate the weights again with eval.py
 
@@ -43,10 +44,13 @@ def encoder_of(args):
 
 def build_finola(args):
     encoder = encoder_of(args)
+    if args.upsampler == "linear" and args.image_size % args.grid:
+        raise ValueError(f"--image-size {args.image_size} must be a multiple of --grid {args.grid} for --upsampler "
+                         "linear (each cell decodes a patch of image size / grid pixels)")
     config = finola.FinolaConfig(
         encoder_channels=encoder.out_channels, channels=args.channels, grid=(args.grid, args.grid),
-        q_position=args.q_position, norm=args.norm, widths=tuple(args.widths), output=args.output,
-        encoder=encoder.config_dict())
+        q_position=args.q_position, norm=args.norm, upsampler=args.upsampler, widths=tuple(args.widths),
+        patch=args.image_size // args.grid, output=args.output, encoder=encoder.config_dict())
     # App. D (--freeze-encoder): a pre-trained encoder, frozen; pooling, FINOLA and a fresh upsampler are trained
     model = finola.Finola(encoder.freeze(args.freeze_encoder), config)
     if model.image_size != (args.image_size, args.image_size):
@@ -61,12 +65,12 @@ def finola_loss(model, batch, args):
     return F.mse_loss(model(x), x)
 
 
-def evaluate_finola(model, args, out: Path) -> dict:
+def evaluate_finola(model, args, out: Path, *, bad: data.BadImages | None = None) -> dict:
     """PSNR on --eval-split next to the baselines, the PCA one fitted on --pca-images crops of the training data."""
     ds = data.load(args.data, split=args.eval_split, **args.data_options)
-    loader = data.loader(ds, batch_size=args.batch_size, transform=ev.reconstruct_transform(model))
+    loader = data.loader(ds, batch_size=args.batch_size, transform=ev.reconstruct_transform(model), bad=bad)
     return ev.reconstruct_with_pca(model, loader, args.data, {**args.data_options, "streaming": args.streaming},
-                                   pca_images=args.pca_images, grid=out / "reconstructions.png")
+                                   pca_images=args.pca_images, grid=out / "reconstructions.png", bad=bad)
 
 
 FINOLA_PAPER = dict(data="hf:ILSVRC/imagenet-1k", streaming=True, epoch_size=1_281_167, encoder="mf-w2880",
@@ -102,9 +106,9 @@ def detr_loss(model, batch, args):
     return criterion(outputs, batch["targets"])["loss"]
 
 
-def evaluate_detr(model, args, out: Path) -> dict:
+def evaluate_detr(model, args, out: Path, *, bad: data.BadImages | None = None) -> dict:
     ds = data.load(args.data, split=args.eval_split, **args.data_options)
-    loader = data.loader(ds, batch_size=args.batch_size, transform=resize(args))
+    loader = data.loader(ds, batch_size=args.batch_size, transform=resize(args), bad=bad)
     return ev.detect(model, loader, data.coco(ds), figure=out / "detections.png")
 
 
@@ -149,9 +153,9 @@ def masked_loss(model, batch, args):
     return masked.masked_mse(prediction, x, mask)
 
 
-def evaluate_masked(model, args, out: Path) -> dict:
+def evaluate_masked(model, args, out: Path, *, bad: data.BadImages | None = None) -> dict:
     ds = data.load(args.data, split=args.eval_split, **args.data_options)
-    loader = data.loader(ds, batch_size=args.batch_size, transform=ev.reconstruct_transform(model))
+    loader = data.loader(ds, batch_size=args.batch_size, transform=ev.reconstruct_transform(model), bad=bad)
     return ev.masked_reconstruct(model, loader, grid=out / "predictions.png")
 
 
@@ -199,9 +203,9 @@ def classify_loss(model, batch, args):
     return F.cross_entropy(model(batch["images"]), batch["labels"], label_smoothing=args.label_smoothing)
 
 
-def evaluate_classify(model, args, out: Path) -> dict:
+def evaluate_classify(model, args, out: Path, *, bad: data.BadImages | None = None) -> dict:
     ds = data.load(args.data, split=args.eval_split, **args.data_options)
-    loader = data.loader(ds, batch_size=args.batch_size, transform=centre(args))
+    loader = data.loader(ds, batch_size=args.batch_size, transform=centre(args), bad=bad)
     return ev.classify(model, loader)
 
 

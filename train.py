@@ -46,8 +46,9 @@ console = Console(stderr=True)
 
 # Flags every task understands, with the value used when neither the command line nor the preset sets them.
 DEFAULTS = dict(preset="small", data=None, streaming=False, augment=True, epoch_size=None, eval_split="validation",
-                data_options={}, encoder="mf-tiny", channels=256, grid=4, image_size=32, widths=[64, 32, 32, 16],
-                q_position="center", norm="layer", decoder="mf-dec-tiny", num_queries=100, init=None,
+                data_options={}, encoder="mf-tiny", channels=256, grid=4, image_size=32, upsampler="conv",
+                widths=[64, 32, 32, 16], q_position="center", norm="layer", decoder="mf-dec-tiny", num_queries=100,
+                init=None,
                 batch_size=32, epochs=1, max_steps=None, warmup_epochs=0.0, lr=1.5e-4, scale_lr=True,
                 schedule="cosine", lr_drop_epoch=None, betas=[0.9, 0.999], weight_decay=0.1, grad_accum=1, seed=0, num_workers=0,
                 out=None, resume=None, checkpoint_every=500, log_every=10, freeze_encoder=False,
@@ -109,7 +110,10 @@ def _parser() -> argparse.ArgumentParser:
                                                 "default the encoder's width, its features used directly)")
     m.add_argument("--grid", type=POSITIVE, help="side of the FINOLA map (16 in the paper)")
     m.add_argument("--image-size", type=POSITIVE, help="training image side")
-    m.add_argument("--widths", type=POSITIVE, nargs="+", help="res-conv widths of the upsampler (Table 10)")
+    m.add_argument("--upsampler", choices=finola.UPSAMPLERS,
+                   help="finola: Table 10's conv upsampler (the paper's) or its linear one, each cell's C channels to "
+                        "its (image size / grid)^2 patch (ours for the small preset: faster on a CPU)")
+    m.add_argument("--widths", type=POSITIVE, nargs="+", help="res-conv widths of the conv upsampler (Table 10)")
     m.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction,
                    help="a fresh encoder's residual branches start at zero (ours; on in the small finola preset, "
                         "off as in Mobile-Former's code otherwise)")
@@ -311,6 +315,7 @@ def train(args) -> Path:
                       f"{args.grad_accum} accumulation step(s)")
     loader = data.loader(ds, batch_size=local, transform=transform, shuffle=True,
                          num_workers=args.num_workers, seed=args.seed, accelerator=accelerator)
+    bad = loader.bad  # the final evaluation's unreadable images are counted here too
     steps_per_epoch = (math.ceil(len(loader) / args.grad_accum) if not args.streaming
                        else args.epoch_size // args.batch_size)
     if steps_per_epoch < 1:
@@ -408,8 +413,8 @@ def train(args) -> Path:
             else:
                 if i < skip:  # not one batch: every image unreadable, or an empty stream
                     raise ValueError(f"--data {args.data!r}: epoch {epoch} gave no readable training images"
-                                     + (f"; {data.BAD.total()} unreadable files skipped, e.g. "
-                                        f"{data.BAD.skipped.most_common(1)[0][0]}" if data.BAD.total() else ""))
+                                     + (f"; {bad.total()} unreadable files skipped, e.g. "
+                                        f"{bad.skipped.most_common(1)[0][0]}" if bad.total() else ""))
                 if not epoch_done:  # a stream that ran short, or batches dropped whole as unreadable
                     if args.streaming:
                         warnings.warn(f"epoch {epoch}: the stream ended after {i + 1} of its {n_batches} batches "
@@ -422,11 +427,11 @@ def train(args) -> Path:
     model = accelerator.unwrap_model(model, keep_torch_compile=False)  # the weights file has the plain names
     log.write(step=step, ranks_in_sync=ranks_in_sync(accelerator, model))
     if accelerator.is_main_process:
-        metrics = task.evaluate(model.eval(), args, out)
+        metrics = task.evaluate(model.eval(), args, out, bad=bad)
         log.write(step=step, final=metrics)
         weights.save(out / "model.safetensors", model.state_dict(), arch=arch, config=config, task=args.task,
                      train=vars(args), data=args.data, metrics=metrics)
-        report(out, metrics, task.eval_command)
+        report(out, metrics, task.eval_command, bad)
         log.images(out, step=step)
     accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:  # not accelerator.end_training(): main() tears the process group down
@@ -497,14 +502,14 @@ class MetricsLog:
         self.write(resumed_at_step=step)
 
 
-def report(out: Path, metrics: dict, eval_command: str):
+def report(out: Path, metrics: dict, eval_command: str, bad: data.BadImages):
     console.print(f"[green]done[/green]: weights {out / 'model.safetensors'}, metrics {out / 'metrics.jsonl'}")
     for name in sorted(p.name for p in out.glob("*.png")):
         console.print(f"  figure {out / name}")
     console.print("  final: " + json.dumps(metrics))
     console.print(f"  evaluate again: python eval.py {eval_command} --weights {out / 'model.safetensors'}")
-    if data.BAD.total():
-        console.print(data.BAD.report())
+    if bad.total():
+        console.print(bad.report())
 
 
 def main(argv=None):

@@ -35,12 +35,12 @@ def test_class_folders_grey_cmyk_and_a_corrupt_jpeg(tmp_path):
     ds = data.load(str(tmp_path))
     assert data.categories(ds) == {0: "ant", 1: "zebra"}  # sorted folder names
     assert sorted(ds["label"]) == [0, 0, 0, 1, 1]
-    data.BAD.reset()
-    batches = list(data.loader(ds, batch_size=8, transform=data.eval_transform(size=16)))
+    dl = data.loader(ds, batch_size=8, transform=data.eval_transform(size=16))
+    batches = list(dl)
     assert batches[0]["images"].shape == (4, 3, 16, 16) and batches[0]["images"].dtype == torch.float32
     assert 0 <= batches[0]["images"].min() and batches[0]["images"].max() <= 1
     assert sorted(batches[0]["labels"].tolist()) == [0, 0, 1, 1]
-    assert data.BAD.total() == 1 and "bad.jpg" in data.BAD.report()
+    assert dl.bad.total() == 1 and "bad.jpg" in dl.bad.report()
 
 
 def test_unlabelled_folder_and_split_subfolders(tmp_path):
@@ -412,17 +412,18 @@ def test_the_cache_decodes_each_distinct_image_once_and_still_counts_bad_rows(mo
     monkeypatch.setattr(data, "_open", lambda cell: opened.append(1) or real_open(cell))
     ds, transform = _repeated(), data.train_transform("crop", size=16)
     dl = data.loader(ds, batch_size=5, transform=transform, shuffle=True, seed=3)
-    data.BAD.reset()
     for epoch in (0, 1):
         dl.set_epoch(epoch)
         labels = [label for batch in dl for label in batch["labels"].tolist()]
         assert sorted(labels) == sorted(list(range(5)) * 4)  # every good row, once
     assert len(opened) == 6 and dl.cache.decodes == 6  # 5 images + the corrupt one, read once in two epochs
-    assert data.BAD.total() == 8 and "8× bad.png" in data.BAD.report()  # its 4 rows in each of 2 epochs
-    small = data.loader(ds, batch_size=5, transform=transform, cache_bytes=0)  # no room: nothing stays
+    assert dl.bad.total() == 8 and "8× bad.png" in dl.bad.report()  # its 4 rows in each of 2 epochs
+    shared = data.BadImages()  # loaders may share one count
+    small = data.loader(ds, batch_size=5, transform=transform, cache_bytes=0, bad=shared)  # no room: nothing stays
     opened.clear()
     assert sum(len(b["images"]) for b in small) == 20
     assert len(opened) == 9  # in order, batches of 5 over rows 0000 1111 2222 3333 4444 5555: 2+2+2+2+1 images
+    assert small.bad is shared and shared.total() == 4 and dl.bad.total() == 8
 
 
 def test_the_cache_keeps_the_most_recently_used_within_its_budget():
@@ -455,11 +456,11 @@ def test_batches_repeat_with_the_seed_whatever_the_workers_over_epochs():
 
 def test_a_stream_goes_through_the_batched_transform():
     stream = _repeated(repeats=2).to_iterable_dataset(num_shards=2)
-    data.BAD.reset()
-    batches = list(data.loader(stream, batch_size=4, transform=data.train_transform("crop", size=12), shuffle=True,
-                               buffer_size=4))
+    dl = data.loader(stream, batch_size=4, transform=data.train_transform("crop", size=12), shuffle=True,
+                     buffer_size=4)
+    batches = list(dl)
     assert sum(len(b["images"]) for b in batches) == 10 and batches[0]["images"].shape[1:] == (3, 12, 12)
-    assert data.BAD.total() == 2
+    assert dl.bad.total() == 2
 
 
 def test_randaugment_draws_two_operations_per_image():

@@ -305,6 +305,20 @@ def test_upsampler_scale_and_shape():
     assert up(torch.randn(2, 16, 4, 5)).shape == (2, 3, 32, 40)
 
 
+def test_linear_upsampler_maps_each_cell_to_its_own_patch():
+    """Table 10's linear upsampler, checked against a loop over the cells: cell (r, c) alone makes the pixels
+    [r p, (r + 1) p) x [c p, (c + 1) p)."""
+    torch.manual_seed(0)
+    up = finola.LinearUpsampler(16, patch=4)
+    z = torch.randn(2, 16, 3, 5)
+    y = up(z)
+    assert up.scale == 4 and y.shape == (2, 3, 12, 20)
+    for r in range(3):
+        for c in range(5):
+            patch = up.linear(z[:, :, r, c]).reshape(2, 3, 4, 4)
+            assert_close(y[:, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4], patch)
+
+
 @pytest.mark.parametrize("position,origin", [("center", (2, 2)), ("top-left", (0, 0)), ("top-right", (0, 3)),
                                              ("bottom-left", (3, 0)), ("bottom-right", (3, 3))])
 def test_model_puts_q_where_asked(position, origin):
@@ -338,6 +352,8 @@ def test_model_rejects_wrong_images():
         tiny_model(q_position="middle")
     with pytest.raises(ValueError, match="norm"):
         tiny_model(norm="batch")
+    with pytest.raises(ValueError, match="upsampler"):
+        tiny_model(upsampler="pixel-shuffle")
     with pytest.raises(ValueError, match="output: expected one of"):
         tiny_model(output="rgb")
 

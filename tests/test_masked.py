@@ -139,7 +139,7 @@ def test_transformer_upsampler_is_permutation_equivariant(seed):
 
 def test_linear_upsampler_maps_each_token_to_its_own_patch():
     torch.manual_seed(0)
-    up = masked.LinearUpsampler(8, patch=4)
+    up = finola.LinearUpsampler(8, patch=4)
     z = torch.randn(1, 8, 2, 3)
     y = up(z)
     z2 = z.clone()

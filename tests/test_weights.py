@@ -1,9 +1,12 @@
 """Our safetensors format (weights.py): metadata that rebuilds a model, and clear errors for anything else."""
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch.testing import assert_close
 
+import finola
 import mobileformer
 import weights
 
@@ -20,6 +23,24 @@ def test_round_trip_rebuilds_the_model_from_the_file_alone(tmp_path):
     x = torch.rand(1, 3, 32, 32)
     assert_close(rebuilt(x)[0], model(x)[0], rtol=0, atol=0)
     assert not list(tmp_path.glob(".*tmp")), "the temporary file is renamed into place"
+
+
+@pytest.mark.parametrize("upsampler", finola.UPSAMPLERS)
+def test_finola_file_rebuilds_its_upsampler(tmp_path, upsampler):
+    """Either of Table 10's upsamplers comes back from the file's config (a file without the field: "conv")."""
+    torch.manual_seed(0)
+    encoder = mobileformer.create("mf-tiny")
+    config = finola.FinolaConfig(encoder_channels=encoder.out_channels, channels=16, grid=(4, 4), heads=4,
+                                 upsampler=upsampler, widths=(16, 8, 8, 8), patch=8, encoder=encoder.config_dict())
+    model = finola.Finola(encoder, config).eval()
+    saved = dataclasses.asdict(config)
+    if upsampler == "conv":
+        del saved["upsampler"], saved["patch"]  # as files written before the linear upsampler
+    path = weights.save(tmp_path / "f.safetensors", model.state_dict(), arch="finola", config=saved)
+    rebuilt = weights.load_model(path)
+    assert type(rebuilt.upsampler) is type(model.upsampler)
+    x = torch.rand(2, 3, 32, 32)
+    assert_close(rebuilt(x), model(x), rtol=0, atol=0)
 
 
 def test_foreign_and_missing_files_get_clear_errors(tmp_path):
