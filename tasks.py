@@ -74,11 +74,12 @@ def evaluate_finola(model, args, out: Path, *, bad: data.BadImages | None = None
 
 
 FINOLA_PAPER = dict(data="hf:ILSVRC/imagenet-1k", streaming=True, epoch_size=1_281_167, encoder="mf-w2880",
-                    channels=3072, grid=16, image_size=256, widths=[512, 256, 256, 128, 128], batch_size=128,
+                    channels=3072, grid=16, image_size=256, upsampler="conv", widths=[512, 256, 256, 128, 128],
+                    batch_size=128,
                     epochs=100, warmup_epochs=10, lr=1.5e-4, weight_decay=0.1, betas=[0.9, 0.95], checkpoint_every=2000)
 FINOLA_SMALL = dict(data="photos", encoder="mf-tiny", zero_init_residual=True, channels=256, grid=4, image_size=32,
-                    widths=[64, 32, 32, 16], colour_jitter=0.3, batch_size=32, epochs=30, warmup_epochs=0.5, lr=8e-3, weight_decay=0.1,
-                    betas=[0.9, 0.95], checkpoint_every=500)
+                    upsampler="linear", colour_jitter=0.3, batch_size=32, epochs=40, warmup_epochs=0.5, lr=2.4e-2,
+                    weight_decay=0.1, betas=[0.9, 0.95], checkpoint_every=500)
 
 def build_detr(args):
     """DETR with a Mobile-Former decoder on a backbone from --init (any of our files) or a fresh --encoder. From a

@@ -516,7 +516,7 @@ def main(argv=None):
     args = parse_args(argv)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     train(args)
-    if distributed:  # gloo teardown sometimes aborts after the work is done (ENVIRONMENT.md): leave cleanly
+    if distributed:  # gloo's teardown sometimes aborts after the work is done: leave cleanly
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
         sys.stdout.flush()

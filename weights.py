@@ -1,4 +1,4 @@
-"""Our safetensors weight files: tensors plus the metadata that rebuilds the model (DESIGN.md).
+"""Our safetensors weight files: tensors plus the metadata that rebuilds the model.
 
 Metadata keys (all values are strings; JSON where structured):
   format   -- ``FORMAT``, a version tag of ours; a file without it is not one of ours

@@ -16,10 +16,10 @@ import train
 import weights
 
 ROOT = Path(__file__).resolve().parents[1]
-# 14 training rows (the 7 scikit-image photos x 2), 4 validation crops; a 2x2 FINOLA grid decoded to 32x32 by four doublings.
+# 14 training rows (the 7 scikit-image photos x 2), 4 validation crops; a 2x2 FINOLA grid decoded to 32x32 by the
+# preset's linear upsampler (16x16 patches).
 TINY = ["--task", "finola", "--data", "photos", "--data-options", '{"crops_per_photo": 2, "with_wallpapers": false}',
-        "--encoder", "mf-tiny", "--channels", "16", "--grid", "2", "--image-size", "32", "--widths", "16", "16", "16",
-        "16", "16", "--batch-size", "4", "--lr", "0.05", "--warmup-epochs", "0", "--log-every", "1",
+        "--encoder", "mf-tiny", "--channels", "16", "--grid", "2", "--image-size", "32", "--batch-size", "4", "--lr", "0.05", "--warmup-epochs", "0", "--log-every", "1",
         "--pca-images", "0"]
 
 
@@ -138,7 +138,9 @@ def test_eval_reconstruct_command(tmp_path, capsys):
 
 def test_bad_flags_get_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"--image-size 48 must equal --grid 2 x 2\^\(len\(--widths\) - 1\) = 32"):
-        run(tmp_path, "--image-size", "48")
+        run(tmp_path, "--image-size", "48", "--upsampler", "conv", "--widths", "16", "16", "16", "16", "16")
+    with pytest.raises(ValueError, match="--image-size 33 must be a multiple of --grid 2 for --upsampler linear"):
+        run(tmp_path, "--image-size", "33", "--upsampler", "linear")
     empty = tmp_path / "empty"  # a run folder with its args.json but no checkpoint yet
     empty.mkdir()
     (empty / "args.json").write_text(json.dumps(vars(train.parse_args(TINY + ["--out", str(empty)]))))
@@ -234,7 +236,7 @@ def test_a_short_run_learns_more_than_each_image_s_mean_colour(tmp_path):
     out = tmp_path / "learn"
     train.main(["--task", "finola", "--data", "photos", "--data-options", '{"crops_per_photo": 1, "with_wallpapers": false}',
                 "--no-augment", "--encoder", "mf-tiny", "--channels", "64", "--grid", "4", "--image-size", "32",
-                "--widths", "32", "16", "16", "16", "--batch-size", "7", "--max-steps", "60", "--lr", "0.03",
+                "--upsampler", "conv", "--widths", "32", "16", "16", "16", "--batch-size", "7", "--max-steps", "60", "--lr", "0.03",
                 "--warmup-epochs", "5", "--log-every", "5", "--pca-images", "0", "--seed", "0", "--out", str(out)])
     import data
     ds = data.load("photos", split="train", crops_per_photo=1, with_wallpapers=False)
