@@ -287,15 +287,7 @@ def train(args) -> Path:
     # gradient accumulation is the loop's own (below): a step ends at every --grad-accum-th micro-batch and at the
     # end of each epoch, so no step mixes two epochs
     out = Path(args.resume or args.out or f"runs/{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
-    for name in args.log_with or []:
-        module, package = TRACKERS[name]
-        if importlib.util.find_spec(module) is None:
-            raise ValueError(f"--log-with {name}: the {package!r} package is not installed: pip install {package}")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=args.log_with or None, project_dir=str(out))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    elif accelerator.device.type == "cpu" and accelerator.num_processes == 1:
-        torch.set_num_threads(os.cpu_count() or 1)  # accelerate sets OMP_NUM_THREADS=1 per process
+    accelerator = start_accelerator(args, out)
     task = TASKS[args.task]
     if not args.resume and any((out / name).exists() for name in ("state", "state.tmp", "state.old",
                                                                       "model.safetensors")):
@@ -326,31 +318,14 @@ def train(args) -> Path:
     base_lr = args.lr * (args.batch_size / 256 if args.scale_lr else 1)
     drop = round(args.lr_drop_epoch * steps_per_epoch) if args.schedule == "step" else None
     trained = [p for p in model.parameters() if p.requires_grad]  # a frozen backbone stays out
-    decay = [p for p in trained if p.dim() >= 2]
-    no_decay = [p for p in trained if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=0.9)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(args.betas),
-                                      fused=accelerator.device.type in ("cpu", "cuda"))
+    optimizer = make_optimizer(trained, args, lr=base_lr, fused=accelerator.device.type in ("cpu", "cuda"))
     if args.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    step = epoch = seen_before = 0
     log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process,
                      accelerator=accelerator if args.log_with else None, flags=vars(args))
-    if state is not None:
-        accelerator.load_state(str(state))
-        saved = json.loads((state / "trainer.json").read_text())
-        step, epoch, seen_before = saved["step"], saved["epoch"], saved.get("seen", 0)
-        log.rewind(step=step, epoch=epoch)
-    elif accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        with weights.atomic_path(out / "args.json") as tmp:
-            tmp.write_text(json.dumps(vars(args), indent=1))
-        log.path.unlink(missing_ok=True)  # a run that died before its first checkpoint starts afresh
+    step, epoch, seen_before = restore_or_start(accelerator, state, out, args, log)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=console, disable=not accelerator.is_main_process)
@@ -425,6 +400,55 @@ def train(args) -> Path:
                 epoch += 1
 
     model = accelerator.unwrap_model(model, keep_torch_compile=False)  # the weights file has the plain names
+    finish(accelerator, model, task, args, out, arch=arch, config=config, log=log, step=step, bad=bad)
+    return out
+
+
+def start_accelerator(args, out: Path) -> Accelerator:
+    """Accelerate for this process, its trackers checked first; on a CPU with one process, torch gets every core
+    (accelerate sets OMP_NUM_THREADS=1 per process) unless --threads says otherwise."""
+    for name in args.log_with or []:
+        module, package = TRACKERS[name]
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"--log-with {name}: the {package!r} package is not installed: pip install {package}")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=args.log_with or None, project_dir=str(out))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif accelerator.device.type == "cpu" and accelerator.num_processes == 1:
+        torch.set_num_threads(os.cpu_count() or 1)
+    return accelerator
+
+
+def make_optimizer(params: list, args, *, lr: float, fused: bool) -> torch.optim.Optimizer:
+    """--optimizer over ``params`` in two groups: weight decay on matrices and kernels, none on vectors."""
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(args.betas), fused=fused)
+
+
+def restore_or_start(accelerator, state: Path | None, out: Path, args, log: "MetricsLog") -> tuple[int, int, int]:
+    """(step, epoch, images seen this epoch) to start from: a resumed run's checkpoint ``state`` loaded and its
+    metrics rewound to it; a new run's folder made, its args.json written and any log of an earlier, never
+    checkpointed attempt removed."""
+    if state is not None:
+        accelerator.load_state(str(state))
+        saved = json.loads((state / "trainer.json").read_text())
+        log.rewind(step=saved["step"], epoch=saved["epoch"])
+        return saved["step"], saved["epoch"], saved.get("seen", 0)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        with weights.atomic_path(out / "args.json") as tmp:
+            tmp.write_text(json.dumps(vars(args), indent=1))
+        log.path.unlink(missing_ok=True)  # a run that died before its first checkpoint starts afresh
+    return 0, 0, 0
+
+
+def finish(accelerator, model, task, args, out: Path, *, arch: str, config: dict, log: "MetricsLog", step: int,
+           bad: data.BadImages):
+    """The end of a run: ranks checked in sync, then on the main process the task's evaluation, the weights with
+    their metadata, the report and the logged images; the trackers finished on every process."""
     log.write(step=step, ranks_in_sync=ranks_in_sync(accelerator, model))
     if accelerator.is_main_process:
         metrics = task.evaluate(model.eval(), args, out, bad=bad)
@@ -436,7 +460,6 @@ def train(args) -> Path:
     accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:  # not accelerator.end_training(): main() tears the process group down
         tracker.finish()
-    return out
 
 
 def check_finite(accelerator, loss, step: int, out: Path, last_good: int):
