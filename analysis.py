@@ -412,35 +412,14 @@ def embedding_study(model, loader, *, out: Path, limit: int | None = None, show:
     n, show = len(x), min(show, len(x))
     recon = images_of(model, q[:n])
     gray = images_of(model, mean[None])
-    out = Path(out)
-    rows = slice(0, show)
-
-    alphas = (1.0, 0.75, 0.5, 0.25, 0.0)  # Fig. 13 left: alpha q + (1 - alpha) q̄
-    fade = [images_of(model, a * q[rows] + (1 - a) * mean) for a in alphas]
-    image_grid(out / "embedding_mean.png", by_columns([x[rows], *fade]),
-               col_labels=["image", *(f"α={a}" for a in alphas)],
-               title=f"q → q̄: saturation {saturation(gray).item():.3f} at q̄, {data['saturation']:.3f} in the data")
-
-    steps = torch.linspace(1, 0, 7).tolist()  # Fig. 14: alpha q1 + (1 - alpha) q2, q2 from the end of the data
-    mixes = [images_of(model, a * q[rows] + (1 - a) * q[len(q) - show:]) for a in steps]
-    image_grid(out / "embedding_interpolation.png", by_columns([x[rows], *mixes, torch.stack(last)]),
-               col_labels=["image 1", *(f"α={a:.2f}" for a in steps), "image 2"], title="α q1 + (1 − α) q2")
-
-    mirror, literal = images_of(model, 2 * mean - q[:n]), images_of(model, 2 * q[:n] - mean)
-    image_grid(out / "embedding_mirror.png", by_columns([x[rows], recon[rows], gray.expand(show, -1, -1, -1),
-                                                         mirror[rows], literal[rows]]),
-               col_labels=["image", "q", "q̄", "2q̄ − q (mirror)", "2q − q̄ (paper's text)"],
-               title="mirror embeddings through the mean q̄")
-
-    samples = images_of(model, gaussian_samples(q, 2 * 8, generator=torch.Generator().manual_seed(seed)))
-    image_grid(out / "embedding_samples.png", [recon[:8], samples[:8], samples[8:]],
-               row_labels=["reconstructions", "samples", "samples"], title="samples of N(mean q, cov q)")
-
-    every = len(components)
-    ks = [k for k in (4 ** i for i in range(every.bit_length())) if k < every] + [every]  # 1, 4, 16, ..., all
-    tops = [images_of(model, pca_reconstruct(q[:n], mean, components, k)) for k in ks]
-    image_grid(out / "embedding_pca.png", by_columns([x[rows], recon[rows], *(t[rows] for t in tops)]),
-               col_labels=["image", "q", *(f"top-{k}" for k in ks)], title="top-K principal components")
+    out, rows = Path(out), slice(0, show)
+    title = f"q → q̄: saturation {saturation(gray).item():.3f} at q̄, {data['saturation']:.3f} in the data"
+    mean_figure(model, x[rows], q[rows], mean, out / "embedding_mean.png", title=title)
+    interpolation_figure(model, x[rows], q[rows], q[len(q) - show:], torch.stack(last),
+                         out / "embedding_interpolation.png")
+    mirror, literal = mirror_figure(model, x, q[:n], mean, recon, gray, out / "embedding_mirror.png", show=show)
+    samples = samples_figure(model, q, recon, out / "embedding_samples.png", seed=seed)
+    ks, tops = pca_figure(model, x, q[:n], mean, components, recon, out / "embedding_pca.png", show=show)
 
     explained = variances.cumsum(0) / variances.sum()
     return {"images": len(q), "channels": q.shape[1], "scored_images": n,
@@ -454,6 +433,52 @@ def embedding_study(model, loader, *, out: Path, limit: int | None = None, show:
             "pca_k": ks, "pca_explained": [explained[k - 1].item() for k in ks],
             "pca_psnr_db": [psnr(x, t).mean().item() for t in tops],
             "figures": [str(out / f"embedding_{f}.png") for f in ("mean", "interpolation", "mirror", "samples", "pca")]}
+
+
+def mean_figure(model, x, q, mean, path, *, title: str):
+    """Fig. 13 left: each image, then its q faded along the line to the mean q̄ (alpha q + (1 - alpha) q̄)."""
+    alphas = (1.0, 0.75, 0.5, 0.25, 0.0)
+    fade = [images_of(model, a * q + (1 - a) * mean) for a in alphas]
+    image_grid(path, by_columns([x, *fade]), col_labels=["image", *(f"α={a}" for a in alphas)], title=title)
+
+
+def interpolation_figure(model, x1, q1, q2, x2, path):
+    """Fig. 14: alpha q1 + (1 - alpha) q2 between the images x1 and x2 (rows paired)."""
+    steps = torch.linspace(1, 0, 7).tolist()
+    mixes = [images_of(model, a * q1 + (1 - a) * q2) for a in steps]
+    image_grid(path, by_columns([x1, *mixes, x2]), col_labels=["image 1", *(f"α={a:.2f}" for a in steps), "image 2"],
+               title="α q1 + (1 − α) q2")
+
+
+def mirror_figure(model, x, q, mean, recon, gray, path, *, show: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fig. 13 right: the images of the mirror 2 q̄ - q and of the paper's literal 2 q - q̄ (returned, every q;
+    the first ``show`` drawn beside the image, its reconstruction and the image of q̄)."""
+    mirror, literal = images_of(model, 2 * mean - q), images_of(model, 2 * q - mean)
+    columns = [x[:show], recon[:show], gray.expand(show, -1, -1, -1), mirror[:show], literal[:show]]
+    image_grid(path, by_columns(columns),
+               col_labels=["image", "q", "q̄", "2q̄ − q (mirror)", "2q − q̄ (paper's text)"],
+               title="mirror embeddings through the mean q̄")
+    return mirror, literal
+
+
+def samples_figure(model, q, recon, path, *, seed: int) -> torch.Tensor:
+    """Fig. 12: the images of 16 samples of the Gaussian with the embeddings' mean and covariance (returned),
+    drawn under 8 reconstructions."""
+    samples = images_of(model, gaussian_samples(q, 2 * 8, generator=torch.Generator().manual_seed(seed)))
+    image_grid(path, [recon[:8], samples[:8], samples[8:]], row_labels=["reconstructions", "samples", "samples"],
+               title="samples of N(mean q, cov q)")
+    return samples
+
+
+def pca_figure(model, x, q, mean, components, recon, path, *, show: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Fig. 15: the images of q kept to its top-K principal components, K = 1, 4, 16, ..., all; returns the Ks and
+    the images of every q for each K."""
+    every = len(components)
+    ks = [k for k in (4 ** i for i in range(every.bit_length())) if k < every] + [every]
+    tops = [images_of(model, pca_reconstruct(q, mean, components, k)) for k in ks]
+    image_grid(path, by_columns([x[:show], recon[:show], *(t[:show] for t in tops)]),
+               col_labels=["image", "q", *(f"top-{k}" for k in ks)], title="top-K principal components")
+    return ks, tops
 
 
 # ---------------------------------------------------------------------------------------------------------------------

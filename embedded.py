@@ -20,8 +20,9 @@ from PIL import Image
 
 
 def detection_features(names: list[str], *, crowd: bool = False) -> datasets.Features:
-    """The features of detection rows (every detection source's, COCO json folders' too); ``crowd``: objects also carry COCO's ``area`` and ``iscrowd`` (crowd regions are ignored by
-    COCO's evaluation and left out of training targets)."""
+    """The features of detection rows (every detection source's, COCO json folders' too); ``crowd``: objects also
+    carry COCO's ``area`` and ``iscrowd`` (crowd regions are ignored by COCO's evaluation and left out of training
+    targets)."""
     objects = {"bbox": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
                "category_id": datasets.List(datasets.ClassLabel(names=names))}
     if crowd:
