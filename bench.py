@@ -265,7 +265,7 @@ def bench_pipeline(args):
     for name in args.tasks:
         task, a = TASKS[name], _preset_args(name)
         ds = data.load(a.data, split="train", streaming=a.streaming, **a.data_options)
-        made = task.transform if a.augment else task.plain  # as train.py: --no-augment presets load task.plain
+        made = task.transform if a.augment else task.unaugmented  # as train.py: --no-augment presets
         transforms = [(made.__name__, made(a))]
         if not a.augment and args.augmented:
             transforms.append((task.transform.__name__ + " +augment", task.transform(a)))

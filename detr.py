@@ -205,7 +205,7 @@ class DecoderBlock(nn.Module):
         return self.former_to_mobile(x, z), z
 
 
-class UpConv(nn.Module):
+class BilinearUpConv(nn.Module):
     """up-conv (Table 11 caption): bilinear interpolation, then dw3×3 + pw (BN after each)."""
 
     def __init__(self, dim: int):
@@ -226,7 +226,7 @@ class MobileFormerDecoder(nn.Module):
         d, e = config.dim, config.expansion
         self.queries = nn.Parameter(torch.empty(config.num_queries, d))
         self.down = nn.Sequential(conv_bn(channels, channels, 3, stride=2, groups=channels), conv_bn(channels, d, 1))
-        self.ups = nn.ModuleList([UpConv(d), UpConv(d)])                                     # → 1/16, → 1/8
+        self.ups = nn.ModuleList([BilinearUpConv(d), BilinearUpConv(d)])                       # → 1/16, → 1/8
         self.laterals = nn.ModuleList([conv_bn(channels, d, 1), conv_bn(stride8_channels, d, 1)])
         plus = lambda: PixelTransformer(d, heads=config.heads, ffn_ratio=e)  # noqa: E731
         minus = lambda: LiteBottleneck(d, e * d, d)  # noqa: E731

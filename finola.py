@@ -349,7 +349,7 @@ class AttentionPool(nn.Module):
         return q[:, 0]
 
 
-def _norm(c: int) -> nn.GroupNorm:
+def _group_norm(c: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(32, c // 4) if c >= 8 else 1, c, eps=1e-6)
 
 
@@ -359,8 +359,8 @@ class ResConv(nn.Module):
 
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.body = nn.Sequential(_norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1),
-                                  _norm(cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1))
+        self.body = nn.Sequential(_group_norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1),
+                                  _group_norm(cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1))
         self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
 
     def forward(self, x):
@@ -387,7 +387,7 @@ class ConvUpsampler(nn.Sequential):
         layers = [ResConv(in_channels, widths[0])]
         for prev, w in zip(widths, widths[1:]):
             layers += [UpConv(prev, prev), ResConv(prev, w)]
-        layers += [_norm(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], out_channels, 3, padding=1)]
+        layers += [_group_norm(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], out_channels, 3, padding=1)]
         super().__init__(*layers)
         self.scale = 2 ** (len(widths) - 1)
 

@@ -28,7 +28,7 @@ class Task:
     build: Callable      # args -> (model, arch, config dict)
     loss: Callable       # (model, batch, args) -> scalar loss
     transform: Callable  # args -> training transform (data.train_transform kind)
-    plain: Callable      # args -> the same without augmentation (--no-augment), as at evaluation
+    unaugmented: Callable  # args -> the training transform without augmentation (--no-augment)
     evaluate: Callable   # (model, args, out_dir, *, bad) -> dict of final metrics (main process); unreadable
                          # images counted in bad (data.BadImages)
     presets: dict        # preset name -> flag defaults
@@ -109,7 +109,7 @@ def detr_loss(model, batch, args):
 
 def evaluate_detr(model, args, out: Path, *, bad: data.BadImages | None = None) -> dict:
     ds = data.load(args.data, split=args.eval_split, **args.data_options)
-    loader = data.loader(ds, batch_size=args.batch_size, transform=resize(args), bad=bad)
+    loader = data.loader(ds, batch_size=args.batch_size, transform=eval_resize(args), bad=bad)
     return ev.detect(model, loader, data.coco(ds), figure=out / "detections.png")
 
 
@@ -206,7 +206,7 @@ def classify_loss(model, batch, args):
 
 def evaluate_classify(model, args, out: Path, *, bad: data.BadImages | None = None) -> dict:
     ds = data.load(args.data, split=args.eval_split, **args.data_options)
-    loader = data.loader(ds, batch_size=args.batch_size, transform=centre(args), bad=bad)
+    loader = data.loader(ds, batch_size=args.batch_size, transform=eval_centre(args), bad=bad)
     return ev.classify(model, loader)
 
 
@@ -233,47 +233,47 @@ FINETUNE_SMALL = dict(TRAN1_SMALL, lr=1e-3, weight_decay=0.05)
 SUPERVISED_SMALL = dict(FINETUNE_SMALL, lr=4e-3, max_steps=600)
 
 
-def crop(args):
+def train_crops(args):
     return data.train_transform("crop", size=args.image_size, colour=args.colour_jitter)
 
 
-def whole(args):
+def eval_whole(args):
     return data.eval_transform("classify", size=args.image_size, crop_ratio=1.0)
 
 
-def randaug(args):
+def train_randaug(args):
     return data.train_transform("randaug", size=args.image_size, erase=args.random_erase)
 
 
-def centre(args):
+def eval_centre(args):
     return ev.classify_transform(args.image_size, crop_ratio=args.crop_ratio)
 
 
-def detect(args):
+def train_detect(args):
     return data.train_transform("detect", size=args.image_size)
 
 
-def resize(args):
+def eval_resize(args):
     return data.eval_transform("detect", size=args.image_size)
 
 
 TASKS: dict[str, Task] = {
-    "finola": Task(build_finola, finola_loss, crop, whole, evaluate_finola,
+    "finola": Task(build_finola, finola_loss, train_crops, eval_whole, evaluate_finola,
                    {"small": FINOLA_SMALL, "paper": FINOLA_PAPER}, "reconstruct --grid reconstructions.png"),
-    "detr-probe": Task(build_detr, detr_loss, detect, resize, evaluate_detr, {"small": DETR_SMALL, "paper": DETR_PAPER},
-                       "detect --figure detections.png"),
-    "detr-finetune": Task(build_detr, detr_loss, detect, resize, evaluate_detr,
+    "detr-probe": Task(build_detr, detr_loss, train_detect, eval_resize, evaluate_detr,
+                       {"small": DETR_SMALL, "paper": DETR_PAPER}, "detect --figure detections.png"),
+    "detr-finetune": Task(build_detr, detr_loss, train_detect, eval_resize, evaluate_detr,
                           {"small": DETR_FT_SMALL, "paper": DETR_FT_PAPER}, "detect --figure detections.png"),
-    "masked-e": Task(build_masked, masked_loss, crop, whole, evaluate_masked,
+    "masked-e": Task(build_masked, masked_loss, train_crops, eval_whole, evaluate_masked,
                      {"small": MASKED_E_SMALL, "paper": MASKED_E_PAPER}, "masked --grid predictions.png"),
-    "masked-b": Task(build_masked, masked_loss, crop, whole, evaluate_masked,
+    "masked-b": Task(build_masked, masked_loss, train_crops, eval_whole, evaluate_masked,
                      {"small": MASKED_B_SMALL, "paper": MASKED_B_PAPER}, "masked --grid predictions.png"),
-    "linprobe": Task(build_classifier, classify_loss, crop, centre, evaluate_classify,
+    "linprobe": Task(build_classifier, classify_loss, train_crops, eval_centre, evaluate_classify,
                      {"small": LINPROBE_SMALL, "paper": LINPROBE_PAPER}, "classify"),
-    "tran1-probe": Task(build_classifier, classify_loss, randaug, centre, evaluate_classify,
+    "tran1-probe": Task(build_classifier, classify_loss, train_randaug, eval_centre, evaluate_classify,
                         {"small": TRAN1_SMALL, "paper": TRAN1_PAPER}, "classify"),
-    "finetune": Task(build_classifier, classify_loss, randaug, centre, evaluate_classify,
+    "finetune": Task(build_classifier, classify_loss, train_randaug, eval_centre, evaluate_classify,
                      {"small": FINETUNE_SMALL, "paper": FINETUNE_PAPER}, "classify"),
-    "supervised": Task(build_classifier, classify_loss, randaug, centre, evaluate_classify,
+    "supervised": Task(build_classifier, classify_loss, train_randaug, eval_centre, evaluate_classify,
                        {"small": SUPERVISED_SMALL, "paper": SUPERVISED_PAPER}, "classify"),
 }

@@ -300,7 +300,7 @@ def train(args) -> Path:
         model = model.to(memory_format=torch.channels_last)
 
     ds = data.load(args.data, split="train", streaming=args.streaming, **args.data_options)
-    transform = task.transform(args) if args.augment else task.plain(args)
+    transform = task.transform(args) if args.augment else task.unaugmented(args)
     local = per_process_batch(args.batch_size, processes=accelerator.num_processes, grad_accum=args.grad_accum)
     if accelerator.is_main_process:
         console.print(f"batch {args.batch_size} = {local} a process x {accelerator.num_processes} process(es) x "
