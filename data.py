@@ -63,7 +63,6 @@ class BadImages:
         return f"bad images: {self.total()} skipped\n" + "\n".join(lines)
 
 
-
 def decode(cell) -> Image.Image:
     """An RGB PIL image from a dataset cell (PIL image, ``{"bytes", "path"}`` dict or path); grey, CMYK, palette
     and alpha images become RGB. Corrupt or truncated files raise (the loader counts and skips them)."""

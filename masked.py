@@ -204,10 +204,6 @@ def blockwise_map(params: dict, features: torch.Tensor, blocks: torch.Tensor, gr
 # (finola.LinearUpsampler)
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _tokens(z: torch.Tensor) -> torch.Tensor:
-    return z.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H W, C)
-
-
 class TransformerBlock(nn.Module):
     """A pre-norm ViT block: x + MHSA(LN(x)), then x + MLP(LN(x)) with a 4x GELU MLP. No positional embedding
     anywhere, so it is equivariant to any permutation of the tokens."""
@@ -254,7 +250,7 @@ class TransformerUpsampler(nn.Module):
 
     def patches(self, z: torch.Tensor) -> torch.Tensor:
         """(B, H W, 3 p p): one patch per token, token order = row-major positions of z."""
-        return self.linear(self.norm(self.blocks(self.embed(_tokens(z)))))
+        return self.linear(self.norm(self.blocks(self.embed(finola.tokens(z)))))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return finola.fold_patches(self.patches(z), z.shape[-2:], self.patch)
