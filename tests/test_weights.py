@@ -1,9 +1,10 @@
 """Our safetensors format (weights.py): metadata that rebuilds a model, and clear errors for anything else."""
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 import finola
@@ -64,3 +65,21 @@ def test_load_encoder_drops_a_classifier(tmp_path):
     assert encoder.head is None and encoder.config.num_classes == 0
     features, tokens = encoder.eval()(torch.rand(1, 3, 32, 32))
     assert features.shape == (1, encoder.out_channels, 2, 2)
+
+
+V1 = ("mobileformer", "finola", "finola-linear", "masked-e", "masked-b", "classifier", "detr")
+
+
+@pytest.mark.parametrize("name", V1)
+def test_files_written_before_the_model_contract_still_load(name):
+    """tests/data/weights-v1 was written by the code of commit 51b212b, before every model got ``from_config`` /
+    ``config_dict`` (issue 15): one small model of each architecture (configs with ``encoder_channels``, DETR's
+    encoder under ``backbone``), with its output on a fixed input. Each still loads and gives the same output."""
+    root = Path(__file__).parent / "data" / "weights-v1"
+    expected = load_file(root / "expected.safetensors")
+    model = weights.load_model(root / f"{name}.safetensors")
+    with torch.no_grad():
+        y = model(expected[f"{name}.input"])
+    y = y[0] if isinstance(y, tuple) else y["pred_boxes"] if isinstance(y, dict) else y
+    assert_close(y, expected[f"{name}.output"], rtol=1e-5, atol=1e-6)
+    assert weights.load_encoder(root / f"{name}.safetensors").out_channels == 24
