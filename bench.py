@@ -223,7 +223,7 @@ def _step_rate(task, args, batch, *, steps: int) -> float:
     """Images/s of the model's training step alone on one fixed batch: forward, loss, backward and optimizer step
     as in train.py (channels_last on a CPU, AdamW fused, or SGD for linear probing)."""
     torch.manual_seed(args.seed)
-    model, _, _ = task.build(args)
+    model = task.build(args)
     model = model.to(memory_format=torch.channels_last).train()
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = (torch.optim.SGD(trained, lr=1e-4, momentum=0.9) if args.optimizer == "sgd" else

@@ -19,67 +19,72 @@ keeps its running statistics) even when ``.train()`` is called on the classifier
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 import finola
-import mobileformer
 from masked import TransformerBlock, init_vit
 
-HEADS = {"lin": 0, "tran-1": 1, "tran-4": 4}  # decoder name -> transformer blocks
+DECODERS = {"lin": 0, "tran-1": 1, "tran-4": 4}  # decoder name -> its transformer blocks
 
 # encoder -> (decoder width, dropout of tran-1 probing / fine-tuning): App. B, Table 13; mf-tiny / mf-small are ours.
 WIDTHS = {"mf-w720": (192, 0.1), "mf-w1440": (384, 0.2), "mf-w2880": (768, 0.2), "mf-small": (96, 0.1),
           "mf-tiny": (64, 0.1)}
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class ClassifierConfig:
-    """An encoder and a classification decoder. ``width`` / ``dropout`` default from ``WIDTHS`` by encoder name."""
+    """An encoder and a classification decoder. ``width`` / ``dropout`` of tran-N default from ``WIDTHS`` by the
+    encoder's name (``for_encoder``, which ``Classifier`` applies)."""
     num_classes: int = 1000
-    head: str = "lin"                       # lin, tran-1 or tran-4
-    encoder_channels: int = 2880            # width of the encoder's final map
+    decoder: str = "lin"                    # one of DECODERS (train.py --head)
     width: int | None = None                # transformer decoder width
     heads: int | None = None                # attention heads (width / 64, at least 2)
     dropout: float | None = None            # before the classifier (and in the blocks' MLP) of tran-N
     frozen: bool = False                    # probing: the encoder is fixed
     mean: tuple = finola.IMAGENET_MEAN  # input normalisation of [0, 1] images for the encoder (PixelNorm)
     std: tuple = finola.IMAGENET_STD
-    encoder: dict = field(default_factory=dict)  # the encoder's own config, so a weights file rebuilds both
 
     def __post_init__(self):
-        if self.head not in HEADS:
-            raise ValueError(f"head: expected one of {sorted(HEADS)}, got {self.head!r}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder: expected one of {sorted(DECODERS)}, got {self.decoder!r}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes: expected at least 2, got {self.num_classes}")
-        self.mean, self.std = tuple(self.mean), tuple(self.std)
-        if self.head == "lin":
-            self.dropout = 0.0 if self.dropout is None else self.dropout
-            return
-        name = self.encoder.get("name")
-        if self.width is None or self.dropout is None:
+        finola.frozen_fields(self, mean=tuple(self.mean), std=tuple(self.std))
+        if self.decoder == "lin" and self.dropout is None:
+            finola.frozen_fields(self, dropout=0.0)
+
+    def for_encoder(self, name: str | None) -> "ClassifierConfig":
+        """This config with tran-N's width, dropout and heads filled in: ``WIDTHS[name]`` where not given."""
+        if self.decoder == "lin" or None not in (self.width, self.dropout, self.heads):
+            return self
+        width, dropout = self.width, self.dropout
+        if width is None or dropout is None:
             if name not in WIDTHS:
                 raise ValueError(f"width / dropout: no default for encoder {name!r} (defaults exist for "
                                  f"{sorted(WIDTHS)}); pass them")
-            width, dropout = WIDTHS[name]
-            self.width = width if self.width is None else self.width
-            self.dropout = dropout if self.dropout is None else self.dropout
-        self.heads = self.heads or max(2, self.width // 64)
+            width = WIDTHS[name][0] if width is None else width
+            dropout = WIDTHS[name][1] if dropout is None else dropout
+        return dataclasses.replace(self, width=width, dropout=dropout, heads=self.heads or max(2, width // 64))
 
 
-class Classifier(nn.Module):
+class Classifier(finola.EncoderModel):
     """Encoder -> decoder -> logits. ``model(x)`` takes images in [0, 1] (B, 3, H, W); ``encoder(x)`` must return
     ``(feature_map, tokens)`` (a Mobile-Former without classifier head)."""
 
+    Config = ClassifierConfig
+    RENAMED = {**finola.EncoderModel.RENAMED, "head": "decoder"}  # files before the contract
+
     def __init__(self, encoder: nn.Module, config: ClassifierConfig):
         super().__init__()
-        self.config = config
+        self.config = config = config.for_encoder(getattr(encoder.config, "name", None))
         self.encoder = encoder
         self.pixels = finola.PixelNorm(config.mean, config.std)
-        C, K = config.encoder_channels, config.num_classes
-        if config.head == "lin":
+        C, K = encoder.out_channels, config.num_classes
+        if config.decoder == "lin":
             self.norm = nn.BatchNorm1d(C, affine=False, eps=1e-6)
             self.classifier = nn.Linear(C, K)
             nn.init.trunc_normal_(self.classifier.weight, std=0.01)  # MAE's linear-probe init
@@ -88,7 +93,7 @@ class Classifier(nn.Module):
             d = config.width
             self.embed = nn.Linear(C, d)
             self.blocks = nn.Sequential(*(TransformerBlock(d, heads=config.heads, dropout=config.dropout)
-                                          for _ in range(HEADS[config.head])))
+                                          for _ in range(DECODERS[config.decoder])))
             self.norm = nn.LayerNorm(d, eps=1e-6)
             self.dropout = nn.Dropout(config.dropout)
             self.classifier = nn.Linear(d, K)
@@ -105,12 +110,7 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmap = self.features(x)
-        if self.config.head == "lin":
+        if self.config.decoder == "lin":
             return self.classifier(self.norm(fmap.mean((2, 3))))
         tokens = self.blocks(self.embed(fmap.flatten(2).transpose(1, 2)))
         return self.classifier(self.dropout(self.norm(tokens).mean(1)))
-
-
-def from_config(config: dict) -> Classifier:
-    """The classifier with its Mobile-Former encoder, from its saved config (``weights.ARCHS["classifier"]``)."""
-    return Classifier(mobileformer.from_config(config["encoder"]), ClassifierConfig(**config))

@@ -262,57 +262,70 @@ class MLP(nn.Sequential):
 # ---------------------------------------------------------------------------------------------------------------
 # The detector
 # ---------------------------------------------------------------------------------------------------------------
-class DETR(nn.Module):
-    """Backbone (a Mobile-Former encoder) + Mobile-Former decoder + DETR heads. `model(images)` →
-    {"pred_logits": (B, Q, K+1), "pred_boxes": (B, Q, 4) cxcywh in [0, 1], "aux_outputs": [{...}] × (L − 1)}.
-    `images` are in [0, 1]; the backbone sees them normalised as every encoder here is trained (`PixelNorm`), unless
-    `normalize_input=False` (files written before that fix, whose backbones saw raw pixels). A frozen backbone gets
-    no gradient and keeps its BatchNorm in eval mode (App. C, decoder probing)."""
+@dataclass(frozen=True, kw_only=True)
+class DETRConfig:
+    """A detector on an encoder: its decoder, classes and whether the encoder is frozen (App. C, decoder probing)."""
+    decoder: DecoderConfig
+    num_classes: int                  # real classes; the classifier adds one for no-object
+    frozen: bool = False              # decoder probing: no gradient into the encoder, its BatchNorm in eval mode
+    normalize_input: bool = True      # False: files written before the fix, whose encoders saw raw pixels
 
-    def __init__(self, backbone: nn.Module, decoder: DecoderConfig, *, num_classes: int,
-                 frozen_backbone: bool = False, normalize_input: bool = True):
+    def __post_init__(self):
+        if isinstance(self.decoder, dict):  # from a weights file's JSON
+            object.__setattr__(self, "decoder", DecoderConfig(**self.decoder))
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes: must be positive, got {self.num_classes}")
+
+
+class DETR(finola.EncoderModel):
+    """Encoder (a Mobile-Former, DETR's "backbone") + Mobile-Former decoder + DETR heads. `model(images)` →
+    {"pred_logits": (B, Q, K+1), "pred_boxes": (B, Q, 4) cxcywh in [0, 1], "aux_outputs": [{...}] × (L − 1)}.
+    `images` are in [0, 1]; the encoder sees them normalised as every encoder here is trained (`PixelNorm`), unless
+    `normalize_input=False`. Its tensors keep DETR's name, `backbone.*`; `model.encoder` is the same module."""
+
+    Config = DETRConfig
+    RENAMED = {"backbone": "encoder", "frozen_backbone": "frozen"}  # files before the model contract
+
+    def __init__(self, encoder: nn.Module, config: DETRConfig):
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes: must be positive, got {num_classes}")
-        if not (hasattr(backbone, "forward_features") and hasattr(backbone, "map_channels")):
-            raise ValueError("backbone: need a multi-scale encoder with forward_features() and map_channels "
-                             f"(a mobileformer.MobileFormer), got {type(backbone).__name__}")
-        self.num_classes = num_classes
-        self.normalize_input = normalize_input
+        if not (hasattr(encoder, "forward_features") and hasattr(encoder, "map_channels")):
+            raise ValueError("encoder: need a multi-scale encoder with forward_features() and map_channels "
+                             f"(a mobileformer.MobileFormer), got {type(encoder).__name__}")
+        self.config = config
         self.pixels = finola.PixelNorm()
-        self.backbone = backbone
-        ch = backbone.map_channels
-        self.decoder = MobileFormerDecoder(decoder, channels=ch["features"], stride8_channels=ch["stride8"])
-        self.class_head = nn.Linear(decoder.dim, num_classes + 1)          # last class = no object
-        self.box_head = MLP(decoder.dim, decoder.dim, decoder.dim, 4)
+        self.backbone = encoder
+        ch, dim = encoder.map_channels, config.decoder.dim
+        self.decoder = MobileFormerDecoder(config.decoder, channels=ch["features"], stride8_channels=ch["stride8"])
+        self.class_head = nn.Linear(dim, config.num_classes + 1)          # last class = no object
+        self.box_head = MLP(dim, dim, dim, 4)
         for module in (self.decoder, self.class_head, self.box_head):
             module.apply(_init_weights)
         nn.init.normal_(self.decoder.queries)
-        self.freeze_backbone(frozen_backbone)
+        self.freeze_encoder(config.frozen)
 
-    def freeze_backbone(self, frozen: bool = True) -> "DETR":
+    @property
+    def encoder(self) -> nn.Module:
+        return self.backbone
+
+    def freeze_encoder(self, frozen: bool = True) -> "DETR":
         """Decoder probing (frozen: no gradient, BatchNorm in eval mode; ``MobileFormer.freeze``) or fine-tuning."""
+        self.config = dataclasses.replace(self.config, frozen=frozen)
         self.backbone.freeze(frozen)
         return self
 
-    @property
-    def frozen_backbone(self) -> bool:
-        return self.backbone.frozen
-
     def forward(self, images: torch.Tensor) -> dict:
-        images = self.pixels(images) if self.normalize_input else self.pixels.check(images)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_backbone):
+        images = self.pixels(images) if self.config.normalize_input else self.pixels.check(images)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.frozen):
             maps = self.backbone.forward_features(images)
         states = self.decoder(maps["features"], maps["stride8"])            # (L, B, Q, D)
         logits, boxes = self.class_head(states), self.box_head(states).sigmoid()
         return {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
                 "aux_outputs": [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]}
 
-    def config_dict(self) -> dict:
-        """Plain dict; `from_config(model.config_dict())` rebuilds the architecture (backbone included)."""
-        return {"backbone": self.backbone.config_dict(), "decoder": dataclasses.asdict(self.decoder.config),
-                "num_classes": self.num_classes, "frozen_backbone": self.frozen_backbone,
-                "normalize_input": self.normalize_input}
+    @classmethod
+    def from_config(cls, config: dict, *, encoder: nn.Module | None = None) -> "DETR":
+        """``EncoderModel.from_config``; a file written before ``normalize_input`` existed gets False (raw pixels)."""
+        return super().from_config({"normalize_input": False, **config}, encoder=encoder)
 
 
 def _init_weights(m: nn.Module):
@@ -327,27 +340,18 @@ def _init_weights(m: nn.Module):
         nn.init.zeros_(m.bias)
 
 
-def create(backbone: nn.Module | str, *, decoder: str = "mf-dec-522", num_classes: int, num_queries: int = 100,
-           frozen_backbone: bool = False) -> DETR:
-    """A DETR on `backbone` (a MobileFormer, or a `mobileformer.create` name such as "mf-w2880") with decoder
+def create(encoder: nn.Module | str, *, decoder: str = "mf-dec-522", num_classes: int, num_queries: int = 100,
+           frozen: bool = False) -> DETR:
+    """A DETR on `encoder` (a MobileFormer, or a `mobileformer.create` name such as "mf-w2880") with decoder
     "mf-dec-522" / "mf-dec-211" (Tables 4/18) or "mf-dec-tiny" (ours, CPU-scale). COCO: num_classes = 91 (DETR's
     ids) or 80 with a category map in `postprocess`."""
     if decoder not in PRESETS:
         raise ValueError(f"decoder: unknown decoder {decoder!r}; expected one of {sorted(PRESETS)}")
-    if isinstance(backbone, str):
-        backbone = mobileformer.create(backbone)
-    config = dataclasses.replace(PRESETS[decoder], num_queries=num_queries)
-    return DETR(backbone, config, num_classes=num_classes, frozen_backbone=frozen_backbone)
-
-
-def from_config(config: dict) -> DETR:
-    """Inverse of `model.config_dict()` (for weights.load_model)."""
-    missing = sorted({"backbone", "decoder", "num_classes"} - set(config))
-    if missing:
-        raise ValueError(f"config: missing DETR config keys {missing}")
-    return DETR(mobileformer.from_config(config["backbone"]), DecoderConfig(**config["decoder"]),
-                num_classes=config["num_classes"], frozen_backbone=config.get("frozen_backbone", False),
-                normalize_input=config.get("normalize_input", False))  # files before it: raw pixels
+    if isinstance(encoder, str):
+        encoder = mobileformer.create(encoder)
+    config = DETRConfig(decoder=dataclasses.replace(PRESETS[decoder], num_queries=num_queries),
+                        num_classes=num_classes, frozen=frozen)
+    return DETR(encoder, config)
 
 
 # ---------------------------------------------------------------------------------------------------------------

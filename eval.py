@@ -1,7 +1,9 @@
 """Metrics and evaluations of our checkpoints: ``python eval.py COMMAND --weights FILE ...``.
 
-Every command prints a rich table and ends with exactly one line of JSON holding its figures. Importing this module
-does no work, so its functions serve notebooks and tests.
+Every command has one shape: it loads and checks its weights once, loads its data once (``--data``, default the data
+the weights were trained on), prints a rich table, writes its figures to ``--out`` (default: the weights' folder) and
+ends with exactly one line of JSON holding its figures. Importing this module does no work, so its functions
+(``reconstruct``, ``detect``, ``classify``, ...) serve notebooks and tests.
 
     reconstruct   PSNR of FINOLA reconstructions next to three baselines (mean colour, bilinear, PCA with k = C),
                   and a PNG grid (§4, Table 2)
@@ -299,8 +301,28 @@ def classify(model, loader) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Commands
+# Commands. Each has one shape: load and check its weights once (``load_checked``), load its data once (``_loader``),
+# compute with the functions above, print a table, write its figures to --out (default: the (first) weights' folder)
+# and return the figures that ``main`` prints as the one JSON line.
 # ---------------------------------------------------------------------------------------------------------------------
+
+READS = {"reconstruct": ("finola",), "detect": ("detr",), "curvature": ("finola", "masked-e", "masked-b"),
+         "embedding": ("finola",), "pde": ("finola",), "encode": ("finola",), "decode": ("finola",),
+         "rate-distortion": ("finola",), "masked": ("masked-e", "masked-b"), "classify": ("classifier",)}
+WRITTEN_BY = {"finola": "finola", "masked-e": "masked-e", "masked-b": "masked-b", "detr": "detr-probe or detr-finetune",
+              "classifier": "linprobe, tran1-probe, finetune or supervised"}  # arch -> the train.py tasks
+
+
+def load_checked(path, command: str):
+    """The model of ``path``, which must be of an architecture that ``command`` reads (``READS``)."""
+    model = weights.load_model(path)
+    arch, archs = model.metadata["model"]["arch"], READS[command]
+    if arch not in archs:
+        raise ValueError(f"--weights: {path} holds a {arch!r} model; {command} needs a "
+                         f"{' or '.join(map(repr, archs))} model (train.py --task "
+                         f"{' or '.join(WRITTEN_BY[a] for a in archs)})")
+    return model
+
 
 def _default_data(meta: dict, source: str | None) -> tuple[str, dict]:
     """The data to evaluate on: --data, or what the weights were trained on (from the file's metadata)."""
@@ -311,75 +333,36 @@ def _default_data(meta: dict, source: str | None) -> tuple[str, dict]:
     return source, options
 
 
-def _load(args, arch: str, command: str, tasks: str):
-    """The model of --weights, which must be an ``arch`` model, and the data to evaluate it on."""
-    model = weights.load_model(args.weights)
-    if model.metadata["model"]["arch"] != arch:
-        raise ValueError(f"--weights: {args.weights} holds a {model.metadata['model']['arch']!r} model; "
-                         f"{command} needs a {arch!r} model (train.py --task {tasks})")
-    return model, *_default_data(model.metadata, args.data)
+def _loader(args, model, transform=None, *, data_of=None):
+    """A loader of --data (default: the training data of ``data_of``'s weights, else ``model``'s) [--split] for
+    ``model``: ``transform`` or reconstruct's; unreadable images counted in ``args.bad``. Its ``.dataset`` and
+    ``.source`` come with it."""
+    source, options = _default_data((data_of or model).metadata, args.data)
+    loader = data.loader(data.load(source, split=args.split, **options), batch_size=args.batch_size,
+                         transform=transform or reconstruct_transform(model), bad=args.bad)
+    loader.source = source
+    return loader
 
 
-def cmd_reconstruct(args) -> dict:
-    if args.pca_images < 0:
-        raise ValueError(f"--pca-images: expected 0 (no PCA baseline) or a number of crops, got {args.pca_images}")
-    model, source, options = _load(args, "finola", "reconstruct", "finola")
-    ds = data.load(source, split=args.split, **options)
-    loader = data.loader(ds, batch_size=args.batch_size, transform=reconstruct_transform(model), bad=args.bad)
-    meta = model.metadata  # the PCA learns from the weights' own training data, whatever --data evaluates
-    train_source, train_options = _default_data(meta, None)
-    result = reconstruct_with_pca(model, loader, train_source,
-                                  {**train_options, "streaming": meta["train"].get("streaming", False)},
-                                  pca_images=args.pca_images, grid=args.grid, bad=args.bad)
-    table = Table(title=escape(f"Reconstruction PSNR on {source} [{args.split}], {result['images']} images"))
-    columns = {"psnr_db": "model", "psnr_layer_norm_db": "model, per-position norm", "mean_colour_db": "mean colour",
-               "bilinear_db": f"bilinear via {model.config.grid[0]}x{model.config.grid[1]}",
-               "pca_db": f"PCA, k = {model.config.channels}"}
-    shown = [k for k in columns if k in result]
-    for k in shown:
-        table.add_column(columns[k], justify="right")
-    table.add_row(*("-" if result[k] is None else f"{result[k]:.2f} dB" for k in shown))
-    console.print(table)
-    if args.grid:
-        console.print(f"grid of originals (top) and reconstructions (bottom): {args.grid}")
-    return result
+def _out(args, name: str = "") -> Path:
+    """Where a command writes the figure ``name`` (none: the folder itself): --out, or the (first) --weights file's
+    folder."""
+    first = args.weights[0] if isinstance(args.weights, list) else args.weights
+    folder = args.out or (Path(".") if str(first).startswith(weights.HUB) else Path(first).parent)
+    return Path(folder) / name
 
 
-def cmd_detect(args) -> dict:
-    model, source, options = _load(args, "detr", "detect", "detr-probe or detr-finetune")
-    size = args.image_size or model.metadata["train"].get("image_size", 800)
-    ds = data.load(source, split=args.split, **options)
-    loader = data.loader(ds, batch_size=args.batch_size, transform=data.eval_transform("detect", size=size),
-                         bad=args.bad)
-    result = detect(model, loader, data.coco(ds), figure=args.figure)
-    table = Table(title=escape(f"COCO box AP on {source} [{args.split}], {result['images']} images at {size}x{size}"))
-    for name in AP_NAMES:
+def _row(title: str, row: dict) -> None:
+    """A command's figures as one row under their names."""
+    table = Table(title=escape(title))
+    for name in row:
         table.add_column(name, justify="right")
-    table.add_row(*(f"{100 * result[k]:.1f}" if result[k] >= 0 else "-" for k in AP_NAMES))  # -1: no such boxes
+    table.add_row(*row.values())
     console.print(table)
-    if args.figure:
-        console.print(f"true (green) and predicted (red) boxes: {args.figure}")
-    return result
-
-
-def _model_with(path, command: str, needs: tuple[str, ...]):
-    """The model of ``path``, which must have the methods ``needs`` (FINOLA-family models do)."""
-    model = weights.load_model(path)
-    missing = [m for m in needs if not hasattr(model, m)]
-    if missing:
-        raise ValueError(f"--weights: {path} holds a {model.metadata['model']['arch']!r} model, which has no "
-                         f"{', '.join(missing)}; {command} needs a FINOLA model (train.py --task finola)")
-    return model
-
-
-def _images(args, model, source: str, options: dict):
-    """A loader of ``source`` [--split], prepared for ``model`` as reconstruct prepares it."""
-    ds = data.load(source, split=args.split, **options)
-    return data.loader(ds, batch_size=args.batch_size, transform=reconstruct_transform(model), bad=args.bad)
 
 
 def _report(title: str, result: dict) -> None:
-    """A command's figures as a two-column table (numbers to 4 significant digits)."""
+    """A command's many figures as a two-column table (numbers to 4 significant digits)."""
     table = Table(title=escape(title))
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -389,44 +372,105 @@ def _report(title: str, result: dict) -> None:
     console.print(table)
 
 
+def cmd_reconstruct(args) -> dict:
+    if args.pca_images < 0:
+        raise ValueError(f"--pca-images: expected 0 (no PCA baseline) or a number of crops, got {args.pca_images}")
+    model = load_checked(args.weights, "reconstruct")
+    loader = _loader(args, model)
+    meta = model.metadata  # the PCA learns from the weights' own training data, whatever --data evaluates
+    train_source, train_options = _default_data(meta, None)
+    figure = _out(args, "reconstruct.png")
+    result = reconstruct_with_pca(model, loader, train_source,
+                                  {**train_options, "streaming": meta["train"].get("streaming", False)},
+                                  pca_images=args.pca_images, grid=figure, bad=args.bad)
+    names = {"psnr_db": "model", "psnr_layer_norm_db": "model, per-position norm", "mean_colour_db": "mean colour",
+             "bilinear_db": f"bilinear via {model.config.grid[0]}x{model.config.grid[1]}",
+             "pca_db": f"PCA, k = {model.config.channels}"}
+    _row(f"Reconstruction PSNR on {loader.source} [{args.split}], {result['images']} images",
+         {names[k]: "-" if result[k] is None else f"{result[k]:.2f} dB" for k in names if k in result})
+    return result | {"figure": str(figure)}
+
+
+def cmd_detect(args) -> dict:
+    model = load_checked(args.weights, "detect")
+    size = args.image_size or model.metadata["train"].get("image_size", 800)
+    loader = _loader(args, model, data.eval_transform("detect", size=size))
+    figure = _out(args, "detect.png")
+    result = detect(model, loader, data.coco(loader.dataset), figure=figure)
+    _row(f"COCO box AP on {loader.source} [{args.split}], {result['images']} images at {size}x{size}",
+         {k: f"{100 * result[k]:.1f}" if result[k] >= 0 else "-" for k in AP_NAMES})  # -1: no such boxes
+    return result | {"figure": str(figure)}
+
+
+def cmd_masked(args) -> dict:
+    model = load_checked(args.weights, "masked")
+    loader = _loader(args, model)
+    figure = _out(args, "masked.png")
+    result = masked_reconstruct(model, loader, grid=figure)
+    _row(f"Masked-region PSNR on {loader.source} [{args.split}], {result['images']} images, centred block "
+         f"(figure: originals, visible blocks, predictions)",
+         {model.metadata["model"]["arch"]: f"{result['masked_psnr_db']:.2f} dB",
+          "block's mean colour": f"{result['block_colour_db']:.2f} dB"})
+    return result | {"figure": str(figure)}
+
+
+def cmd_classify(args) -> dict:
+    model = load_checked(args.weights, "classify")
+    train = model.metadata["train"]
+    size = args.image_size or train.get("image_size", 224)
+    loader = _loader(args, model, classify_transform(size, crop_ratio=train.get("crop_ratio", 0.875)))
+    result = classify(model, loader)
+    _row(f"Classification on {loader.source} [{args.split}], {result['images']} images at {size}x{size}, "
+         f"{model.config.decoder} decoder", {k: f"{100 * result[k]:.2f}%" for k in ("top1", "top5") if k in result})
+    return result
+
+
 def cmd_curvature(args) -> dict:
-    models = [_model_with(w, "curvature", ("maps",)) for w in args.weights]
+    models = [load_checked(w, "curvature") for w in args.weights]
     labels = args.labels or [Path(w).parent.name or Path(w).stem for w in args.weights]
     if len(labels) != len(models) or len(set(labels)) != len(labels):
         raise ValueError(f"--labels: expected {len(models)} distinct labels, one per --weights file, got {labels}")
-    source, options = _default_data(models[0].metadata, args.data)
-    stats = {label: analysis.curvature_stats(m, _images(args, m, source, options), top=args.top, limit=args.max_images)
-             for label, m in zip(labels, models)}
-    figure = analysis.plot_curvature(stats, (args.out or Path(args.weights[0]).parent) / "curvature.png")
+    loaders = [_loader(args, m, data_of=models[0]) for m in models]  # the same images for every checkpoint
+    stats = {label: analysis.curvature_stats(m, loader, top=args.top, limit=args.max_images)
+             for label, m, loader in zip(labels, models, loaders)}
+    figure = analysis.plot_curvature(stats, _out(args, "curvature.png"))
     result = {label: analysis.curvature_summary(s) for label, s in stats.items()}
     for label, summary in result.items():
-        _report(f"Gaussian curvature of {label}'s top channels on {source} [{args.split}]", summary)
+        _report(f"Gaussian curvature of {label}'s top channels on {loaders[0].source} [{args.split}]", summary)
     return {"checkpoints": result, "figure": str(figure)}
 
 
-def _study(args, command: str, needs: tuple, study, title: str) -> dict:
-    """Run an ``analysis`` study of one checkpoint over its data and report it; ``title`` may use {source}."""
-    model = _model_with(args.weights, command, needs)
-    source, options = _default_data(model.metadata, args.data)
-    result = study(model, _images(args, model, source, options), limit=args.max_images,
-                   out=args.out or Path(args.weights).parent)
-    _report(f"{title.format(source=source)} [{args.split}]", result)
+def _study(args, command: str, study, title: str) -> dict:
+    """An ``analysis`` study of one checkpoint over its data, reported; ``title`` may use {source}."""
+    model = load_checked(args.weights, command)
+    loader = _loader(args, model)
+    result = study(model, loader, limit=args.max_images, out=_out(args))
+    _report(f"{title.format(source=loader.source)} [{args.split}]", result)
     return result
 
 
 def cmd_embedding(args) -> dict:
-    return _study(args, "embedding", ("encode", "expand", "decode"), analysis.embedding_study,
-                  "Embedding space on {source}")
+    return _study(args, "embedding", analysis.embedding_study, "Embedding space on {source}")
 
 
 def cmd_pde(args) -> dict:
-    return _study(args, "pde", ("maps", "finola", "origin"), analysis.pde_study,
-                  "Eq. 2 and Eq. 4 on the maps of {source} (relative residuals: 0 = exact)")
+    return _study(args, "pde", analysis.pde_study, "Eq. 2 and Eq. 4 on the maps of {source} (relative residuals: "
+                                                   "0 = exact)")
+
+
+def cmd_rate_distortion(args) -> dict:
+    model = load_checked(args.weights, "rate-distortion")
+    loader = _loader(args, model)
+    result = codec.rate_distortion(model, loader, limit=args.max_images)
+    title = f"Rate-distortion on {loader.source} [{args.split}], {result['images']} images"
+    console.print(codec.rate_distortion_table(result, title=escape(title)))
+    result["figure"] = str(codec.plot_rate_distortion(result, _out(args, "rate_distortion.png")))
+    return result
 
 
 def cmd_encode(args) -> dict:
     image = codec.read_image(args.image)  # a missing or non-image file fails before the model loads
-    model = _model_with(args.weights, "encode", ("encode", "expand", "decode"))
+    model = load_checked(args.weights, "encode")
     x = reconstruct_transform(model)(image)[None]
     q = codec.encode(model, x)
     path = codec.save_q(args.output or Path(f"{args.image}.q"), q[0], identity=codec.model_identity(model),
@@ -438,7 +482,7 @@ def cmd_encode(args) -> dict:
 
 
 def cmd_decode(args) -> dict:
-    model = _model_with(args.weights, "decode", ("expand", "decode"))
+    model = load_checked(args.weights, "decode")
     q = codec.load_q(args.qfile, identity=codec.model_identity(model))
     path = args.output or args.qfile.with_suffix(".png")
     analysis.save_image(codec.to_pil(codec.decode(model, q[None])[0]), path)
@@ -447,57 +491,8 @@ def cmd_decode(args) -> dict:
     return result
 
 
-def cmd_rate_distortion(args) -> dict:
-    model = _model_with(args.weights, "rate-distortion", ("encode", "expand", "decode"))
-    source, options = _default_data(model.metadata, args.data)
-    result = codec.rate_distortion(model, _images(args, model, source, options), limit=args.max_images)
-    title = f"Rate-distortion on {source} [{args.split}], {result['images']} images"
-    console.print(codec.rate_distortion_table(result, title=escape(title)))
-    result["figure"] = str(codec.plot_rate_distortion(result, (args.out or Path(args.weights).parent)
-                                                      / "rate_distortion.png"))
-    return result
-
-
-def cmd_masked(args) -> dict:
-    model = weights.load_model(args.weights)
-    arch = model.metadata["model"]["arch"]
-    if arch not in ("masked-e", "masked-b"):
-        raise ValueError(f"--weights: {args.weights} holds a {arch!r} model; masked needs a 'masked-e' or "
-                         "'masked-b' model (train.py --task masked-e or masked-b)")
-    source, options = _default_data(model.metadata, args.data)
-    ds = data.load(source, split=args.split, **options)
-    loader = data.loader(ds, batch_size=args.batch_size, transform=reconstruct_transform(model), bad=args.bad)
-    result = masked_reconstruct(model, loader, grid=args.grid)
-    table = Table(title=escape(f"Masked-region PSNR on {source} [{args.split}], {result['images']} images, "
-                               "centred block"))
-    table.add_column(f"{arch}", justify="right")
-    table.add_column("block's mean colour", justify="right")
-    table.add_row(f"{result['masked_psnr_db']:.2f} dB", f"{result['block_colour_db']:.2f} dB")
-    console.print(table)
-    if args.grid:
-        console.print(f"grid of originals, visible blocks and predictions (top to bottom): {args.grid}")
-    return result
-
-
-def cmd_classify(args) -> dict:
-    model, source, options = _load(args, "classifier", "classify", "linprobe, tran1-probe, finetune or supervised")
-    train = model.metadata["train"]
-    size = args.image_size or train.get("image_size", 224)
-    ds = data.load(source, split=args.split, **options)
-    transform = classify_transform(size, crop_ratio=train.get("crop_ratio", 0.875))
-    result = classify(model, data.loader(ds, batch_size=args.batch_size, transform=transform, bad=args.bad))
-    table = Table(title=escape(f"Classification on {source} [{args.split}], {result['images']} images at "
-                               f"{size}x{size}, {model.config.head} decoder"))
-    shown = [k for k in ("top1", "top5") if k in result]
-    for k in shown:
-        table.add_column(k, justify="right")
-    table.add_row(*(f"{100 * result[k]:.2f}%" for k in shown))
-    console.print(table)
-    return result
-
-
 def cmd_curves(args) -> dict:
-    return runs.report(args.runs, labels=args.labels, out=args.out, console=console)
+    return runs.report(args.runs, labels=args.labels, out=args.out and args.out / "curves.png", console=console)
 
 
 def cmd_export(args) -> dict:
@@ -506,71 +501,55 @@ def cmd_export(args) -> dict:
     return {"folder": str(out), "files": ["model.safetensors", "README.md"]}
 
 
-COMMANDS = {"curves": cmd_curves, "export": cmd_export, "reconstruct": cmd_reconstruct, "detect": cmd_detect, "curvature": cmd_curvature,
-            "embedding": cmd_embedding, "pde": cmd_pde, "encode": cmd_encode, "decode": cmd_decode,
-            "rate-distortion": cmd_rate_distortion, "masked": cmd_masked, "classify": cmd_classify}
+COMMANDS = {"reconstruct": cmd_reconstruct, "detect": cmd_detect, "masked": cmd_masked, "classify": cmd_classify,
+            "curvature": cmd_curvature, "embedding": cmd_embedding, "pde": cmd_pde,
+            "rate-distortion": cmd_rate_distortion, "encode": cmd_encode, "decode": cmd_decode, "curves": cmd_curves,
+            "export": cmd_export}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("reconstruct", help="PSNR of a FINOLA model against baselines, and a PNG grid")
-    r.add_argument("--weights", required=True, help="a model.safetensors written by train.py --task finola")
-    r.add_argument("--data", help="source (default: the data the weights were trained on)")
-    r.add_argument("--split", default="validation")
-    r.add_argument("--grid", type=Path, help="write a PNG of originals above reconstructions here")
-    r.add_argument("--batch-size", type=int, default=32)
+    one = argparse.ArgumentParser(add_help=False)  # one --weights file
+    one.add_argument("--weights", required=True, help="a model.safetensors of ours (or hf:ORG/REPO[/FILE])")
+    evaluated = argparse.ArgumentParser(add_help=False)  # the data and figures of every evaluation
+    evaluated.add_argument("--data", help="source (default: the data the (first) weights were trained on)")
+    evaluated.add_argument("--split", default="validation")
+    evaluated.add_argument("--batch-size", type=int, default=32)
+    evaluated.add_argument("--out", type=Path, help="folder for the PNG figures (default: the (first) weights' folder)")
+    analysed = argparse.ArgumentParser(add_help=False)
+    analysed.add_argument("--max-images", type=int, help="use at most this many images (default: all)")
+    sized = argparse.ArgumentParser(add_help=False)
+    sized.add_argument("--image-size", type=int, help="network input side (default: the training image size)")
+    r = sub.add_parser("reconstruct", parents=[one, evaluated], help="PSNR of a FINOLA model against baselines, and a "
+                                                                    "PNG of originals above reconstructions")
     r.add_argument("--pca-images", type=int, default=20000,
                    help="training crops for the PCA baseline with k = C components (0 skips it)")
-    d = sub.add_parser("detect", help="COCO AP of a DETR model, and a PNG of boxes")
-    d.add_argument("--weights", required=True, help="a model.safetensors written by train.py --task detr-*")
-    d.add_argument("--data", help="source (default: the data the weights were trained on)")
-    d.add_argument("--split", default="validation")
-    d.add_argument("--image-size", type=int, help="network input side (default: the training image size)")
-    d.add_argument("--figure", type=Path, help="write a PNG of true and predicted boxes here")
-    d.add_argument("--batch-size", type=int, default=16)
-    images = argparse.ArgumentParser(add_help=False)  # the analyses' and rate-distortion's data flags
-    images.add_argument("--data", help="source (default: the data the (first) weights were trained on)")
-    images.add_argument("--split", default="validation")
-    images.add_argument("--max-images", type=int, help="use at most this many images (default: all)")
-    images.add_argument("--out", type=Path, help="folder for the PNG figures (default: the (first) weights' folder)")
-    images.add_argument("--batch-size", type=int, default=32)
-    c = sub.add_parser("curvature", parents=[images], help="Gaussian curvature of critical channels (Fig. 5)")
+    sub.add_parser("detect", parents=[one, evaluated, sized], help="COCO AP of a DETR model, and a PNG of true (green) "
+                                                                 "and predicted (red) boxes")
+    sub.add_parser("masked", parents=[one, evaluated], help="masked-region PSNR of a masked FINOLA model (centred "
+                                                           "block), and a PNG")
+    sub.add_parser("classify", parents=[one, evaluated, sized], help="top-1 / top-5 accuracy of a classifier")
+    c = sub.add_parser("curvature", parents=[evaluated, analysed], help="Gaussian curvature of critical channels "
+                                                                       "(Fig. 5)")
     c.add_argument("--weights", nargs="+", required=True, help="one or more model.safetensors, overlaid")
     c.add_argument("--labels", nargs="+", help="one name per --weights file (default: their folders' names)")
     c.add_argument("--top", type=int, default=16, help="channels ranked per image (the top-K of Fig. 5)")
     for name, what in (("embedding", "the space of q (App. E.2), five PNGs"), ("pde", "Eq. 2 and Eq. 4 (App. A)"),
                        ("rate-distortion", "q (float16, 8-bit) against JPEG at matched bytes, table and PNG")):
-        s = sub.add_parser(name, parents=[images], help=what)
-        s.add_argument("--weights", required=True, help="a model.safetensors written by train.py --task finola")
-    e = sub.add_parser("encode", help="an image to a .q file (q in float16)")
+        sub.add_parser(name, parents=[one, evaluated, analysed], help=what)
+    e = sub.add_parser("encode", parents=[one], help="an image to a .q file (q in float16)")
     e.add_argument("image", type=Path)
-    e.add_argument("--weights", required=True, help="a model.safetensors written by train.py --task finola")
     e.add_argument("-o", "--output", type=Path, help="the .q file (default: IMAGE.q)")
-    de = sub.add_parser("decode", help="a .q file back to a PNG, by the model that encoded it")
+    de = sub.add_parser("decode", parents=[one], help="a .q file back to a PNG, by the model that encoded it")
     de.add_argument("qfile", type=Path)
-    de.add_argument("--weights", required=True, help="the model.safetensors that encoded the .q file")
     de.add_argument("-o", "--output", type=Path, help="the PNG (default: QFILE with the suffix .png)")
-    mk = sub.add_parser("masked", help="masked-region PSNR of a masked FINOLA model (centred block), and a PNG")
-    mk.add_argument("--weights", required=True, help="a model.safetensors written by train.py --task masked-e|b")
-    mk.add_argument("--data", help="source (default: the data the weights were trained on)")
-    mk.add_argument("--split", default="validation")
-    mk.add_argument("--grid", type=Path, help="write a PNG of originals, visible blocks and predictions here")
-    mk.add_argument("--batch-size", type=int, default=32)
     cu = sub.add_parser("curves", help="loss, lr, img/s and the final metrics of runs against step (PNG, table)")
     cu.add_argument("runs", nargs="+", help="run folders of train.py (or their metrics.jsonl), overlaid")
     cu.add_argument("--labels", nargs="+", help="one name per run (default: the folders' names)")
-    cu.add_argument("--out", type=Path, help="the PNG (default: curves.png in the first run's folder)")
-    ex = sub.add_parser("export", help="a folder ready for the hub: model.safetensors and its model card")
-    ex.add_argument("--weights", required=True, help="any of our files (or hf:ORG/REPO[/FILE])")
+    cu.add_argument("--out", type=Path, help="folder for curves.png (default: the first run's folder)")
+    ex = sub.add_parser("export", parents=[one], help="a folder for the hub: model.safetensors and its model card")
     ex.add_argument("--out", type=Path, required=True, help="the folder to write")
-    cl = sub.add_parser("classify", help="top-1 / top-5 accuracy of a classifier")
-    cl.add_argument("--weights", required=True, help="a model.safetensors written by train.py --task linprobe, "
-                                                     "tran1-probe, finetune or supervised")
-    cl.add_argument("--data", help="source (default: the data the weights were trained on)")
-    cl.add_argument("--split", default="validation")
-    cl.add_argument("--image-size", type=int, help="network input side (default: the training image size)")
-    cl.add_argument("--batch-size", type=int, default=128)
     return p.parse_args(argv)
 
 

@@ -12,13 +12,14 @@ Conventions (fixed; other modules rely on them): maps are (B, C, H, W), indexed 
 (width) axis, y the row axis; A steps +x (right), A_neg -x (left), B +y (down), B_neg -y (up). The parameters are a
 plain dict {"A", "B", "A_neg", "B_neg"} of (C, C) tensors; a step in batched row form is z + z_n @ W.T.
 
-This file imports torch and the standard library only, so it can be copied alone.
+This file imports torch and the standard library only, so it can be copied alone (``from_config`` imports
+mobileformer.py when it must rebuild a Mobile-Former encoder from a weights file's config).
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -471,10 +472,41 @@ class PixelNorm(nn.Module):
         return y * self.std + self.mean
 
 
-@dataclass
+class EncoderModel(nn.Module):
+    """The contract of every model built on an encoder (FINOLA, Masked-FINOLA-E/B, the classifier, DETR):
+
+    ``Model(encoder, config)`` builds it from an encoder (``encoder(x)`` -> (map, tokens), ``encoder.out_channels``)
+    and its frozen keyword-only ``Model.Config``; ``model.config_dict()`` is that config as a plain JSON-able dict with
+    the encoder's own config under "encoder" (what a weights file stores); ``Model.from_config(d)`` is its inverse
+    and rebuilds a Mobile-Former encoder (mobileformer.py, imported there only) unless given ``encoder=``. Keys of
+    files written before this contract are read through ``RENAMED`` (old key -> new key, or None: dropped)."""
+
+    Config: type
+    RENAMED: dict = {"encoder_channels": None}  # the encoder's width: its own config says it
+
+    def config_dict(self) -> dict:
+        return {**asdict(self.config), "encoder": self.encoder.config_dict()}
+
+    @classmethod
+    def from_config(cls, config: dict, *, encoder: nn.Module | None = None) -> "EncoderModel":
+        fields = {cls.RENAMED.get(key, key): value for key, value in config.items()}
+        fields.pop(None, None)
+        encoder_config = fields.pop("encoder")
+        if encoder is None:
+            import mobileformer
+            encoder = mobileformer.MobileFormer.from_config(encoder_config)
+        return cls(encoder, cls.Config(**fields))
+
+
+def frozen_fields(config, **values):
+    """Set fields of a frozen dataclass in its ``__post_init__`` (JSON lists back to tuples, defaults resolved)."""
+    for name, value in values.items():
+        object.__setattr__(config, name, value)
+
+
+@dataclass(frozen=True, kw_only=True)
 class FinolaConfig:
     """The vanilla FINOLA network (§2, Tables 2, 10, 12). Paper defaults: 256^2 images, MF-W2880, C = 3072."""
-    encoder_channels: int = 2880            # width of the encoder's output map
     channels: int = 3072                    # C: the latent channels of q and of the FINOLA map (Table 2a)
     grid: tuple = (16, 16)                  # FINOLA map size
     q_position: str = "center"              # App. E.1
@@ -487,7 +519,6 @@ class FinolaConfig:
     mean: tuple = IMAGENET_MEAN  # input normalisation of [0, 1] images for the encoder (PixelNorm)
     std: tuple = IMAGENET_STD
     output: str = "pixels"                  # what the upsampler predicts: see OUTPUTS ("pixels": files before it)
-    encoder: dict = field(default_factory=dict)  # the encoder's own config, so a weights file rebuilds both
 
     def __post_init__(self):
         if self.norm not in ("layer", "moving-average"):
@@ -497,10 +528,10 @@ class FinolaConfig:
         if self.output not in OUTPUTS:
             raise ValueError(f"output: expected one of {sorted(OUTPUTS)}, got {self.output!r}")
         q_origin(self.q_position, self.grid)
-        self.grid, self.widths, self.mean, self.std = (tuple(v) for v in (self.grid, self.widths, self.mean, self.std))
+        frozen_fields(self, **{k: tuple(getattr(self, k)) for k in ("grid", "widths", "mean", "std")})
 
 
-class Finola(nn.Module):
+class Finola(EncoderModel):
     """Encoder -> attentional pooling -> q -> ``expand`` -> upsampler -> image (Fig. 1), trained with pixel MSE.
 
     Takes images in [0, 1] (B, 3, H, W) with H = W = grid * upsampler scale and returns the reconstruction in the
@@ -508,11 +539,13 @@ class Finola(nn.Module):
     ``self.finola`` and go through this file's pure functions.
     """
 
+    Config = FinolaConfig
+
     def __init__(self, encoder: nn.Module, config: FinolaConfig):
         super().__init__()
         self.config = config
         self.encoder = encoder
-        self.pool = AttentionPool(config.encoder_channels, config.channels, heads=config.heads)
+        self.pool = AttentionPool(encoder.out_channels, config.channels, heads=config.heads)
         self.finola = nn.ParameterDict({k: nn.Parameter(v) for k, v in init(config.channels).items()})
         self.upsampler = (ConvUpsampler(config.channels, config.widths) if config.upsampler == "conv"
                           else LinearUpsampler(config.channels, patch=config.patch))

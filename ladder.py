@@ -51,16 +51,13 @@ class LinearEncoder(nn.Module):
     def forward(self, x):
         return self.linear(x.flatten(1))[:, :, None, None], None
 
-    def config_dict(self) -> dict:
-        return {}
-
 
 def build(rung: str, args) -> finola.Finola:
     encoder_kind, decoder_kind, output = rung.split("/")
     encoder = (LinearEncoder(args.image_size, args.channels) if encoder_kind == "linear"
                else mobileformer.create(args.encoder, zero_init_residual=encoder_kind == "mf0"))
-    config = finola.FinolaConfig(encoder_channels=encoder.out_channels, channels=args.channels,
-                                 grid=(args.grid, args.grid), upsampler="linear" if decoder_kind == "linear" else "conv",
+    config = finola.FinolaConfig(channels=args.channels, grid=(args.grid, args.grid),
+                                 upsampler="linear" if decoder_kind == "linear" else "conv",
                                  widths=tuple(args.widths), patch=args.image_size // args.grid, output=output)
     return finola.Finola(encoder, config).to(memory_format=torch.channels_last)
 

@@ -49,7 +49,8 @@ This file imports torch, finola.py and the standard library only, so it can be c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -260,28 +261,25 @@ class TransformerUpsampler(nn.Module):
 # The two models
 # ---------------------------------------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class MaskedEConfig:
     """Masked-FINOLA-E (§3, Table 10 middle column). Paper: 256^2 images, a 16 x 16 grid of 16 px patches."""
-    encoder_channels: int = 2880            # width of the encoder's output map (MF-W2880)
     channels: int = 3072                    # C of q and the map (vanilla FINOLA's default, Table 2a)
     grid: tuple = (16, 16)
     patch: int = 16                         # pixels per grid cell: the linear layer outputs p x p x 3
     heads: int = 8                          # of the attentional pooler (App. B)
     mean: tuple = finola.IMAGENET_MEAN  # input normalisation of [0, 1] images for the encoder (PixelNorm)
     std: tuple = finola.IMAGENET_STD
-    encoder: dict = field(default_factory=dict)  # the encoder's own config, so a weights file rebuilds both
 
     def __post_init__(self):
-        self.grid, self.mean, self.std = tuple(self.grid), tuple(self.mean), tuple(self.std)
+        finola.frozen_fields(self, grid=tuple(self.grid), mean=tuple(self.mean), std=tuple(self.std))
         block_cells(self.grid)
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class MaskedBConfig:
     """Masked-FINOLA-B (§3, Table 10 right column, Table 16). Paper: 256^2, 16 x 16 grid, 6 blocks of width 512."""
-    encoder_channels: int = 2880
-    channels: int = 2880                    # C of the map; = encoder_channels: the features directly (interp. 6)
+    channels: int | None = None             # C of the map; None: the encoder's width, its features directly (interp. 6)
     grid: tuple = (16, 16)
     patch: int = 16
     width: int = 512                        # transformer upsampler (Table 10)
@@ -289,16 +287,15 @@ class MaskedBConfig:
     heads: int = 8
     mean: tuple = finola.IMAGENET_MEAN
     std: tuple = finola.IMAGENET_STD
-    encoder: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.grid, self.mean, self.std = tuple(self.grid), tuple(self.mean), tuple(self.std)
+        finola.frozen_fields(self, grid=tuple(self.grid), mean=tuple(self.mean), std=tuple(self.std))
         if self.grid[0] % 4 or self.grid[1] % 4:
             raise ValueError(f"grid: Masked-B needs sides divisible by 4 (quadrants of a half-size block), "
                              f"got {self.grid}")
 
 
-class _Masked(nn.Module):
+class _Masked(finola.EncoderModel):
     """What both variants share: input normalisation, the block crop, the loss mask and the calling convention.
 
     ``model(x, blocks=None)`` takes images in [0, 1] (B, 3, gh p, gw p) and returns (prediction (B, 3, H, W),
@@ -344,10 +341,12 @@ class MaskedFinolaE(_Masked):
     """Masked-FINOLA-E: block -> encoder -> attentional pooling -> q at the block's centre cell -> ``expand`` over the
     whole grid -> linear patch layer (§3, Fig. 4 left)."""
 
+    Config = MaskedEConfig
+
     def __init__(self, encoder: nn.Module, config: MaskedEConfig):
         super().__init__()
         self._setup(encoder, config)
-        self.pool = finola.AttentionPool(config.encoder_channels, config.channels, heads=config.heads)
+        self.pool = finola.AttentionPool(encoder.out_channels, config.channels, heads=config.heads)
         self.upsampler = finola.LinearUpsampler(config.channels, patch=config.patch)
 
     def build_map(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -368,11 +367,15 @@ class MaskedFinolaB(_Masked):
     """Masked-FINOLA-B: block -> encoder -> its feature map (not compressed) -> block-wise Eq. 3 per partition
     (``blockwise_map``) -> transformer upsampler without positional embedding (§3, Fig. 4 right)."""
 
+    Config = MaskedBConfig
+
     def __init__(self, encoder: nn.Module, config: MaskedBConfig):
         super().__init__()
+        if config.channels is None:
+            config = dataclasses.replace(config, channels=encoder.out_channels)
         self._setup(encoder, config)
-        self.project = (nn.Identity() if config.channels == config.encoder_channels
-                        else nn.Conv2d(config.encoder_channels, config.channels, 1))
+        self.project = (nn.Identity() if config.channels == encoder.out_channels
+                        else nn.Conv2d(encoder.out_channels, config.channels, 1))
         self.upsampler = TransformerUpsampler(config.channels, patch=config.patch, width=config.width,
                                               depth=config.depth, heads=config.heads)
 

@@ -96,7 +96,7 @@ class MobileFormerConfig:
     zero_init_residual: bool = False  # ours (not the authors'): residual branches start at zero, see reset_parameters
 
     def __post_init__(self):
-        # JSON turns the tuples into lists: normalise so that from_config(asdict(c)) == c.
+        # JSON turns the tuples into lists: normalise so that MobileFormerConfig(**asdict(c)) == c.
         object.__setattr__(self, "blocks", tuple((str(k), int(h), int(o)) for k, h, o in self.blocks))
         if self.token_dim % self.former_heads or self.token_dim % self.hyper_reduction:
             raise ValueError(f"token_dim: {self.token_dim} must divide by former_heads={self.former_heads} "
@@ -430,8 +430,17 @@ class MobileFormer(nn.Module):
                     nn.init.zeros_(last.bn.weight)
 
     def config_dict(self) -> dict:
-        """The config as a plain dict; `from_config(model.config_dict())` rebuilds the architecture."""
+        """The config as a plain dict; `MobileFormer.from_config(model.config_dict())` rebuilds the architecture."""
         return dataclasses.asdict(self.config)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "MobileFormer":
+        """Inverse of `config_dict()` (weights.load_model), with a clear error for unknown fields."""
+        fields = {f.name for f in dataclasses.fields(MobileFormerConfig)}
+        unknown = sorted(set(config) - fields)
+        if unknown:
+            raise ValueError(f"config: unknown Mobile-Former config fields {unknown}")
+        return cls(MobileFormerConfig(**config))
 
     def _check_input(self, x: torch.Tensor):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -477,12 +486,3 @@ def create(name: str, **overrides) -> MobileFormer:
     if unknown:
         raise ValueError(f"overrides: unknown config fields {unknown}; expected some of {sorted(fields)}")
     return MobileFormer(dataclasses.replace(PRESETS[name], **overrides))
-
-
-def from_config(config: dict) -> MobileFormer:
-    """Inverse of `model.config_dict()` / `dataclasses.asdict(model.config)` (used by weights.load_model)."""
-    fields = {f.name for f in dataclasses.fields(MobileFormerConfig)}
-    unknown = sorted(set(config) - fields)
-    if unknown:
-        raise ValueError(f"config: unknown Mobile-Former config fields {unknown}")
-    return MobileFormer(MobileFormerConfig(**config))

@@ -1,7 +1,7 @@
 """A run folder's record read back: ``metrics.jsonl`` (written by ``train.MetricsLog``: one JSON object per logged
 step, epoch and final evaluation) and the curves it draws.
 
-    python eval.py curves RUN [RUN ...] [--labels A B ...] [--out curves.png]
+    python eval.py curves RUN [RUN ...] [--labels A B ...] [--out FOLDER]  (FOLDER/curves.png)
 
 Several runs are overlaid (an ablation): loss, learning rate and images/s against the optimizer step, and each final
 evaluation metric as a point at the run's last step.

@@ -6,7 +6,6 @@ data that ships with the packages) and ``paper`` (the paper's appendix). ``train
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,7 +24,7 @@ import weights
 
 @dataclass
 class Task:
-    build: Callable      # args -> (model, arch, config dict)
+    build: Callable      # args -> model (one of weights.ARCHS)
     loss: Callable       # (model, batch, args) -> scalar loss
     transform: Callable  # args -> training transform (data.train_transform kind)
     unaugmented: Callable  # args -> the training transform without augmentation (--no-augment)
@@ -48,15 +47,14 @@ def build_finola(args):
         raise ValueError(f"--image-size {args.image_size} must be a multiple of --grid {args.grid} for --upsampler "
                          "linear (each cell decodes a patch of image size / grid pixels)")
     config = finola.FinolaConfig(
-        encoder_channels=encoder.out_channels, channels=args.channels, grid=(args.grid, args.grid),
-        q_position=args.q_position, norm=args.norm, upsampler=args.upsampler, widths=tuple(args.widths),
-        patch=args.image_size // args.grid, output=args.output, encoder=encoder.config_dict())
+        channels=args.channels, grid=(args.grid, args.grid), q_position=args.q_position, norm=args.norm,
+        upsampler=args.upsampler, widths=tuple(args.widths), patch=args.image_size // args.grid, output=args.output)
     # App. D (--freeze-encoder): a pre-trained encoder, frozen; pooling, FINOLA and a fresh upsampler are trained
     model = finola.Finola(encoder.freeze(args.freeze_encoder), config)
     if model.image_size != (args.image_size, args.image_size):
         raise ValueError(f"--image-size {args.image_size} must equal --grid {args.grid} x 2^(len(--widths) - 1) "
                          f"= {model.image_size[0]}")
-    return model, "finola", dataclasses.asdict(config)
+    return model
 
 
 def finola_loss(model, batch, args):
@@ -89,14 +87,12 @@ def build_detr(args):
     frozen = args.task == "detr-probe"
     if args.init and weights.read_metadata(args.init)["model"].get("arch") == "detr":
         model = weights.load_model(args.init)
-        if model.num_classes != num_classes:
-            raise ValueError(f"--init {args.init!r}: a detector of {model.num_classes} classes, but --data "
+        if model.config.num_classes != num_classes:
+            raise ValueError(f"--init {args.init!r}: a detector of {model.config.num_classes} classes, but --data "
                              f"{args.data!r} has {num_classes}")
-        model.freeze_backbone(frozen)
-        return model.train(), "detr", model.config_dict()
-    model = detr.create(encoder_of(args), decoder=args.decoder, num_classes=num_classes,
-                        num_queries=args.num_queries, frozen_backbone=frozen)
-    return model, "detr", model.config_dict()
+        return model.freeze_encoder(frozen).train()
+    return detr.create(encoder_of(args), decoder=args.decoder, num_classes=num_classes, num_queries=args.num_queries,
+                       frozen=frozen)
 
 
 def detr_loss(model, batch, args):
@@ -134,17 +130,15 @@ def build_masked(args):
     encoder = encoder_of(args)
     if args.image_size % args.grid:
         raise ValueError(f"--image-size {args.image_size} must be a multiple of --grid {args.grid} (the patch size)")
-    common = dict(encoder_channels=encoder.out_channels, channels=args.channels or encoder.out_channels,
-                  grid=(args.grid, args.grid), patch=args.image_size // args.grid, encoder=encoder.config_dict())
+    common = dict(channels=args.channels, grid=(args.grid, args.grid), patch=args.image_size // args.grid)
     if args.task == "masked-e":
-        config = masked.MaskedEConfig(**common)
-        return masked.MaskedFinolaE(encoder, config), "masked-e", dataclasses.asdict(config)
+        return masked.MaskedFinolaE(encoder, masked.MaskedEConfig(**common))
     if args.image_size != 16 * args.grid:
         raise ValueError(f"--image-size {args.image_size} must be 16 x --grid {args.grid} for masked-b: the block's "
                          "1/16 encoder features are its cells of the map")
     config = masked.MaskedBConfig(**common, width=args.upsampler_width, depth=args.upsampler_depth,
                                   heads=max(2, args.upsampler_width // 64))
-    return masked.MaskedFinolaB(encoder, config), "masked-b", dataclasses.asdict(config)
+    return masked.MaskedFinolaB(encoder, config)
 
 
 def masked_loss(model, batch, args):
@@ -185,18 +179,17 @@ def build_classifier(args):
         raise ValueError("--init: the supervised baseline trains its encoder from scratch; use --task finetune")
     ds = data.load(args.data, split="train", streaming=args.streaming, **args.data_options)
     encoder = encoder_of(args)
-    config = classify.ClassifierConfig(num_classes=max(data.categories(ds)) + 1, head=args.head,
-                                       encoder_channels=encoder.out_channels, dropout=args.dropout,
-                                       frozen=args.task in PROBES, encoder=encoder.config_dict())
+    config = classify.ClassifierConfig(num_classes=max(data.categories(ds)) + 1, decoder=args.head,
+                                       dropout=args.dropout, frozen=args.task in PROBES)
     model = classify.Classifier(encoder, config)
     if args.task == "finetune" and args.init:
         probe = weights.load_model(args.init)
         same = probe.metadata["model"]["arch"] == "classifier" and all(
-            probe.metadata["model"]["config"][k] == getattr(config, k) for k in ("head", "width", "num_classes"))
+            getattr(probe.config, k) == getattr(model.config, k) for k in ("decoder", "width", "num_classes"))
         if same:
             decoder = {k: v for k, v in probe.state_dict().items() if not k.startswith("encoder.")}
             model.load_state_dict(decoder, strict=False)
-    return model, "classifier", dataclasses.asdict(config)
+    return model
 
 
 def classify_loss(model, batch, args):
@@ -259,15 +252,15 @@ def eval_resize(args):
 
 TASKS: dict[str, Task] = {
     "finola": Task(build_finola, finola_loss, train_crops, eval_whole, evaluate_finola,
-                   {"small": FINOLA_SMALL, "paper": FINOLA_PAPER}, "reconstruct --grid reconstructions.png"),
+                   {"small": FINOLA_SMALL, "paper": FINOLA_PAPER}, "reconstruct"),
     "detr-probe": Task(build_detr, detr_loss, train_detect, eval_resize, evaluate_detr,
-                       {"small": DETR_SMALL, "paper": DETR_PAPER}, "detect --figure detections.png"),
+                       {"small": DETR_SMALL, "paper": DETR_PAPER}, "detect"),
     "detr-finetune": Task(build_detr, detr_loss, train_detect, eval_resize, evaluate_detr,
-                          {"small": DETR_FT_SMALL, "paper": DETR_FT_PAPER}, "detect --figure detections.png"),
+                          {"small": DETR_FT_SMALL, "paper": DETR_FT_PAPER}, "detect"),
     "masked-e": Task(build_masked, masked_loss, train_crops, eval_whole, evaluate_masked,
-                     {"small": MASKED_E_SMALL, "paper": MASKED_E_PAPER}, "masked --grid predictions.png"),
+                     {"small": MASKED_E_SMALL, "paper": MASKED_E_PAPER}, "masked"),
     "masked-b": Task(build_masked, masked_loss, train_crops, eval_whole, evaluate_masked,
-                     {"small": MASKED_B_SMALL, "paper": MASKED_B_PAPER}, "masked --grid predictions.png"),
+                     {"small": MASKED_B_SMALL, "paper": MASKED_B_PAPER}, "masked"),
     "linprobe": Task(build_classifier, classify_loss, train_crops, eval_centre, evaluate_classify,
                      {"small": LINPROBE_SMALL, "paper": LINPROBE_PAPER}, "classify"),
     "tran1-probe": Task(build_classifier, classify_loss, train_randaug, eval_centre, evaluate_classify,

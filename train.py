@@ -295,7 +295,7 @@ def train(args) -> Path:
                          f"--resume {str(out)!r}, or choose another --out")
     state = find_checkpoint(out) if args.resume else None  # before any work: a run killed too early has none
     set_seed(args.seed)
-    model, arch, config = task.build(args)
+    model = task.build(args)
     if accelerator.device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
 
@@ -400,7 +400,7 @@ def train(args) -> Path:
                 epoch += 1
 
     model = accelerator.unwrap_model(model, keep_torch_compile=False)  # the weights file has the plain names
-    finish(accelerator, model, task, args, out, arch=arch, config=config, log=log, step=step, bad=bad)
+    finish(accelerator, model, task, args, out, log=log, step=step, bad=bad)
     return out
 
 
@@ -445,16 +445,15 @@ def restore_or_start(accelerator, state: Path | None, out: Path, args, log: "Met
     return 0, 0, 0
 
 
-def finish(accelerator, model, task, args, out: Path, *, arch: str, config: dict, log: "MetricsLog", step: int,
-           bad: data.BadImages):
+def finish(accelerator, model, task, args, out: Path, *, log: "MetricsLog", step: int, bad: data.BadImages):
     """The end of a run: ranks checked in sync, then on the main process the task's evaluation, the weights with
     their metadata, the report and the logged images; the trackers finished on every process."""
     log.write(step=step, ranks_in_sync=ranks_in_sync(accelerator, model))
     if accelerator.is_main_process:
         metrics = task.evaluate(model.eval(), args, out, bad=bad)
         log.write(step=step, final=metrics)
-        weights.save(out / "model.safetensors", model.state_dict(), arch=arch, config=config, task=args.task,
-                     train=vars(args), data=args.data, metrics=metrics)
+        weights.save_model(out / "model.safetensors", model, task=args.task, train=vars(args), data=args.data,
+                           metrics=metrics)
         report(out, metrics, task.eval_command, bad)
         log.images(out, step=step)
     accelerator.wait_for_everyone()

@@ -3,7 +3,7 @@
 Metadata keys (all values are strings; JSON where structured):
   format   -- ``FORMAT``, a version tag of ours; a file without it is not one of ours
   task     -- the task that trained the weights (e.g. ``finola``), or ``""``
-  model    -- JSON ``{"arch": NAME, "config": {...}}``: ``ARCHS[NAME]`` rebuilds the module from ``config``
+  model    -- JSON ``{"arch": NAME, "config": {...}}``: ``ARCHS[NAME].from_config(config)`` rebuilds the module
   train    -- JSON of the run's flags;  data -- the data source string;  metrics -- JSON of final metrics
 
 ``load_model(path)`` is the one function that rebuilds any of our models from a file alone.
@@ -23,15 +23,24 @@ from safetensors.torch import save_file
 
 FORMAT = "finola-weights/1"
 
-# arch name -> (module, function taking the config dict and returning an nn.Module). Later issues add theirs.
+# arch name -> (module, class). Every class follows one contract (finola.EncoderModel; MobileFormer alone has no
+# encoder): ``Class.from_config(config)`` rebuilds it from the ``config_dict()`` its file stores.
 ARCHS: dict[str, tuple[str, str]] = {
-    "mobileformer": ("mobileformer", "from_config"),
-    "finola": ("weights", "finola_from_config"),
-    "detr": ("detr", "from_config"),
-    "masked-e": ("weights", "masked_e_from_config"),
-    "masked-b": ("weights", "masked_b_from_config"),
-    "classifier": ("classify", "from_config"),
+    "mobileformer": ("mobileformer", "MobileFormer"),
+    "finola": ("finola", "Finola"),
+    "masked-e": ("masked", "MaskedFinolaE"),
+    "masked-b": ("masked", "MaskedFinolaB"),
+    "classifier": ("classify", "Classifier"),
+    "detr": ("detr", "DETR"),
 }
+
+
+def arch_of(model: torch.nn.Module) -> str:
+    """The ``ARCHS`` name of ``model``'s class."""
+    for name, (module, cls) in ARCHS.items():
+        if type(model).__module__ == module and type(model).__name__ == cls:
+            return name
+    raise ValueError(f"model: {type(model).__name__} is none of our architectures ({sorted(ARCHS)})")
 
 
 @contextlib.contextmanager
@@ -70,6 +79,12 @@ def save(path, state_dict: dict[str, torch.Tensor], *, arch: str, config: dict, 
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
+
+
+def save_model(path, model: torch.nn.Module, **metadata) -> Path:
+    """``save`` for one of our models: its state, its arch (``arch_of``) and its ``config_dict()``; ``metadata``:
+    ``save``'s task / train / data / metrics."""
+    return save(path, model.state_dict(), arch=arch_of(model), config=model.config_dict(), **metadata)
 
 
 def one_line(error: Exception, limit: int = 300) -> str:
@@ -151,9 +166,9 @@ def build(model_meta: dict, *, source: str = "metadata") -> torch.nn.Module:
                          f"{sorted(ARCHS)}")
     if not isinstance(model_meta.get("config"), dict):
         raise ValueError(f"weights: {source}: metadata 'model' has no 'config' object for architecture {arch!r}")
-    module, fn = ARCHS[arch]
+    module, cls = ARCHS[arch]
     try:
-        return getattr(importlib.import_module(module), fn)(model_meta["config"])
+        return getattr(importlib.import_module(module), cls).from_config(model_meta["config"])
     except (TypeError, KeyError, ValueError) as e:  # a config with unknown, missing or invalid fields
         raise ValueError(f"weights: {source}: the {arch!r} config in metadata 'model' does not build a model "
                          f"({type(e).__name__}: {one_line(e)})") from e
@@ -189,43 +204,12 @@ def load_model(path, *, device="cpu") -> torch.nn.Module:
     return model.eval()
 
 
-def finola_from_config(config: dict) -> torch.nn.Module:
-    """The vanilla FINOLA network (finola.Finola) with its Mobile-Former encoder, from its saved config."""
-    import finola
-    import mobileformer
-
-    return finola.Finola(mobileformer.from_config(config["encoder"]), finola.FinolaConfig(**config))
-
-
-def masked_e_from_config(config: dict) -> torch.nn.Module:
-    """Masked-FINOLA-E (masked.MaskedFinolaE) with its Mobile-Former encoder, from its saved config."""
-    import masked
-    import mobileformer
-
-    return masked.MaskedFinolaE(mobileformer.from_config(config["encoder"]), masked.MaskedEConfig(**config))
-
-
-def masked_b_from_config(config: dict) -> torch.nn.Module:
-    """Masked-FINOLA-B (masked.MaskedFinolaB) with its Mobile-Former encoder, from its saved config."""
-    import masked
-    import mobileformer
-
-    return masked.MaskedFinolaB(mobileformer.from_config(config["encoder"]), masked.MaskedBConfig(**config))
-
-
-ENCODER_OF = {"mobileformer": "", "finola": "encoder", "detr": "backbone", "masked-e": "encoder",
-              "masked-b": "encoder", "classifier": "encoder"}  # where each arch keeps its encoder
-
-
 def load_encoder(path, *, device="cpu") -> torch.nn.Module:
     """The Mobile-Former encoder (no classifier) of any of our weight files: pre-trained FINOLA (vanilla or
     masked), a supervised or plain encoder, a classifier's encoder, or a detector's backbone; trainable, in train
     mode. ``train.py --init`` uses it."""
     model = load_model(path, device=device)
-    arch = model.metadata["model"]["arch"]
-    if arch not in ENCODER_OF:
-        raise ValueError(f"--init: {str(path)!r} holds a {arch!r} model, which has no Mobile-Former encoder")
-    encoder = model.get_submodule(ENCODER_OF[arch])
+    encoder = model if model.metadata["model"]["arch"] == "mobileformer" else model.encoder
     if getattr(encoder, "head", None) is not None:  # a supervised classifier: keep the backbone only
         import dataclasses
         encoder.head = None

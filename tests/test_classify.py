@@ -1,6 +1,5 @@
 """Classification decoders (classify.py), the frozen-encoder guarantee, the four classification tasks of train.py and
 eval.py classify on a hand-made set with a known answer."""
-import dataclasses
 import json
 
 import numpy as np
@@ -34,11 +33,10 @@ def folder(tmp_path_factory):
     return root
 
 
-def classifier(head="lin", frozen=False, name="mf-tiny"):
+def classifier(decoder="lin", frozen=False, name="mf-tiny"):
     torch.manual_seed(0)
     encoder = mobileformer.create(name)
-    config = classify.ClassifierConfig(num_classes=CLASSES, head=head, encoder_channels=encoder.out_channels,
-                                       frozen=frozen, encoder=encoder.config_dict())
+    config = classify.ClassifierConfig(num_classes=CLASSES, decoder=decoder, frozen=frozen)
     return classify.Classifier(encoder, config)
 
 
@@ -94,17 +92,16 @@ def test_parameter_counts_match_tables_6_and_7(name, head, paper):
     """Table 7 (tran-4) and Table 6 (lin), 1000 classes, within rounding (ours: 7.07 / 19.84 / 56.44 M and 5.68 /
     27.99 M). Table 6's W1440 + lin (14 M) is left out: backbone + linear is 13.2 M."""
     encoder = mobileformer.create(name)
-    config = classify.ClassifierConfig(num_classes=1000, head=head, encoder_channels=encoder.out_channels,
-                                       encoder=encoder.config_dict())
+    config = classify.ClassifierConfig(num_classes=1000, decoder=head)
     n = sum(p.numel() for p in classify.Classifier(encoder, config).parameters())
     assert n / 1e6 == pytest.approx(paper, abs=0.6)
 
 
 def test_bad_configs_name_the_argument():
-    with pytest.raises(ValueError, match="head: expected one of"):
-        classify.ClassifierConfig(head="tran-2")
+    with pytest.raises(ValueError, match="decoder: expected one of"):
+        classify.ClassifierConfig(decoder="tran-2")
     with pytest.raises(ValueError, match="width / dropout: no default for encoder 'mf-w4320'"):
-        classify.ClassifierConfig(head="tran-1", encoder={"name": "mf-w4320"})
+        classify.Classifier(mobileformer.create("mf-w4320"), classify.ClassifierConfig(decoder="tran-1"))
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -187,11 +184,11 @@ def test_probes_keep_the_initial_encoder_exactly(folder, encoder_file, probe, tm
 
 def test_finetune_starts_from_the_probe_and_trains_the_encoder(folder, probe, tmp_path):
     argv = ["--task", "finetune", *common(folder), "--init", str(probe / "model.safetensors"), "--lr", "0.05"]
-    model, arch, config = train.TASKS["finetune"].build(train.parse_args(argv))
+    model = train.TASKS["finetune"].build(train.parse_args(argv))
     probed = load_file(probe / "model.safetensors")
     for k, v in model.state_dict().items():  # encoder and decoder: the probe's
         assert torch.equal(v, probed[k]), k
-    assert all(p.requires_grad for p in model.parameters()) and not config["frozen"]
+    assert all(p.requires_grad for p in model.parameters()) and not model.config_dict()["frozen"]
     train.main(argv + ["--out", str(tmp_path / "ft")])
     tuned = encoder_of(tmp_path / "ft" / "model.safetensors")
     assert any(not torch.equal(v, probed["encoder." + k]) for k, v in tuned.items() if k.endswith("weight"))
@@ -200,7 +197,7 @@ def test_finetune_starts_from_the_probe_and_trains_the_encoder(folder, probe, tm
 def test_supervised_trains_from_scratch_and_refuses_init(folder, encoder_file, tmp_path):
     train.main(["--task", "supervised", *common(folder), "--out", str(tmp_path / "sup")])
     model = weights.load_model(tmp_path / "sup" / "model.safetensors")
-    assert model.config.head == "tran-1" and not model.config.frozen
+    assert model.config.decoder == "tran-1" and not model.config.frozen
     with pytest.raises(ValueError, match="--init: the supervised baseline trains its encoder from scratch"):
         train.main(["--task", "supervised", *common(folder), "--init", str(encoder_file)])
 
@@ -214,13 +211,12 @@ def test_eval_classify_on_a_hand_made_set_with_a_known_answer(folder, encoder_fi
     torch.manual_seed(0)
     encoder = mobileformer.create("mf-tiny")
     model = classify.Classifier(encoder, classify.ClassifierConfig(
-        num_classes=7, head="lin", encoder_channels=encoder.out_channels, encoder=encoder.config_dict()))
+        num_classes=7, decoder="lin"))
     with torch.no_grad():
         model.classifier.weight.zero_()
         model.classifier.bias.copy_(torch.tensor([1.0, 5.0, 0.0, 6.0, 2.0, 4.0, 3.0]))
-    path = weights.save(tmp_path / "c.safetensors", model.state_dict(), arch="classifier",
-                        config=dataclasses.asdict(model.config), task="linprobe",
-                        train={"image_size": 32, "crop_ratio": 1.0}, data=str(folder))
+    path = weights.save_model(tmp_path / "c.safetensors", model, task="linprobe",
+                              train={"image_size": 32, "crop_ratio": 1.0}, data=str(folder))
     capsys.readouterr()
     result = ev.main(["classify", "--weights", str(path)])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result

@@ -199,9 +199,10 @@ def _train_steps(model, steps=2):
     g = torch.Generator().manual_seed(5)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
-    crit = detr.SetCriterion(model.num_classes)
+    crit = detr.SetCriterion(model.config.num_classes)
     for _ in range(steps):
-        loss = crit(model(torch.randn(2, 3, 64, 64, generator=g)), _targets(g, [2, 1], model.num_classes))["loss"]
+        images, targets = torch.randn(2, 3, 64, 64, generator=g), _targets(g, [2, 1], model.config.num_classes)
+        loss = crit(model(images), targets)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -209,7 +210,7 @@ def _train_steps(model, steps=2):
 
 def test_frozen_backbone_weights_and_bn_statistics_unchanged():
     torch.manual_seed(0)
-    model = detr.create("mf-tiny", decoder="mf-dec-tiny", num_classes=3, num_queries=8, frozen_backbone=True).train()
+    model = detr.create("mf-tiny", decoder="mf-dec-tiny", num_classes=3, num_queries=8, frozen=True).train()
     assert model.training and not model.backbone.training
     backbone = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     decoder = {k: v.clone() for k, v in model.decoder.state_dict().items()}
@@ -251,9 +252,9 @@ def test_head_parameters_within_ten_percent_of_tables_4_and_18(decoder, paper):
 
 
 def test_config_round_trip_and_errors():
-    model = detr.create("mf-tiny", decoder="mf-dec-tiny", num_classes=5, num_queries=7, frozen_backbone=True)
-    again = detr.from_config(model.config_dict())
-    assert again.frozen_backbone and again.decoder.config == model.decoder.config
+    model = detr.create("mf-tiny", decoder="mf-dec-tiny", num_classes=5, num_queries=7, frozen=True)
+    again = detr.DETR.from_config(model.config_dict())
+    assert again.config.frozen and again.decoder.config == model.decoder.config
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="decoder"):
         detr.create("mf-tiny", decoder="mf-dec-999", num_classes=5)

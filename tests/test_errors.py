@@ -1,7 +1,6 @@
 """Bad input gets a one-line error naming the file or flag and what is wrong (issue 14, item 8): junk and truncated
 .q files, weights whose tensors or metadata are wrong, missing Fashion-MNIST, a non-image given to ``eval.py encode``.
 The library raises a clear exception; the command lines print it as one line on stderr and exit with status 2."""
-import dataclasses
 import json
 import os
 import subprocess
@@ -33,11 +32,10 @@ def tiny(tmp_path_factory) -> Path:
     """A FINOLA weights file (mf-tiny, C = 16, 4x4 grid, 32 px)."""
     torch.manual_seed(0)
     encoder = mobileformer.create("mf-tiny")
-    config = finola.FinolaConfig(encoder_channels=encoder.out_channels, channels=16, grid=(4, 4), widths=(8, 8, 8, 8),
-                                 encoder=encoder.config_dict())
+    config = finola.FinolaConfig(channels=16, grid=(4, 4), widths=(8, 8, 8, 8))
     model = finola.Finola(encoder, config)
-    return weights.save(tmp_path_factory.mktemp("tiny") / "model.safetensors", model.state_dict(), arch="finola",
-                        config=dataclasses.asdict(config), task="finola", data="photos")
+    return weights.save_model(tmp_path_factory.mktemp("tiny") / "model.safetensors", model, task="finola",
+                              data="photos")
 
 
 @pytest.fixture(autouse=True)

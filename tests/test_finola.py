@@ -283,6 +283,7 @@ def test_bad_input_names_the_argument(i):
 
 class StubEncoder(torch.nn.Module):
     """A stride-16 conv standing in for Mobile-Former: (B, 3, H, W) -> ((B, 12, H/16, W/16), tokens)."""
+    out_channels = 12
 
     def __init__(self):
         super().__init__()
@@ -294,7 +295,7 @@ class StubEncoder(torch.nn.Module):
 
 def tiny_model(**overrides):
     torch.manual_seed(0)
-    config = finola.FinolaConfig(encoder_channels=12, channels=16, grid=(4, 4), widths=(16, 8, 8), heads=4,
+    config = finola.FinolaConfig(channels=16, grid=(4, 4), widths=(16, 8, 8), heads=4,
                                  **overrides)
     return finola.Finola(StubEncoder(), config)
 

@@ -1,6 +1,5 @@
 """Weights from the hub (issue 17, item 2): ``hf:ORG/REPO[/FILE]`` resolves through huggingface_hub's cache, offline
 from a pre-filled cache, with a clear error when the cache lacks it; ``eval.py export`` writes an uploadable folder."""
-import dataclasses
 import json
 from pathlib import Path
 
@@ -18,12 +17,10 @@ import weights
 def tiny_file(tmp_path_factory):
     torch.manual_seed(0)
     encoder = mobileformer.create("mf-tiny")
-    config = finola.FinolaConfig(encoder_channels=encoder.out_channels, channels=16, grid=(2, 2), widths=(8,) * 5,
-                                 encoder=encoder.config_dict())
+    config = finola.FinolaConfig(channels=16, grid=(2, 2), widths=(8,) * 5)
     model = finola.Finola(encoder, config)
-    return weights.save(tmp_path_factory.mktemp("w") / "model.safetensors", model.state_dict(), arch="finola",
-                        config=dataclasses.asdict(config), task="finola", data="photos",
-                        train={"lr": 0.008, "batch_size": 32}, metrics={"psnr_db": 20.84})
+    return weights.save_model(tmp_path_factory.mktemp("w") / "model.safetensors", model, task="finola",
+                              data="photos", train={"lr": 0.008, "batch_size": 32}, metrics={"psnr_db": 20.84})
 
 
 def fill_cache(repo: str, files: dict[str, bytes]):

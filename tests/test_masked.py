@@ -156,7 +156,7 @@ def test_linear_upsampler_maps_each_token_to_its_own_patch():
 def tiny(kind):
     torch.manual_seed(0)
     encoder = mobileformer.create("mf-tiny")
-    common = dict(encoder_channels=encoder.out_channels, grid=(4, 4), patch=16, encoder=encoder.config_dict())
+    common = dict(grid=(4, 4), patch=16)
     if kind == "e":
         return masked.MaskedFinolaE(encoder, masked.MaskedEConfig(channels=32, heads=4, **common))
     return masked.MaskedFinolaB(encoder, masked.MaskedBConfig(channels=240, width=32, depth=1, heads=2, **common))
@@ -235,7 +235,8 @@ def test_masked_tasks_run_and_rebuild(pretrained, task, capsys):
     assert all(p.requires_grad for p in encoder.parameters())
     capsys.readouterr()
     result = ev.main(["masked", "--weights", str(out / "model.safetensors")])
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result == rows[-1]["final"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert result == rows[-1]["final"] | {"figure": str(out / "masked.png")} and (out / "masked.png").exists()
 
 
 def test_app_d_reconstruction_keeps_the_pretrained_encoder_frozen(pretrained, tmp_path):

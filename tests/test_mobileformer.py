@@ -86,7 +86,7 @@ def test_safetensors_round_trip_rebuilds_identical_model(tmp_path):
     model(torch.randn(4, 3, 32, 32))  # move the BN running statistics away from their init
     model.eval()
     path = weights.save(tmp_path / "mf.safetensors", model.state_dict(), arch="mobileformer",
-                        config=dataclasses.asdict(model.config))
+                        config=model.config_dict())
     loaded = weights.load_model(path)
     assert loaded.config == model.config and isinstance(loaded, mf.MobileFormer)
     x = torch.randn(2, 3, 48, 64)
@@ -98,7 +98,7 @@ def test_safetensors_round_trip_rebuilds_identical_model(tmp_path):
 
 def test_config_dict_round_trip_through_json():
     model = _model("mf-small")
-    rebuilt = mf.from_config(json.loads(json.dumps(model.config_dict())))
+    rebuilt = mf.MobileFormer.from_config(json.loads(json.dumps(model.config_dict())))
     assert rebuilt.config == model.config
     assert [(n, p.shape) for n, p in rebuilt.named_parameters()] == [(n, p.shape) for n, p in model.named_parameters()]
 
@@ -200,7 +200,7 @@ def test_zero_init_residual_makes_every_residual_branch_start_as_the_identity(ze
             assert (mobile.project2.bn.weight == 0).all() == zero, "M-F↓'s second branch"
     gammas = [m.weight for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert all((g == 1).all() for g in gammas) != zero, "without the flag every BN starts at 1 (Mobile-Former's init)"
-    rebuilt = mf.from_config(model.config_dict())
+    rebuilt = mf.MobileFormer.from_config(model.config_dict())
     assert rebuilt.config.zero_init_residual == zero, "the flag round-trips through the saved config"
 
 

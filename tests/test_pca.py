@@ -1,6 +1,5 @@
 """The PCA baseline of reconstruction: analysis.fit_pca and pca_reconstruct_images against exact cases and a slow SVD
 reference, eval.pca_baseline's crops, and pca_db in eval.reconstruct and ``eval.py reconstruct``."""
-import dataclasses
 import json
 
 import pytest
@@ -108,12 +107,11 @@ def tiny(tmp_path_factory):
     """A tiny FINOLA model (C = 16, 32 x 32 images: D = 3072) saved as trained on 2 crops per photo."""
     torch.manual_seed(0)
     encoder = mobileformer.create("mf-tiny")
-    config = finola.FinolaConfig(encoder_channels=encoder.out_channels, channels=16, grid=(4, 4), widths=(8, 8, 8, 8),
-                                 encoder=encoder.config_dict())
+    config = finola.FinolaConfig(channels=16, grid=(4, 4), widths=(8, 8, 8, 8))
     model = finola.Finola(encoder, config).eval()
-    path = weights.save(tmp_path_factory.mktemp("tiny") / "model.safetensors", model.state_dict(), arch="finola",
-                        config=dataclasses.asdict(config), task="finola", data="photos",
-                        train={"data_options": {"crops_per_photo": 2}})  # 14 training rows, 4 validation images
+    # 14 training rows, 4 validation images
+    path = weights.save_model(tmp_path_factory.mktemp("tiny") / "model.safetensors", model, task="finola",
+                              data="photos", train={"data_options": {"crops_per_photo": 2}})
     return model, path
 
 

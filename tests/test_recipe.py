@@ -68,8 +68,8 @@ def test_finetuning_from_a_probe_file_starts_at_the_probe(tmp_path):
     probe_ap = [json.loads(line) for line in (probe / "metrics.jsonl").read_text().splitlines()][-1]["final"]
     argv = ["--task", "detr-finetune", *DETR_TINY, "--init", str(probe / "model.safetensors"), "--max-steps", "2",
             "--lr", "1e-3", "--out", str(tmp_path / "ft")]
-    start, arch, config = train.TASKS["detr-finetune"].build(train.parse_args(argv))
-    assert arch == "detr" and config["frozen_backbone"] is False and start.training
+    start = train.TASKS["detr-finetune"].build(train.parse_args(argv))
+    assert weights.arch_of(start) == "detr" and start.config_dict()["frozen"] is False and start.training
     saved = load_file(probe / "model.safetensors")
     assert start.state_dict().keys() == saved.keys()
     assert all(torch.equal(v, saved[k]) for k, v in start.state_dict().items()), "every weight is the probe's"

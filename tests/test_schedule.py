@@ -85,9 +85,9 @@ def update(tmp_path, monkeypatch, one_thread):
     real_build, inits = task.build, []
 
     def recording_build(args):
-        model, arch, config = real_build(args)
+        model = real_build(args)
         inits.append({k: v.detach().clone() for k, v in model.named_parameters()})
-        return model, arch, config
+        return model
 
     monkeypatch.setattr(task, "build", recording_build)
 

@@ -47,7 +47,7 @@ def test_curves_command_overlays_runs_and_ends_with_the_final_values(tmp_path, c
     train.main(TINY + ["--out", str(b), "--max-steps", "2", "--lr", "0.01"])
     capsys.readouterr()
     result = ev.main(["curves", str(a), str(b / "metrics.jsonl"), "--labels", "lr 0.05", "lr 0.01",
-                      "--out", str(tmp_path / "c.png")])
+                      "--out", str(tmp_path)])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     for label, run, steps in (("lr 0.05", a, 3), ("lr 0.01", b, 2)):
         rows = runs.read_metrics(run / "metrics.jsonl")
@@ -55,7 +55,7 @@ def test_curves_command_overlays_runs_and_ends_with_the_final_values(tmp_path, c
         assert last["step"] == steps and last["loss"] == [r["loss"] for r in rows if "loss" in r][-1]
         assert last["final/psnr_db"] == rows[-1]["final"]["psnr_db"] and last["lr"] > 0
     from PIL import Image
-    assert Image.open(tmp_path / "c.png").size[0] > 600, "one panel per curve, three a row"
+    assert Image.open(tmp_path / "curves.png").size[0] > 600, "one panel per curve, three a row"
     with pytest.raises(ValueError, match="--labels: 1 names for 2 runs"):
         ev.main(["curves", str(a), str(b), "--labels", "x"])
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):

@@ -48,7 +48,7 @@ def test_two_steps_then_rebuild_from_weights_alone(tmp_path):
     assert meta["task"] == "finola" and meta["train"]["max_steps"] == 2 and meta["metrics"] == final
     # The checkpoint's weights, loaded into a model built from the flags, give the same outputs.
     args = train.parse_args(TINY + ["--max-steps", "2"])
-    fresh, _, _ = train.TASKS["finola"].build(args)
+    fresh = train.TASKS["finola"].build(args)
     fresh.load_state_dict(load_file(out / "state" / "model.safetensors"))
     x = torch.rand(2, 3, 32, 32)
     assert_close(model(x), fresh.eval()(x), rtol=0, atol=0)
@@ -126,14 +126,15 @@ def test_psnr_against_hand_computed_values():
 def test_eval_reconstruct_command(tmp_path, capsys):
     out = run(tmp_path, "--max-steps", "1")
     capsys.readouterr()
-    result = ev.main(["reconstruct", "--weights", str(out / "model.safetensors"), "--grid", str(tmp_path / "g.png"),
+    result = ev.main(["reconstruct", "--weights", str(out / "model.safetensors"), "--out", str(tmp_path),
                       "--pca-images", "0"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == result and last["images"] == 4
     assert last["mean_colour_db"] < last["bilinear_db"], "a 2x2 bilinear thumbnail beats one colour"
     from PIL import Image
     # 4 images of 32 px enlarged 4x to 128, in 2 rows, with 2 px gaps
-    assert Image.open(tmp_path / "g.png").size == (4 * 130 + 2, 2 * 130 + 2)
+    assert last["figure"] == str(tmp_path / "reconstruct.png")
+    assert Image.open(last["figure"]).size == (4 * 130 + 2, 2 * 130 + 2)
 
 
 def test_bad_flags_get_clear_errors(tmp_path):
@@ -201,9 +202,9 @@ def test_detr_finetune_trains_the_backbone(tmp_path, monkeypatch):
     real_build, init = task.build, {}
 
     def recording_build(args):
-        model, arch, config = real_build(args)
+        model = real_build(args)
         init.update({k: v.detach().clone() for k, v in model.named_parameters()})
-        return model, arch, config
+        return model
 
     monkeypatch.setattr(task, "build", recording_build)
     out = tmp_path / "ft"
@@ -214,7 +215,7 @@ def test_detr_finetune_trains_the_backbone(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     final = weights.load_model(out / "model.safetensors")
-    assert final.frozen_backbone is False
+    assert final.config.frozen is False
     params = dict(final.named_parameters())
     assert set(params) == set(init)
     moved = {k for k in params if not torch.equal(params[k], init[k])}

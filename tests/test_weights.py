@@ -1,5 +1,6 @@
 """Our safetensors format (weights.py): metadata that rebuilds a model, and clear errors for anything else."""
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -31,10 +32,10 @@ def test_finola_file_rebuilds_its_upsampler(tmp_path, upsampler):
     """Either of Table 10's upsamplers comes back from the file's config (a file without the field: "conv")."""
     torch.manual_seed(0)
     encoder = mobileformer.create("mf-tiny")
-    config = finola.FinolaConfig(encoder_channels=encoder.out_channels, channels=16, grid=(4, 4), heads=4,
-                                 upsampler=upsampler, widths=(16, 8, 8, 8), patch=8, encoder=encoder.config_dict())
+    config = finola.FinolaConfig(channels=16, grid=(4, 4), heads=4,
+                                 upsampler=upsampler, widths=(16, 8, 8, 8), patch=8)
     model = finola.Finola(encoder, config).eval()
-    saved = dataclasses.asdict(config)
+    saved = model.config_dict()
     if upsampler == "conv":
         del saved["upsampler"], saved["patch"]  # as files written before the linear upsampler
     path = weights.save(tmp_path / "f.safetensors", model.state_dict(), arch="finola", config=saved)
@@ -83,3 +84,19 @@ def test_files_written_before_the_model_contract_still_load(name):
     y = y[0] if isinstance(y, tuple) else y["pred_boxes"] if isinstance(y, dict) else y
     assert_close(y, expected[f"{name}.output"], rtol=1e-5, atol=1e-6)
     assert weights.load_encoder(root / f"{name}.safetensors").out_channels == 24
+
+
+@pytest.mark.parametrize("name", V1)
+def test_every_model_follows_one_contract(name):
+    """Issue 15's contract: a frozen keyword-only config; ``Model.from_config(model.config_dict())`` through JSON
+    rebuilds the same config and tensors; ``weights.arch_of`` names the class the file's arch names."""
+    model = weights.load_model(Path(__file__).parent / "data" / "weights-v1" / f"{name}.safetensors")
+    fields = dataclasses.fields(model.config)
+    assert type(model.config).__dataclass_params__.frozen and all(f.kw_only for f in fields), type(model.config)
+    again = type(model).from_config(json.loads(json.dumps(model.config_dict())))
+    assert again.config == model.config and again.config_dict() == model.config_dict()
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert weights.arch_of(model) == model.metadata["model"]["arch"]
+    if name != "mobileformer":
+        saved = model.config_dict()
+        assert saved["encoder"] == model.encoder.config_dict() and "encoder_channels" not in saved
