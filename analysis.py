@@ -344,7 +344,7 @@ def curvature_summary(stats: dict[str, torch.Tensor]) -> dict:
 
 
 def finola_params(model) -> tuple[dict, dict | None]:
-    """The FINOLA matrices of a model and the statistics its normalisation uses at inference (None: per position)."""
+    """The FINOLA matrices of a model and the statistics its normalization uses at inference (None: per position)."""
     stats = None
     if getattr(model.config, "norm", "layer") == "moving-average" and model.use_running_stats:
         stats = {"mean": model.running_mean, "var": model.running_var}

@@ -112,7 +112,7 @@ def centre_boxes(sizes: torch.Tensor, *, size: int, crop_ratio: float) -> torch.
 
 def _taps(start, length, lo, hi, out: int):
     """PyTorch's antialiased bilinear weights (``F.interpolate(..., antialias=True)``: a triangle of half-width
-    max(scale, 1) at the output pixel's centre, normalised) along one axis of every sample: output pixel j of
+    max(scale, 1) at the output pixel's centre, normalized) along one axis of every sample: output pixel j of
     sample b reads source pixels ``origin[b] + arange(P)`` with weights ``w[b, j]``; pixels outside [lo, hi) get
     none. ``start``, ``length``, ``lo``, ``hi``: (B,) float64, in source pixels."""
     scale = length / out
@@ -308,7 +308,7 @@ def train_transform(kind: str, *, size: int, scale: tuple[float, float] | None =
 def eval_transform(kind: str = "classify", *, size: int, crop_ratio: float = 0.875) -> Transform:
     """Evaluation, batched: ``"classify"`` resizes the shorter side to ``size / crop_ratio`` (antialiased) and
     centre-crops ``size``² (``crop_ratio=1`` keeps a square input whole, e.g. ``photos`` validation crops);
-    ``"detect"`` resizes the whole image to ``size``² (boxes normalised by the image stay the same)."""
+    ``"detect"`` resizes the whole image to ``size``² (boxes normalized by the image stay the same)."""
     if kind == "classify":
         return Crops(size=size, mode="centre", crop_ratio=crop_ratio)
     if kind == "detect":

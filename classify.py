@@ -45,7 +45,7 @@ class ClassifierConfig:
     heads: int | None = None                # attention heads (width / 64, at least 2)
     dropout: float | None = None            # before the classifier (and in the blocks' MLP) of tran-N
     frozen: bool = False                    # probing: the encoder is fixed
-    mean: tuple = finola.IMAGENET_MEAN  # input normalisation of [0, 1] images for the encoder (PixelNorm)
+    mean: tuple = finola.IMAGENET_MEAN  # input normalization of [0, 1] images for the encoder (PixelNorm)
     std: tuple = finola.IMAGENET_STD
 
     def __post_init__(self):

@@ -481,7 +481,7 @@ def rank_batches(n: int, *, batch_size: int, rank: int, world_size: int, shuffle
 
 class Loader:
     """Batches for one rank: ``{"images": (B, 3, H, W) float in [0, 1], "labels": (B,) long}`` (classification),
-    ``{"images", "targets": [{"boxes": (n, 4) normalised cx, cy, w, h, "labels": (n,), "image_id", "orig_size":
+    ``{"images", "targets": [{"boxes": (n, 4) normalized cx, cy, w, h, "labels": (n,), "image_id", "orig_size":
     (h, w)}]}`` (detection, DETR's convention) or just ``images`` (unlabelled). Call ``set_epoch(e)`` each epoch.
     Undecodable images are skipped and counted in ``self.bad``. A map-style dataset's decoded images are cached
     (``cache_bytes`` in all, split over the worker processes, which persist across epochs with their caches)."""

@@ -43,8 +43,8 @@ and 211's two such blocks would cost ≈ 18 G, twice its 9.6 G for all blocks (w
 decoders must differ in block types or expansions in ways we cannot recover; we keep one structure, fit the params,
 and report the MAdds gap.
 
-No padding masks: images of a batch share one size, and boxes are normalised to the network's input (DETR normalises
-to the unpadded image; pad nothing or normalise to the padded canvas).
+No padding masks: images of a batch share one size, and boxes are normalized to the network's input (DETR normalizes
+to the unpadded image; pad nothing or normalize to the padded canvas).
 """
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def _check_targets(targets: list[dict], batch: int):
         raise ValueError(f"targets: expected {batch} dicts (one per image), got {len(targets)}")
     for i, t in enumerate(targets):
         if "labels" not in t or "boxes" not in t or t["boxes"].shape != (len(t["labels"]), 4):
-            raise ValueError(f"targets[{i}]: need 'labels' (n,) and 'boxes' (n, 4) normalised cxcywh")
+            raise ValueError(f"targets[{i}]: need 'labels' (n,) and 'boxes' (n, 4) normalized cxcywh")
 
 
 @torch.no_grad()
@@ -110,7 +110,7 @@ def hungarian_match(pred_logits: torch.Tensor, pred_boxes: torch.Tensor, targets
                     cost_giou: float = 2.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Optimal one-to-one assignment of predictions to targets, per image: cost = −cost_class·p(class)
     + cost_bbox·L1(cxcywh) − cost_giou·GIoU. pred_logits (B, Q, K+1), pred_boxes (B, Q, 4); targets: per image
-    {"labels": (n,), "boxes": (n, 4) normalised cxcywh}. Returns per image (pred_indices, target_indices), int64,
+    {"labels": (n,), "boxes": (n, 4) normalized cxcywh}. Returns per image (pred_indices, target_indices), int64,
     sorted by prediction, length min(Q, n)."""
     B, Q = pred_logits.shape[:2]
     _check_targets(targets, B)
@@ -162,7 +162,7 @@ PRESETS: dict[str, DecoderConfig] = {
 
 def sine_position_encoding(h: int, w: int, dim: int, *, device=None, dtype=None,
                            temperature: float = 10000.0) -> torch.Tensor:
-    """DETR's normalised 2-D sine encoding, (1, dim, h, w): dim/2 channels for y, dim/2 for x (sin, cos halves)."""
+    """DETR's normalized 2-D sine encoding, (1, dim, h, w): dim/2 channels for y, dim/2 for x (sin, cos halves)."""
     n = dim // 4
     freq = temperature ** (torch.arange(n, device=device, dtype=torch.float32) / n)
     y = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * (2 * math.pi / h)
@@ -280,7 +280,7 @@ class DETRConfig:
 class DETR(finola.EncoderModel):
     """Encoder (a Mobile-Former, DETR's "backbone") + Mobile-Former decoder + DETR heads. `model(images)` →
     {"pred_logits": (B, Q, K+1), "pred_boxes": (B, Q, 4) cxcywh in [0, 1], "aux_outputs": [{...}] × (L − 1)}.
-    `images` are in [0, 1]; the encoder sees them normalised as every encoder here is trained (`PixelNorm`), unless
+    `images` are in [0, 1]; the encoder sees them normalized as every encoder here is trained (`PixelNorm`), unless
     `normalize_input=False`. Its tensors keep DETR's name, `backbone.*`; `model.encoder` is the same module."""
 
     Config = DETRConfig
@@ -421,7 +421,7 @@ class SetCriterion(nn.Module):
 def postprocess(outputs: dict, orig_sizes, *, image_ids, category_ids=None) -> list[dict]:
     """COCO result dicts {"image_id", "category_id", "bbox": [x, y, w, h] in pixels, "score"}, one per query (as DETR
     submits). Score and label: the best real class of the softmax (no-object excluded). `orig_sizes` (B, 2) is
-    (height, width) of the original images, the extent the normalised boxes span; `category_ids[k]` is the COCO id of
+    (height, width) of the original images, the extent the normalized boxes span; `category_ids[k]` is the COCO id of
     contiguous label k (default: the label itself)."""
     logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
     B, Q = logits.shape[:2]

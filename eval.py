@@ -115,7 +115,7 @@ def reconstruct(model, loader, *, grid: Path | None = None, show: int = 8, pca: 
     unclamped like the model's output (``psnr`` clamps both alike), with ``pca_images`` (the crops it was fitted on)
     and ``pca_explained`` (the fraction of their variance in its k components).
     A model with ``norm="moving-average"`` is scored with its running statistics (``psnr_db``) and with the
-    per-position normalisation it trained with (``psnr_layer_norm_db``), §4's "Is normalization necessary?"."""
+    per-position normalization it trained with (``psnr_layer_norm_db``), §4's "Is normalization necessary?"."""
     model.eval()
     moving = getattr(model.config, "norm", "layer") == "moving-average"
     scores = {"psnr_db": [], "mean_colour_db": [], "bilinear_db": []}
@@ -125,7 +125,7 @@ def reconstruct(model, loader, *, grid: Path | None = None, show: int = 8, pca: 
         x = batch["images"]
         y = model(x)
         scores["psnr_db"].append(psnr(x, y))
-        if moving:  # §4's ablation: the same model normalising per position, as it did in training
+        if moving:  # §4's ablation: the same model normalizing per position, as it did in training
             with model.per_position_norm():
                 scores["psnr_layer_norm_db"].append(psnr(x, model(x)))
         scores["mean_colour_db"].append(psnr(x, mean_colour(x)))

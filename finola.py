@@ -40,7 +40,7 @@ def init(channels: int, *, std: float | None = None, generator: torch.Generator 
     Why this keeps an expansion tame at any C: z_n has norm exactly sqrt(C) (eps aside), so one step moves z by
     |W z_n| <= |W|_2 sqrt(C). A C x C Gaussian matrix with entry std s has |W|_2 ~ 2 s sqrt(C) (Bai-Yin), so with
     s = g / sqrt(C) a step changes the per-channel RMS of z by at most ~2g (typically g), independent of C: growth
-    over n steps is at most linear (2 n g), never exponential, because the normalisation rescales every input.
+    over n steps is at most linear (2 n g), never exponential, because the normalization rescales every input.
     g = 0.1 keeps a 16x16 map (at most 16 steps from its centre) within ~3 of q's per-channel RMS while leaving it
     visibly varying. A_neg = -A, B_neg = -B makes the whole initial map one discretisation of Eq. 2 on both sides
     of q; the four matrices are trained independently afterwards.
@@ -78,7 +78,7 @@ def _check_float(name: str, t: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Eq. 1: normalisation and one step
+# Eq. 1: normalization and one step
 # ---------------------------------------------------------------------------------------------------------------------
 
 def normalize(z: torch.Tensor, *, dim: int = 1, eps: float = 1e-6, stats: dict | None = None) -> torch.Tensor:
@@ -191,7 +191,7 @@ def expand(params: dict, q: torch.Tensor, *, size=(16, 16), origin=None, eps: fl
     horizontal-first (walk q's row with A / A_neg, then every column in parallel with B / B_neg) and vertical-first
     (q's column, then every row), so each position is Eq. 3's (phi^u psi^v + psi^v phi^u)(q) / 2, in O(H + W)
     batched steps. Equal to ``expand_sequential``. Under autocast the matmuls run in the autocast dtype while the
-    map and its normalisation stay in float32. The result is a channels_last tensor. ``stats`` as in ``normalize``.
+    map and its normalization stay in float32. The result is a channels_last tensor. ``stats`` as in ``normalize``.
     """
     size, origin = _check_expand(params, q, size, origin)
     mean, var = (None, None) if stats is None else (stats["mean"], stats["var"])
@@ -436,7 +436,7 @@ OUTPUTS = ("pixels", "normalized")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The input convention: [0, 1] RGB images normalised by ImageNet's statistics (every model here feeds its encoder so; DETR,
+# The input convention: [0, 1] RGB images normalized by ImageNet's statistics (every model here feeds its encoder so; DETR,
 # the classifier and the masked models use this one)
 # ---------------------------------------------------------------------------------------------------------------
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -445,7 +445,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class PixelNorm(nn.Module):
     """``(x - mean) / std`` per channel of (B, C, H, W) images in [0, 1]; ``inverse`` maps back. The one place where
-    FINOLA, the masked models, the classifier and DETR normalise what their encoder sees; its buffers are not saved
+    FINOLA, the masked models, the classifier and DETR normalize what their encoder sees; its buffers are not saved
     (the statistics live in each model's config)."""
 
     def __init__(self, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD):
@@ -516,7 +516,7 @@ class FinolaConfig:
     upsampler: str = "conv"                 # see UPSAMPLERS (Table 10)
     widths: tuple = (512, 256, 256, 128, 128)  # Table 10, upsampler="conv"
     patch: int = 16                         # Table 10, upsampler="linear": each cell's patch side
-    mean: tuple = IMAGENET_MEAN  # input normalisation of [0, 1] images for the encoder (PixelNorm)
+    mean: tuple = IMAGENET_MEAN  # input normalization of [0, 1] images for the encoder (PixelNorm)
     std: tuple = IMAGENET_STD
     output: str = "pixels"                  # what the upsampler predicts: see OUTPUTS ("pixels": files before it)
 
@@ -555,7 +555,7 @@ class Finola(EncoderModel):
         if config.norm == "moving-average":
             self.register_buffer("running_mean", torch.zeros(()))
             self.register_buffer("running_var", torch.ones(()))
-            self.use_running_stats = True  # at inference; False normalises per position as in training (§4)
+            self.use_running_stats = True  # at inference; False normalizes per position as in training (§4)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """q (B, C) of images x in [0, 1]."""
@@ -564,7 +564,7 @@ class Finola(EncoderModel):
 
     @contextlib.contextmanager
     def per_position_norm(self):
-        """Within the block, a norm="moving-average" model normalises per position at inference too, as it does in
+        """Within the block, a norm="moving-average" model normalizes per position at inference too, as it does in
         training (§4's "Is normalization necessary?"); the previous setting comes back however the block ends."""
         before = getattr(self, "use_running_stats", False)
         self.use_running_stats = False

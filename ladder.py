@@ -5,7 +5,7 @@ preset, one component at a time, each trained for the same wall-clock on the sam
 
 A rung is ENCODER/DECODER/OUTPUT, always around the same FINOLA recurrence (``finola.Finola``, q at the centre of a
 ``--grid`` map):
-  encoder  ``linear``: one linear layer on the normalised pixels, seen by the attentional pooler as a 1x1 map (a
+  encoder  ``linear``: one linear layer on the normalized pixels, seen by the attentional pooler as a 1x1 map (a
            pooler over one position is linear, so the whole encoder is linear); ``mf``: ``--encoder`` (mf-tiny) and
            the attentional pooler, with Mobile-Former's own initialisation; ``mf0``: the same with its residual
            branches zero-initialised (``--zero-init-residual``, the small preset).

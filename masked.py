@@ -42,8 +42,8 @@ Interpretations of the terse text (each with the sentence it rests on):
    bottom-right one with A / B only. The unmasked cells keep the encoder's features (offset (0, 0)).
 6. Masked-B's map has C = the encoder's output width by default ("utilizing the features of the unmasked block
    directly, without compressing it", §3); a different ``channels`` adds a per-position linear projection.
-7. The upsamplers return pixels in the input's [0, 1] range (not normalised per patch), like vanilla FINOLA's MSE
-   over image pixels (§2); the paper does not mention MAE's per-patch normalised targets.
+7. The upsamplers return pixels in the input's [0, 1] range (not normalized per patch), like vanilla FINOLA's MSE
+   over image pixels (§2); the paper does not mention MAE's per-patch normalized targets.
 
 This file imports torch, finola.py and the standard library only, so it can be copied with finola.py.
 """
@@ -268,7 +268,7 @@ class MaskedEConfig:
     grid: tuple = (16, 16)
     patch: int = 16                         # pixels per grid cell: the linear layer outputs p x p x 3
     heads: int = 8                          # of the attentional pooler (App. B)
-    mean: tuple = finola.IMAGENET_MEAN  # input normalisation of [0, 1] images for the encoder (PixelNorm)
+    mean: tuple = finola.IMAGENET_MEAN  # input normalization of [0, 1] images for the encoder (PixelNorm)
     std: tuple = finola.IMAGENET_STD
 
     def __post_init__(self):
@@ -296,7 +296,7 @@ class MaskedBConfig:
 
 
 class _Masked(finola.EncoderModel):
-    """What both variants share: input normalisation, the block crop, the loss mask and the calling convention.
+    """What both variants share: input normalization, the block crop, the loss mask and the calling convention.
 
     ``model(x, blocks=None)`` takes images in [0, 1] (B, 3, gh p, gw p) and returns (prediction (B, 3, H, W),
     mask (B, 1, H, W) True on the masked region). Without ``blocks`` a training-mode model draws one random block per

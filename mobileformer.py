@@ -96,7 +96,7 @@ class MobileFormerConfig:
     zero_init_residual: bool = False  # ours (not the authors'): residual branches start at zero, see reset_parameters
 
     def __post_init__(self):
-        # JSON turns the tuples into lists: normalise so that MobileFormerConfig(**asdict(c)) == c.
+        # JSON turns the tuples into lists: normalize so that MobileFormerConfig(**asdict(c)) == c.
         object.__setattr__(self, "blocks", tuple((str(k), int(h), int(o)) for k, h, o in self.blocks))
         if self.token_dim % self.former_heads or self.token_dim % self.hyper_reduction:
             raise ValueError(f"token_dim: {self.token_dim} must divide by former_heads={self.former_heads} "

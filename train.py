@@ -122,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--q-position", choices=finola.Q_POSITIONS, help="where q sits in the map (App. E.1)")
     m.add_argument("--norm", choices=["layer", "moving-average"], help="FINOLA normalization (§4's ablation)")
     m.add_argument("--output", choices=finola.OUTPUTS, help="finola: what the upsampler predicts, the image in [0, 1] "
-                                                          "or normalised as the encoder sees it (finola.OUTPUTS)")
+                                                          "or normalized as the encoder sees it (finola.OUTPUTS)")
     m.add_argument("--decoder", choices=sorted(detr.PRESETS), help="DETR's Mobile-Former decoder (Tables 4, 18)")
     m.add_argument("--num-queries", type=POSITIVE, help="DETR object queries (100 in the paper)")
     m.add_argument("--init", help="start the encoder from any of our .safetensors files (default: random init); "

@@ -53,7 +53,7 @@ def one_thread():
 
 
 def test_lin_is_batchnorm_without_affine_then_linear_on_the_pooled_map(one_thread):
-    """After training-mode batches, eval normalises the pooled map with the running statistics, not the batch's."""
+    """After training-mode batches, eval normalizes the pooled map with the running statistics, not the batch's."""
     model = classifier("lin")
     assert isinstance(model.norm, torch.nn.BatchNorm1d) and not model.norm.affine
     g = torch.Generator().manual_seed(0)
@@ -72,7 +72,7 @@ def test_lin_is_batchnorm_without_affine_then_linear_on_the_pooled_map(one_threa
         out = model(x)
     assert not torch.allclose(mean, torch.zeros_like(mean)) and not torch.allclose(var, torch.ones_like(var)), \
         "the training batches went through the BatchNorm and moved its running statistics"
-    # so dropping the norm, or normalising with the batch's statistics, would give other logits
+    # so dropping the norm, or normalizing with the batch's statistics, would give other logits
     assert not torch.allclose(expected, without_norm, rtol=1e-3, atol=1e-4)
     assert not torch.allclose(expected, batch_stats, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(out, expected)

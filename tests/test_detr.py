@@ -11,7 +11,7 @@ import detr
 
 
 def _boxes(g, n):
-    """n random normalised cxcywh boxes well inside the image."""
+    """n random normalized cxcywh boxes well inside the image."""
     c = 0.2 + 0.6 * torch.rand(n, 2, generator=g)
     return torch.cat([c, 0.05 + 0.3 * torch.rand(n, 2, generator=g)], dim=1)
 
@@ -111,7 +111,7 @@ def test_criterion_gradient_reaches_logits_and_boxes_of_every_layer():
             assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
-def test_criterion_values_and_normalisation():
+def test_criterion_values_and_normalization():
     """Perfect boxes give zero L1 and GIoU; L1/GIoU scale with 1/num_boxes; CE weights no-object by 0.1."""
     K, Q = 3, 4
     targets = [{"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]

@@ -202,7 +202,7 @@ def test_init_keeps_16x16_expansion_tame(C):
     assert (z.double() - z64).abs().max() < 1e-4 * z64.abs().max()
 
 
-# --- §4's moving-average normalisation -----------------------------------------------------------------------------
+# --- §4's moving-average normalization -----------------------------------------------------------------------------
 
 def test_running_stats_and_moving_average_expand():
     z = torch.randn(4, 6, 5, 5, dtype=torch.float64) * 3 + 1
@@ -378,10 +378,10 @@ def test_moving_average_model_tracks_statistics_and_uses_them_at_inference():
 
 
 def test_per_position_norm_is_scoped_and_restored_on_error():
-    """§4's ablation switch: inside the block a moving-average model normalises per position at inference; the
+    """§4's ablation switch: inside the block a moving-average model normalizes per position at inference; the
     running statistics come back afterwards, also when the block raises."""
     model = tiny_model(norm="moving-average").eval()
-    model.running_mean.fill_(3.0)  # statistics far from any map's own, so the two normalisations differ
+    model.running_mean.fill_(3.0)  # statistics far from any map's own, so the two normalizations differ
     model.running_var.fill_(9.0)
     q = torch.randn(2, 16)
     running = model.expand(q)

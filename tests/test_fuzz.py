@@ -228,7 +228,7 @@ def coco_folder(root: Path) -> Path:
 CLEANED = ("clipped to the image: 1, malformed annotation: 2, malformed bbox: 6, negative size: 1, "
            "outside the image: 1, unknown category or image id: 2, zero-area: 1")
 # 64 px, not 32: at 32 px the decoder's first BatchNorm sees a 1x1 map, so a batch that bad files leave with one image
-# (or any one-image batch) cannot be normalised in training; at 64 px it sees 2x2.
+# (or any one-image batch) cannot be normalized in training; at 64 px it sees 2x2.
 DETR = ["--task", "detr-probe", "--data-options", "{}", "--encoder", "mf-tiny", "--decoder", "mf-dec-tiny",
         "--num-queries", "10", "--image-size", "64", "--batch-size", "4", "--log-every", "1"]
 

@@ -311,7 +311,7 @@ def _detr_loss_on_rank(rank: int, port: int, results):
 
 
 @pytest.mark.slow
-def test_the_detr_loss_normalises_by_the_boxes_of_all_processes():
+def test_the_detr_loss_normalizes_by_the_boxes_of_all_processes():
     import socket
 
     import torch.multiprocessing as mp

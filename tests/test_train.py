@@ -102,7 +102,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
-def test_moving_average_run_reports_both_normalisations(tmp_path):
+def test_moving_average_run_reports_both_normalizations(tmp_path):
     out = run(tmp_path, "--max-steps", "2", "--norm", "moving-average")
     final = metrics(out)[-1]["final"]
     assert {"psnr_db", "psnr_layer_norm_db"} <= set(final)
