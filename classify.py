@@ -30,9 +30,10 @@ from masked import TransformerBlock, init_vit
 
 DECODERS = {"lin": 0, "tran-1": 1, "tran-4": 4}  # decoder name -> its transformer blocks
 
-# encoder -> (decoder width, dropout of tran-1 probing / fine-tuning): App. B, Table 13; mf-tiny / mf-small are ours.
+# encoder -> (decoder width, dropout of tran-1 probing / fine-tuning): App. B, Table 13; mf-tiny / mf-small and MAE's
+# vit-tiny (its own width) are ours.
 WIDTHS = {"mf-w720": (192, 0.1), "mf-w1440": (384, 0.2), "mf-w2880": (768, 0.2), "mf-small": (96, 0.1),
-          "mf-tiny": (64, 0.1)}
+          "mf-tiny": (64, 0.1), "vit-tiny": (192, 0.1)}
 
 
 @dataclass(frozen=True, kw_only=True)

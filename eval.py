@@ -14,6 +14,7 @@ ends with exactly one line of JSON holding its figures. Importing this module do
     encode        an image to a .q file (FINOLA as a codec);  decode: a .q file back to a PNG
     rate-distortion  bytes per image and PSNR of q (float16, 8-bit) against JPEG at matched sizes
     masked        PSNR of a masked FINOLA model's prediction of the masked region from the centred block (§3)
+    mae           MAE's loss on a fixed draw of removed patches, next to each patch's mean colour (Table 6's peer)
     classify      top-1 / top-5 accuracy of a classifier (linear / tran-1 probes, fine-tuned, supervised; Tables 1, 3)
     curves        loss, lr, img/s and final metrics of training runs against step, overlaid (``python eval.py curves
                   RUN [RUN ...]``, runs.py)
@@ -271,6 +272,17 @@ def masked_reconstruct(model, loader, *, grid: Path | None = None, show: int = 8
     return out
 
 
+def mae_reconstruct(model, loader, *, grid: Path | None = None, show: int = 8, seed: int = 0) -> dict:
+    """``mae.evaluate`` (MAE's loss on a fixed draw of removed patches, next to each patch's mean colour), with its
+    figure rows (originals, visible patches, predictions) as a PNG at ``grid``."""
+    import mae
+
+    result, rows = mae.evaluate(model, loader, show=show, seed=seed)
+    if grid is not None:
+        save_grid(rows, grid)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Classification (Tables 1, 3, 5-7): top-1 / top-5
 # ---------------------------------------------------------------------------------------------------------------------
@@ -308,8 +320,10 @@ def classify(model, loader) -> dict:
 
 READS = {"reconstruct": ("finola",), "detect": ("detr",), "curvature": ("finola", "masked-e", "masked-b"),
          "embedding": ("finola",), "pde": ("finola",), "encode": ("finola",), "decode": ("finola",),
-         "rate-distortion": ("finola",), "masked": ("masked-e", "masked-b"), "classify": ("classifier",)}
-WRITTEN_BY = {"finola": "finola", "masked-e": "masked-e", "masked-b": "masked-b", "detr": "detr-probe or detr-finetune",
+         "rate-distortion": ("finola",), "masked": ("masked-e", "masked-b"), "classify": ("classifier",),
+         "mae": ("mae",)}
+WRITTEN_BY = {"finola": "finola", "masked-e": "masked-e", "masked-b": "masked-b", "mae": "mae",
+              "detr": "detr-probe or detr-finetune",
               "classifier": "linprobe, tran1-probe, finetune or supervised"}  # arch -> the train.py tasks
 
 
@@ -414,6 +428,18 @@ def cmd_masked(args) -> dict:
     return result | {"figure": str(figure)}
 
 
+def cmd_mae(args) -> dict:
+    model = load_checked(args.weights, "mae")
+    loader = _loader(args, model, data.eval_transform("classify", size=args.image_size or
+                                                      model.metadata["train"].get("image_size", 224), crop_ratio=1.0))
+    figure = _out(args, "mae.png")
+    result = mae_reconstruct(model, loader, grid=figure)
+    _row(f"MAE's loss on the removed patches of {loader.source} [{args.split}], {result['images']} images (figure: "
+         f"originals, visible patches, predictions)", {"model": f"{result['mae_loss']:.4f}",
+                                                        "each patch's mean colour": f"{result['patch_mean_loss']:.4f}"})
+    return result | {"figure": str(figure)}
+
+
 def cmd_classify(args) -> dict:
     model = load_checked(args.weights, "classify")
     train = model.metadata["train"]
@@ -501,7 +527,8 @@ def cmd_export(args) -> dict:
     return {"folder": str(out), "files": ["model.safetensors", "README.md"]}
 
 
-COMMANDS = {"reconstruct": cmd_reconstruct, "detect": cmd_detect, "masked": cmd_masked, "classify": cmd_classify,
+COMMANDS = {"reconstruct": cmd_reconstruct, "detect": cmd_detect, "masked": cmd_masked, "mae": cmd_mae,
+            "classify": cmd_classify,
             "curvature": cmd_curvature, "embedding": cmd_embedding, "pde": cmd_pde,
             "rate-distortion": cmd_rate_distortion, "encode": cmd_encode, "decode": cmd_decode, "curves": cmd_curves,
             "export": cmd_export}
@@ -529,6 +556,7 @@ def parse_args(argv=None):
                                                                  "and predicted (red) boxes")
     sub.add_parser("masked", parents=[one, evaluated], help="masked-region PSNR of a masked FINOLA model (centred "
                                                            "block), and a PNG")
+    sub.add_parser("mae", parents=[one, evaluated, sized], help="MAE's loss on removed patches (fixed draw), and a PNG")
     sub.add_parser("classify", parents=[one, evaluated, sized], help="top-1 / top-5 accuracy of a classifier")
     c = sub.add_parser("curvature", parents=[evaluated, analysed], help="Gaussian curvature of critical channels "
                                                                        "(Fig. 5)")

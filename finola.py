@@ -12,8 +12,8 @@ Conventions (fixed; other modules rely on them): maps are (B, C, H, W), indexed 
 (width) axis, y the row axis; A steps +x (right), A_neg -x (left), B +y (down), B_neg -y (up). The parameters are a
 plain dict {"A", "B", "A_neg", "B_neg"} of (C, C) tensors; a step in batched row form is z + z_n @ W.T.
 
-This file imports torch and the standard library only, so it can be copied alone (``from_config`` imports
-mobileformer.py when it must rebuild a Mobile-Former encoder from a weights file's config).
+This file imports torch and the standard library only, so it can be copied alone (``EncoderModel`` imports weights.py
+when it names or rebuilds an encoder for a weights file's config).
 """
 from __future__ import annotations
 
@@ -445,7 +445,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class PixelNorm(nn.Module):
     """``(x - mean) / std`` per channel of (B, C, H, W) images in [0, 1]; ``inverse`` maps back. The one place where
-    FINOLA, the masked models, the classifier and DETR normalize what their encoder sees; its buffers are not saved
+    FINOLA, the masked models, the classifier, DETR and MAE normalize what their encoder sees; its buffers are not saved
     (the statistics live in each model's config)."""
 
     def __init__(self, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD):
@@ -477,24 +477,27 @@ class EncoderModel(nn.Module):
 
     ``Model(encoder, config)`` builds it from an encoder (``encoder(x)`` -> (map, tokens), ``encoder.out_channels``)
     and its frozen keyword-only ``Model.Config``; ``model.config_dict()`` is that config as a plain JSON-able dict with
-    the encoder's own config under "encoder" (what a weights file stores); ``Model.from_config(d)`` is its inverse
-    and rebuilds a Mobile-Former encoder (mobileformer.py, imported there only) unless given ``encoder=``. Keys of
-    files written before this contract are read through ``RENAMED`` (old key -> new key, or None: dropped)."""
+    the encoder's own config under "encoder" and its architecture under "encoder_arch" (what a weights file stores);
+    ``Model.from_config(d)`` is its inverse and rebuilds the encoder (through weights.py, imported there only: files
+    without "encoder_arch" hold a Mobile-Former) unless given ``encoder=``. Keys of files written before this
+    contract are read through ``RENAMED`` (old key -> new key, or None: dropped)."""
 
     Config: type
     RENAMED: dict = {"encoder_channels": None}  # the encoder's width: its own config says it
 
     def config_dict(self) -> dict:
-        return {**asdict(self.config), "encoder": self.encoder.config_dict()}
+        import weights
+        return {**asdict(self.config), "encoder": self.encoder.config_dict(),
+                "encoder_arch": weights.arch_of(self.encoder)}
 
     @classmethod
     def from_config(cls, config: dict, *, encoder: nn.Module | None = None) -> "EncoderModel":
         fields = {cls.RENAMED.get(key, key): value for key, value in config.items()}
         fields.pop(None, None)
-        encoder_config = fields.pop("encoder")
+        encoder_config, arch = fields.pop("encoder"), fields.pop("encoder_arch", "mobileformer")
         if encoder is None:
-            import mobileformer
-            encoder = mobileformer.MobileFormer.from_config(encoder_config)
+            import weights
+            encoder = weights.build({"arch": arch, "config": encoder_config})
         return cls(encoder, cls.Config(**fields))
 
 

@@ -17,6 +17,7 @@ import data
 import detr
 import eval as ev
 import finola
+import mae
 import masked
 import mobileformer
 import weights
@@ -35,9 +36,15 @@ class Task:
 
 
 def encoder_of(args):
-    """The encoder a run starts from: the one of --init (any of our files), or a fresh --encoder."""
+    """The encoder a run starts from: the one of --init (any of our files), or a fresh --encoder (a ViT's patch side:
+    --image-size / --grid)."""
     if args.init:
         return weights.load_encoder(args.init)
+    if args.encoder in mae.PRESETS:
+        if args.image_size % args.grid:
+            raise ValueError(f"--image-size {args.image_size} must be a multiple of --grid {args.grid} for a ViT "
+                             "(its patch side)")
+        return mae.create(args.encoder, patch=args.image_size // args.grid)
     return mobileformer.create(args.encoder, zero_init_residual=args.zero_init_residual)
 
 
@@ -167,6 +174,39 @@ MASKED_E_SMALL = dict(data="fashion-mnist", augment=False, encoder="mf-tiny", ch
 MASKED_B_SMALL = dict(MASKED_E_SMALL, channels=None, upsampler_width=128, upsampler_depth=2)
 
 
+# --- MAE, the masked-image-modelling baseline (Table 6) --------------------------------------------------------------
+
+def build_mae(args):
+    """MAE on a fresh ViT --encoder (patches of --image-size / --grid pixels) or the ViT of --init; its decoder is
+    --upsampler-width wide (width / 32 heads, as MAE's 512 / 16 and MAE-Lite's 96 / 3) and --upsampler-depth deep."""
+    encoder = encoder_of(args)
+    if not isinstance(encoder, mae.ViT):
+        raise ValueError(f"--encoder: MAE pre-trains a ViT ({sorted(mae.PRESETS)}), got {type(encoder).__name__}")
+    config = mae.MAEConfig(mask_ratio=args.mask_ratio, decoder_width=args.upsampler_width,
+                           decoder_depth=args.upsampler_depth, decoder_heads=max(1, args.upsampler_width // 32))
+    return mae.MAE(encoder, config)
+
+
+def mae_loss(model, batch, args):
+    """MSE on the removed patches, each normalized by its own mean and variance (MAE's norm_pix_loss)."""
+    return mae.loss(*model(batch["images"]))
+
+
+def evaluate_mae(model, args, out: Path, *, bad: data.BadImages | None = None) -> dict:
+    ds = data.load(args.data, split=args.eval_split, **args.data_options)
+    loader = data.loader(ds, batch_size=args.batch_size, transform=eval_whole(args), bad=bad)
+    return ev.mae_reconstruct(model, loader, grid=out / "predictions.png")
+
+
+# MAE-Lite's ViT-Tiny recipe (MAE leaves tiny models open): 224^2, patch 16, 75 % masked, AdamW (0.9, 0.95) wd 0.05,
+# lr 1.5e-4 x batch / 256 at batch 4096, 400 epochs with 40 of warm-up, RandomResizedCrop (0.08, 1) + flip.
+MAE_PAPER = dict(data="hf:ILSVRC/imagenet-1k", streaming=True, epoch_size=1_281_167, encoder="vit-tiny", grid=14,
+                 image_size=224, mask_ratio=0.75, upsampler_width=96, upsampler_depth=1, batch_size=4096, epochs=400,
+                 warmup_epochs=40, lr=1.5e-4, weight_decay=0.05, betas=[0.9, 0.95], checkpoint_every=1000)
+# Ours: the masked FINOLA small presets' data, budget and optimiser, on 8 x 8 patches of 64^2 (16 of 64 seen).
+MAE_SMALL = dict(MASKED_E_SMALL, encoder="vit-tiny", grid=8, mask_ratio=0.75, upsampler_width=96, upsampler_depth=1)
+
+
 # --- Classification: probing, fine-tuning and the supervised baseline (App. B, Tables 13-14) -------------------------
 
 PROBES = ("linprobe", "tran1-probe")  # frozen encoder
@@ -261,6 +301,8 @@ TASKS: dict[str, Task] = {
                      {"small": MASKED_E_SMALL, "paper": MASKED_E_PAPER}, "masked"),
     "masked-b": Task(build_masked, masked_loss, train_crops, eval_whole, evaluate_masked,
                      {"small": MASKED_B_SMALL, "paper": MASKED_B_PAPER}, "masked"),
+    "mae": Task(build_mae, mae_loss, train_crops, eval_whole, evaluate_mae, {"small": MAE_SMALL, "paper": MAE_PAPER},
+                "mae"),
     "linprobe": Task(build_classifier, classify_loss, train_crops, eval_centre, evaluate_classify,
                      {"small": LINPROBE_SMALL, "paper": LINPROBE_PAPER}, "classify"),
     "tran1-probe": Task(build_classifier, classify_loss, train_randaug, eval_centre, evaluate_classify,

@@ -36,6 +36,7 @@ import data
 import detr
 import errors
 import finola
+import mae
 import mobileformer
 import runs
 import weights
@@ -52,7 +53,7 @@ DEFAULTS = dict(preset="small", data=None, streaming=False, augment=True, epoch_
                 batch_size=32, epochs=1, max_steps=None, warmup_epochs=0.0, lr=1.5e-4, scale_lr=True,
                 schedule="cosine", lr_drop_epoch=None, betas=[0.9, 0.999], weight_decay=0.1, grad_accum=1, seed=0, num_workers=0,
                 out=None, resume=None, checkpoint_every=500, log_every=10, freeze_encoder=False,
-                upsampler_width=512, upsampler_depth=6, head="lin", dropout=None, optimizer="adamw",
+                upsampler_width=512, upsampler_depth=6, mask_ratio=0.75, head="lin", dropout=None, optimizer="adamw",
                 label_smoothing=0.0, random_erase=0.0, crop_ratio=0.875, threads=None, pca_images=20000,
                 output="normalized", zero_init_residual=False, colour_jitter=0.0, clip_grad=0.0, compile=False)
 
@@ -105,7 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="the task's training augmentation (--no-augment: evaluation's resize only, e.g. to overfit)")
     m = p.add_argument_group("model")
-    m.add_argument("--encoder", choices=sorted(mobileformer.PRESETS), help="Mobile-Former variant (Table 9)")
+    m.add_argument("--encoder", choices=sorted(mobileformer.PRESETS) + sorted(mae.PRESETS),
+                   help="Mobile-Former variant (Table 9), or a ViT (mae: MAE-Lite's vit-tiny, patches of --image-size "
+                        "/ --grid)")
     m.add_argument("--channels", type=POSITIVE, help="latent channels C of q and the FINOLA map (Table 2a; masked-b: "
                                                 "default the encoder's width, its features used directly)")
     m.add_argument("--grid", type=POSITIVE, help="side of the FINOLA map (16 in the paper)")
@@ -129,8 +132,11 @@ def _parser() -> argparse.ArgumentParser:
                                   "finetune from a classifier file with the same --head also starts its decoder there")
     m.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction,
                    help="finola: keep the encoder fixed, train pooling + FINOLA + upsampler (App. D, with --init)")
-    m.add_argument("--upsampler-width", type=POSITIVE, help="masked-b: width of the transformer upsampler (Table 10: 512)")
-    m.add_argument("--upsampler-depth", type=POSITIVE, help="masked-b: its transformer blocks (Table 10: 6; Table 16)")
+    m.add_argument("--upsampler-width", type=POSITIVE, help="masked-b: width of the transformer upsampler (Table 10: "
+                                                          "512); mae: of its decoder (MAE-Lite: 96)")
+    m.add_argument("--upsampler-depth", type=POSITIVE, help="masked-b: its transformer blocks (Table 10: 6; Table 16); "
+                                                          "mae: its decoder's (MAE-Lite: 1)")
+    m.add_argument("--mask-ratio", type=AMOUNT, help="mae: the fraction of patches removed (MAE: 0.75)")
     m.add_argument("--head", choices=["lin", "tran-1", "tran-4"],
                    help="classification decoder: BN + linear, or 1 / 4 transformer blocks + linear (App. B)")
     m.add_argument("--dropout", type=AMOUNT, help="tran-N decoders (Table 13: 0.1 for MF-W720, 0.2 for W1440/W2880)")

@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 
 FORMAT = "finola-weights/1"
 
-# arch name -> (module, class). Every class follows one contract (finola.EncoderModel; MobileFormer alone has no
-# encoder): ``Class.from_config(config)`` rebuilds it from the ``config_dict()`` its file stores.
+# arch name -> (module, class). Every class follows one contract (finola.EncoderModel; the encoders themselves,
+# MobileFormer and ViT, have none): ``Class.from_config(config)`` rebuilds it from the ``config_dict()`` its file stores.
 ARCHS: dict[str, tuple[str, str]] = {
     "mobileformer": ("mobileformer", "MobileFormer"),
     "finola": ("finola", "Finola"),
@@ -32,7 +32,10 @@ ARCHS: dict[str, tuple[str, str]] = {
     "masked-b": ("masked", "MaskedFinolaB"),
     "classifier": ("classify", "Classifier"),
     "detr": ("detr", "DETR"),
+    "vit": ("mae", "ViT"),
+    "mae": ("mae", "MAE"),
 }
+ENCODERS = ("mobileformer", "vit")  # archs that are an encoder themselves; every other has model.encoder
 
 
 def arch_of(model: torch.nn.Module) -> str:
@@ -209,7 +212,7 @@ def load_encoder(path, *, device="cpu") -> torch.nn.Module:
     masked), a supervised or plain encoder, a classifier's encoder, or a detector's backbone; trainable, in train
     mode. ``train.py --init`` uses it."""
     model = load_model(path, device=device)
-    encoder = model if model.metadata["model"]["arch"] == "mobileformer" else model.encoder
+    encoder = model if model.metadata["model"]["arch"] in ENCODERS else model.encoder
     if getattr(encoder, "head", None) is not None:  # a supervised classifier: keep the backbone only
         import dataclasses
         encoder.head = None

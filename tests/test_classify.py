@@ -2,10 +2,8 @@
 eval.py classify on a hand-made set with a known answer."""
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 import classify
@@ -14,23 +12,7 @@ import mobileformer
 import train
 import weights
 
-CLASSES = 5
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """train/ and validation/ with 5 class folders of 32x32 images: labels 0-4, 2 training and 1-3 validation
-    images each (validation labels: 0, 1, 1, 2, 3, 3, 3, 4, 4 -> 9 images)."""
-    root = tmp_path_factory.mktemp("classes")
-    rng = np.random.default_rng(0)
-    counts = {"train": [2] * CLASSES, "validation": [1, 2, 1, 3, 2]}
-    for split, per_class in counts.items():
-        for c, n in enumerate(per_class):
-            (root / split / f"c{c}").mkdir(parents=True)
-            for k in range(n):
-                image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) // 4 + 40 * c
-                Image.fromarray(image).save(root / split / f"c{c}" / f"{k}.png")
-    return root
+CLASSES = 5  # the classes of conftest's `folder`
 
 
 def classifier(decoder="lin", frozen=False, name="mf-tiny"):
