@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parent
 # The masked small presets' optimiser for every pre-training (tasks.MASKED_E_SMALL): batch 32, AdamW (0.9, 0.95),
 # wd 0.1, base lr 8e-3 (1e-3 at batch 32), cosine; no augmentation; mf-tiny's Mobile-Former init for the FINOLA family.
 BATCH, TRAIN_IMAGES = 32, 60000
-COMMON = ["--no-augment", "--image-size", "64", "--batch-size", str(BATCH), "--epochs", "1000", "--warmup-epochs", "0.03",
-          "--lr", "8e-3", "--weight-decay", "0.1", "--betas", "0.9", "0.95", "--seed", "0"]
+COMMON = ["--no-augment", "--image-size", "64", "--batch-size", str(BATCH), "--epochs", "1000", "--warmup-epochs",
+          "0.03", "--lr", "8e-3", "--weight-decay", "0.1", "--betas", "0.9", "0.95", "--seed", "0"]
 VANILLA = ["--encoder", "mf-tiny", "--no-zero-init-residual", "--grid", "4", "--channels", "256", "--upsampler", "conv",
            "--widths", "64", "32", "32", "16", "16", "--pca-images", "0"]
 PRETRAIN = {
@@ -197,8 +197,8 @@ def markdown(done: dict) -> str:
     sup = done.get("pretrain/supervised")
     if sup is not None:
         lines.append(f"| supervised (labels, end to end) | {sup['img_per_s']:.0f} | {sup['train_s'] / 60:.1f} | "
-                     f"{sup['steps'] * BATCH / TRAIN_IMAGES:.2f} | top-1 {100 * sup['final']['top1']:.1f} % | – | – | – "
-                     "| – |")
+                     f"{sup['steps'] * BATCH / TRAIN_IMAGES:.2f} | top-1 {100 * sup['final']['top1']:.1f} % | "
+                     "– | – | – | – |")
     lines += ["", *directions(probes)]
     return "\n".join(lines)
 

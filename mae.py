@@ -152,7 +152,8 @@ def create(name: str, **overrides) -> ViT:
 
 @dataclass(frozen=True, kw_only=True)
 class MAEConfig:
-    """MAE's pre-training head (He et al. §3); the decoder defaults are MAE-Lite's for ViT-Tiny (MAE's ViT-B: 8 x 512)."""
+    """MAE's pre-training head (He et al. §3); the decoder defaults are MAE-Lite's for ViT-Tiny (MAE's ViT-B:
+    8 blocks x 512)."""
     mask_ratio: float = 0.75
     decoder_width: int = 96
     decoder_depth: int = 1
