@@ -323,7 +323,7 @@ class DETR(finola.EncoderModel):
                 "aux_outputs": [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]}
 
     @classmethod
-    def from_config(cls, config: dict, *, encoder: nn.Module | None = None) -> "DETR":
+    def from_config(cls, config: dict, *, encoder: nn.Module) -> "DETR":
         """``EncoderModel.from_config``; a file written before ``normalize_input`` existed gets False (raw pixels)."""
         return super().from_config({"normalize_input": False, **config}, encoder=encoder)
 

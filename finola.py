@@ -12,8 +12,7 @@ Conventions (fixed; other modules rely on them): maps are (B, C, H, W), indexed 
 (width) axis, y the row axis; A steps +x (right), A_neg -x (left), B +y (down), B_neg -y (up). The parameters are a
 plain dict {"A", "B", "A_neg", "B_neg"} of (C, C) tensors; a step in batched row form is z + z_n @ W.T.
 
-This file imports torch and the standard library only, so it can be copied alone (``EncoderModel`` imports weights.py
-when it names or rebuilds an encoder for a weights file's config).
+This file imports torch and the standard library only, so it can be copied alone.
 """
 from __future__ import annotations
 
@@ -477,28 +476,29 @@ class EncoderModel(nn.Module):
 
     ``Model(encoder, config)`` builds it from an encoder (``encoder(x)`` -> (map, tokens), ``encoder.out_channels``)
     and its frozen keyword-only ``Model.Config``; ``model.config_dict()`` is that config as a plain JSON-able dict with
-    the encoder's own config under "encoder" and its architecture under "encoder_arch" (what a weights file stores);
-    ``Model.from_config(d)`` is its inverse and rebuilds the encoder (through weights.py, imported there only: files
-    without "encoder_arch" hold a Mobile-Former) unless given ``encoder=``. Keys of files written before this
-    contract are read through ``RENAMED`` (old key -> new key, or None: dropped)."""
+    the encoder's own config under "encoder" (a weights file adds the encoder's arch, "encoder_arch");
+    ``Model.from_config(d, encoder=...)`` is its inverse on an encoder rebuilt from ``split(d)`` (weights.build does
+    both). Keys of files written before this contract are read through ``RENAMED`` (old key -> new key, or None:
+    dropped)."""
 
     Config: type
     RENAMED: dict = {"encoder_channels": None}  # the encoder's width: its own config says it
 
     def config_dict(self) -> dict:
-        import weights
-        return {**asdict(self.config), "encoder": self.encoder.config_dict(),
-                "encoder_arch": weights.arch_of(self.encoder)}
+        return {**asdict(self.config), "encoder": self.encoder.config_dict()}
 
     @classmethod
-    def from_config(cls, config: dict, *, encoder: nn.Module | None = None) -> "EncoderModel":
+    def split(cls, config: dict) -> tuple[dict, dict, str]:
+        """(the model's own fields, the encoder's config, the encoder's arch: a file without one holds a
+        Mobile-Former) of a saved config."""
         fields = {cls.RENAMED.get(key, key): value for key, value in config.items()}
         fields.pop(None, None)
-        encoder_config, arch = fields.pop("encoder"), fields.pop("encoder_arch", "mobileformer")
-        if encoder is None:
-            import weights
-            encoder = weights.build({"arch": arch, "config": encoder_config})
-        return cls(encoder, cls.Config(**fields))
+        encoder_config, encoder_arch = fields.pop("encoder"), fields.pop("encoder_arch", "mobileformer")
+        return fields, encoder_config, encoder_arch
+
+    @classmethod
+    def from_config(cls, config: dict, *, encoder: nn.Module) -> "EncoderModel":
+        return cls(encoder, cls.Config(**cls.split(config)[0]))
 
 
 def frozen_fields(config, **values):

@@ -3,7 +3,7 @@
 Metadata keys (all values are strings; JSON where structured):
   format   -- ``FORMAT``, a version tag of ours; a file without it is not one of ours
   task     -- the task that trained the weights (e.g. ``finola``), or ``""``
-  model    -- JSON ``{"arch": NAME, "config": {...}}``: ``ARCHS[NAME].from_config(config)`` rebuilds the module
+  model    -- JSON ``{"arch": NAME, "config": {...}}``: ``build`` rebuilds the module (``ARCHS[NAME]``)
   train    -- JSON of the run's flags;  data -- the data source string;  metrics -- JSON of final metrics
 
 ``load_model(path)`` is the one function that rebuilds any of our models from a file alone.
@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 FORMAT = "finola-weights/1"
 
 # arch name -> (module, class). Every class follows one contract (finola.EncoderModel; the encoders themselves,
-# MobileFormer and ViT, have none): ``Class.from_config(config)`` rebuilds it from the ``config_dict()`` its file stores.
+# MobileFormer and ViT, have none): ``build`` rebuilds it from the ``config_dict()`` its file stores.
 ARCHS: dict[str, tuple[str, str]] = {
     "mobileformer": ("mobileformer", "MobileFormer"),
     "finola": ("finola", "Finola"),
@@ -85,9 +85,12 @@ def save(path, state_dict: dict[str, torch.Tensor], *, arch: str, config: dict, 
 
 
 def save_model(path, model: torch.nn.Module, **metadata) -> Path:
-    """``save`` for one of our models: its state, its arch (``arch_of``) and its ``config_dict()``; ``metadata``:
-    ``save``'s task / train / data / metrics."""
-    return save(path, model.state_dict(), arch=arch_of(model), config=model.config_dict(), **metadata)
+    """``save`` for one of our models: its state, its arch (``arch_of``) and its ``config_dict()``, with its encoder's
+    arch under "encoder_arch" for a model on an encoder; ``metadata``: ``save``'s task / train / data / metrics."""
+    arch, config = arch_of(model), model.config_dict()
+    if arch not in ENCODERS:
+        config["encoder_arch"] = arch_of(model.encoder)
+    return save(path, model.state_dict(), arch=arch, config=config, **metadata)
 
 
 def one_line(error: Exception, limit: int = 300) -> str:
@@ -169,10 +172,17 @@ def build(model_meta: dict, *, source: str = "metadata") -> torch.nn.Module:
                          f"{sorted(ARCHS)}")
     if not isinstance(model_meta.get("config"), dict):
         raise ValueError(f"weights: {source}: metadata 'model' has no 'config' object for architecture {arch!r}")
-    module, cls = ARCHS[arch]
+    module, name = ARCHS[arch]
+    cls, config = getattr(importlib.import_module(module), name), model_meta["config"]
     try:
-        return getattr(importlib.import_module(module), cls).from_config(model_meta["config"])
+        if arch in ENCODERS:
+            return cls.from_config(config)
+        _, encoder_config, encoder_arch = cls.split(config)
+        encoder = build({"arch": encoder_arch, "config": encoder_config}, source=source)  # errors of its own
+        return cls.from_config(config, encoder=encoder)
     except (TypeError, KeyError, ValueError) as e:  # a config with unknown, missing or invalid fields
+        if str(e).startswith("weights: "):  # the encoder's, already said in full
+            raise
         raise ValueError(f"weights: {source}: the {arch!r} config in metadata 'model' does not build a model "
                          f"({type(e).__name__}: {one_line(e)})") from e
 

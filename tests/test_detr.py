@@ -8,6 +8,7 @@ import torch
 from torch.testing import assert_close
 
 import detr
+import mobileformer
 
 
 def _boxes(g, n):
@@ -253,7 +254,7 @@ def test_head_parameters_within_ten_percent_of_tables_4_and_18(decoder, paper):
 
 def test_config_round_trip_and_errors():
     model = detr.create("mf-tiny", decoder="mf-dec-tiny", num_classes=5, num_queries=7, frozen=True)
-    again = detr.DETR.from_config(model.config_dict())
+    again = detr.DETR.from_config(model.config_dict(), encoder=mobileformer.create("mf-tiny"))
     assert again.config.frozen and again.decoder.config == model.decoder.config
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="decoder"):

@@ -1,7 +1,5 @@
 """experiments.py: the recorded steps of a study, skipped when run again, and the table and directions printed from
 them (the studies themselves run for minutes to hours: benchmarks, not tests)."""
-import json
-
 import experiments
 
 
@@ -31,4 +29,3 @@ def test_the_table_reports_mean_and_std_over_seeds_and_marks_each_direction():
     assert "masked FINOLA-B probes above vanilla FINOLA (linprobe): **reproduced** (77.0 ± 2.0 % (3) vs 72.0" in text
     assert "masked FINOLA-E probes above vanilla FINOLA (linprobe): **not reproduced**" in text
     assert "(tran1-probe): not measured yet" in text and "| mae | – | – | – | – |" in text
-    json.dumps(done)

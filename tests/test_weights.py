@@ -88,12 +88,13 @@ def test_files_written_before_the_model_contract_still_load(name):
 
 @pytest.mark.parametrize("name", V1)
 def test_every_model_follows_one_contract(name):
-    """Issue 15's contract: a frozen keyword-only config; ``Model.from_config(model.config_dict())`` through JSON
-    rebuilds the same config and tensors; ``weights.arch_of`` names the class the file's arch names."""
+    """Issue 15's contract: a frozen keyword-only config; its file's config through JSON (``weights.build``:
+    ``split``, the encoder, then ``Model.from_config``) rebuilds the same config and tensors; ``weights.arch_of``
+    names the class the file's arch names."""
     model = weights.load_model(Path(__file__).parent / "data" / "weights-v1" / f"{name}.safetensors")
     fields = dataclasses.fields(model.config)
     assert type(model.config).__dataclass_params__.frozen and all(f.kw_only for f in fields), type(model.config)
-    again = type(model).from_config(json.loads(json.dumps(model.config_dict())))
+    again = weights.build(json.loads(json.dumps(model.metadata["model"])))
     assert again.config == model.config and again.config_dict() == model.config_dict()
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     assert weights.arch_of(model) == model.metadata["model"]["arch"]
