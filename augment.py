@@ -3,8 +3,9 @@ images (:class:`Decoded`).
 
 Training (:func:`train_transform`): RandomResizedCrop + horizontal flip (pre-training, Table 12; linear probing,
 Table 13), then RandAugment(9, 0.5) (tran-1 probing, Table 13; fine-tuning, Table 14) and RandomErasing (Table 14)
-when asked; detection crops move their boxes with them. Evaluation (:func:`eval_transform`): resize the shorter side
-and centre-crop (classification), or resize the whole image (detection). Every sample's box and flip are drawn at
+when asked; detection follows DETR's resizes and crops (:class:`DetrResize`), boxes with the images, in zero-padded
+batches. Evaluation (:func:`eval_transform`): resize the shorter side and centre-crop (classification), or DETR's
+resize (detection). Every sample's box and flip are drawn at
 once (:func:`crop_boxes`) and all crops resized in a few batched ops (:func:`resized_crops`). Data sources, the
 decoded-image cache and the loader that calls ``transform.batch`` live in data.py.
 """
@@ -110,30 +111,38 @@ def centre_boxes(sizes: torch.Tensor, *, size: int, crop_ratio: float) -> torch.
     return torch.stack([left * W / w, top * H / h, size * W / w, size * H / h], 1).float()
 
 
-def _taps(start, length, lo, hi, out: int):
+def _taps(start, length, lo, hi, out, flip=None):
     """PyTorch's antialiased bilinear weights (``F.interpolate(..., antialias=True)``: a triangle of half-width
     max(scale, 1) at the output pixel's centre, normalized) along one axis of every sample: output pixel j of
     sample b reads source pixels ``origin[b] + arange(P)`` with weights ``w[b, j]``; pixels outside [lo, hi) get
-    none. ``start``, ``length``, ``lo``, ``hi``: (B,) float64, in source pixels."""
+    none. ``start``, ``length``, ``lo``, ``hi``: (B,) float64, in source pixels; ``out``: the output length, an int
+    or (B,) per sample (rows past a sample's length get no weight: zero padding); ``flip`` (B,) bool mirrors."""
+    out = torch.as_tensor(out, dtype=torch.float64).expand(len(start))
     scale = length / out
     support = scale.clamp(min=1.0)
-    centre = start[:, None] + scale[:, None] * (torch.arange(out, dtype=torch.float64) + 0.5)
-    origin = torch.maximum((centre[:, 0] - support).floor(), lo)
-    end = torch.minimum((centre[:, -1] + support).ceil(), hi)
+    j = torch.arange(int(out.max()), dtype=torch.float64)
+    pos = j.minimum(out[:, None] - 1)
+    if flip is not None:
+        pos = torch.where(flip[:, None], out[:, None] - 1 - pos, pos)
+    centre = start[:, None] + scale[:, None] * (pos + 0.5)
+    origin = torch.maximum((centre.amin(1) - support).floor(), lo)
+    end = torch.minimum((centre.amax(1) + support).ceil(), hi)
     P = max(int((end - origin).max()), 1)
     offset = (centre - origin[:, None] - 0.5).float()  # (B, out): centres from pixel origin's centre
     v = torch.arange(P, dtype=torch.float32)
     w = (v - offset[:, :, None]).mul_((1 / support).float()[:, None, None]).abs_().neg_().add_(1).clamp_(min=0)
     inside = (v >= (lo - origin).float()[:, None]) & (v < (hi - origin).float()[:, None])  # (B, P)
-    w.mul_(inside[:, None, :])
+    w.mul_(inside[:, None, :] & (j < out[:, None])[:, :, None])
     w.div_(w.sum(-1, keepdim=True).clamp_(min=1e-12))
     return origin.long(), w
 
 
-def resized_crops(images: list[Decoded], boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None, *,
+def resized_crops(images: list[Decoded], boxes: torch.Tensor, size, flip: torch.Tensor | None = None, *,
                   clip: str = "box") -> torch.Tensor:
     """Crop ``boxes`` (B, 4) ``x0, y0, w, h`` in pixels (fractional allowed) out of ``images`` and resize each to
-    ``size``², mirrored where ``flip`` (B,) is true: (B, 3, size, size) float in [0, 1], in a few batched ops.
+    ``size``², mirrored where ``flip`` (B,) is true: (B, 3, size, size) float in [0, 1], in a few batched ops. With
+    ``size`` a (B, 2) tensor of (h, w) per sample: (B, 3, max h, max w), each sample top-left and zero beyond its own
+    (h, w) (DETR's padded batch).
 
     Antialiased like ``F.interpolate(crop, mode="bilinear", antialias=True)`` (``clip="box"``: the crop is cut
     first, so the filter stops at its edges; ``clip="image"``: resize then crop, the filter reads past the box).
@@ -145,8 +154,9 @@ def resized_crops(images: list[Decoded], boxes: torch.Tensor, size: int, flip: t
     boxes = boxes.double()
     B = len(images)
     if B == 0:
-        return torch.empty(0, 3, size, size)
-    d = (boxes[:, 2:].min(1).values / size).clamp(min=1.0)
+        return torch.empty(0, 3, size, size) if isinstance(size, int) else torch.empty(0, 3, 0, 0)
+    out_hw = torch.as_tensor(size, dtype=torch.float64).expand(B, 2)        # (h, w) per sample
+    d = (boxes[:, 2:] / out_hw.flip(1)).amin(1).clamp(min=1.0)
     L = d.log2().floor().long().clamp(min=0)
     # the batch's distinct (image, level) planes, flattened one after another
     planes, ids, where = {}, [], []
@@ -171,8 +181,8 @@ def resized_crops(images: list[Decoded], boxes: torch.Tensor, size: int, flip: t
         hi_x, hi_y = WL, HL
     else:
         raise ValueError(f"clip={clip!r}: expected 'box' or 'image'")
-    rx, wx = _taps(x0, w, lo_x, hi_x, size)
-    ry, wy = _taps(y0, h, lo_y, hi_y, size)
+    rx, wx = _taps(x0, w, lo_x, hi_x, out_hw[:, 1], flip)
+    ry, wy = _taps(y0, h, lo_y, hi_y, out_hw[:, 0])
     Pw, Ph = wx.shape[-1], wy.shape[-1]
     # canvas[b, c, u] = the Pw pixels of row ry + u from column rx (past the right edge: the next row's pixels,
     # which get no weight; rows past the bottom repeat the last row, also without weight)
@@ -183,11 +193,9 @@ def resized_crops(images: list[Decoded], boxes: torch.Tensor, size: int, flip: t
     starts = (offsets[ids][:, None, None] + torch.arange(C)[None, :, None] * plane[:, None, None]
               + rows[:, None, :] * WL.long()[:, None, None] + rx[:, None, None])
     canvas = flat.unfold(0, Pw, 1)[starts].float()  # (B, C, Ph, Pw)
-    if flip is not None:
-        wx = torch.where(flip[:, None, None], wx.flip(1), wx)
-    columns = (canvas.reshape(B, C * Ph, Pw) @ wx.transpose(1, 2)).reshape(B, C, Ph, size)
+    columns = (canvas.reshape(B, C * Ph, Pw) @ wx.transpose(1, 2)).reshape(B, C, Ph, wx.shape[1])
     out = torch.matmul(wy.mul_(1 / 255)[:, None], columns).clamp_(0, 1)
-    return out if C == 3 else out.expand(B, 3, size, size).contiguous()
+    return out if C == 3 else out.expand(B, 3, *out.shape[2:]).contiguous()
 
 
 class _RandAugment:
@@ -215,10 +223,11 @@ class _RandAugment:
 # setting: `F.cross_entropy(..., label_smoothing=0.1)`; nothing here.
 # ----------------------------------------------------------------------------------------------------------------
 class Transform:
-    """``transform(image: PIL) -> (3, size, size)`` float in [0, 1]; for detection ``transform(image, boxes)``
-    with ``boxes`` (n, 4) xyxy in pixels returns ``(image, boxes, keep)``: boxes moved with the image, clipped to
+    """``transform(image: PIL)`` → (3, h, w) float in [0, 1]; a detection transform (``detection = True``) also takes
+    ``boxes`` (n, 4) xyxy in pixels and returns ``(image, boxes, keep)``: the boxes moved with the image, clipped to
     it, and ``keep`` marking those still at least 1 px wide and high. The loader calls ``transform.batch(images:
-    list[Decoded], boxes=None)``, which does the same for a whole batch."""
+    list[Decoded], generator)``, which returns the (B, 3, size, size) batch, or for detection ``(x, sizes, boxes,
+    keep)``: the zero-padded batch, each image's own (h, w) (B, 2), and with ``boxes=`` the boxes moved per image."""
 
     detection = False
 
@@ -226,46 +235,42 @@ class Transform:
         self.size = size
 
     def __call__(self, image: Image.Image, boxes: torch.Tensor | None = None):
-        if boxes is None:
-            return self.batch([Decoded.from_pil(image)])[0]
-        x, boxes, keep = self.batch([Decoded.from_pil(image)], boxes=[boxes])
-        return x[0], boxes[0], keep[0]
+        decoded = [Decoded.from_pil(image)]
+        if not self.detection:
+            return self.batch(decoded)[0]
+        x, _, moved, keep = self.batch(decoded, boxes=None if boxes is None else [boxes])
+        return x[0] if boxes is None else (x[0], moved[0], keep[0])
 
-    def batch(self, images: list[Decoded], generator: torch.Generator | None = None,
-              boxes: list[torch.Tensor] | None = None):
+    def batch(self, images: list[Decoded], generator: torch.Generator | None = None):
         raise NotImplementedError
 
 
 class Crops(Transform):
     """A box per image, resized to ``size``² by :func:`resized_crops`: ``mode="random"`` RandomResizedCrop
     (:func:`crop_boxes`) + horizontal flip, then RandAugment and RandomErasing when asked; ``"centre"`` the centre
-    crop of evaluation (:func:`centre_boxes`); ``"whole"`` the whole image (squashed to a square)."""
+    crop of evaluation (:func:`centre_boxes`)."""
 
     def __init__(self, *, size: int, mode: str, scale=(0.08, 1.0), crop_ratio: float = 0.875,
-                 randaug: bool = False, erase: float = 0.0, colour: float = 0.0, detection: bool = False):
-        if mode not in ("random", "centre", "whole"):
-            raise ValueError(f"mode={mode!r}: expected 'random', 'centre' or 'whole'")
+                 randaug: bool = False, erase: float = 0.0, colour: float = 0.0):
+        if mode not in ("random", "centre"):
+            raise ValueError(f"mode={mode!r}: expected 'random' or 'centre'")
         super().__init__(size=size)
-        self.mode, self.scale, self.crop_ratio, self.detection = mode, tuple(scale), crop_ratio, detection
+        self.mode, self.scale, self.crop_ratio = mode, tuple(scale), crop_ratio
         self.randaug = _RandAugment(n=2, m=27) if randaug else None
         self.erasing = K.RandomErasing(p=erase) if erase > 0 else None
         self.colour = K.ColorJiggle(colour, colour, colour, colour / 4, p=1.0) if colour > 0 else None
 
-    def batch(self, images: list[Decoded], generator: torch.Generator | None = None,
-              boxes: list[torch.Tensor] | None = None):
-        """(B, 3, size, size); with ``boxes`` (per image (n, 4) xyxy in pixels, pixel i spanning [i, i + 1]) also
-        the boxes moved, mirrored and clipped with their images and ``keep`` masks (at least 1 px wide and high).
-        ``generator`` draws the boxes, flips and RandAugment's operations; kornia's own draws (RandAugment's
-        signs, RandomErasing) come from torch's global generator, which the loader seeds for each batch."""
+    def batch(self, images: list[Decoded], generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, 3, size, size). ``generator`` draws the boxes, flips and RandAugment's operations; kornia's own
+        draws (RandAugment's signs, RandomErasing) come from torch's global generator, which the loader seeds for
+        each batch."""
         sizes = torch.tensor([image.size for image in images], dtype=torch.float64).reshape(-1, 2)
         flip = None
         if self.mode == "random":
             crops = crop_boxes(sizes, scale=self.scale, generator=generator)
             flip = torch.rand(len(images), generator=generator) < 0.5
-        elif self.mode == "centre":
-            crops = centre_boxes(sizes, size=self.size, crop_ratio=self.crop_ratio)
         else:
-            crops = torch.cat([torch.zeros_like(sizes), sizes.flip(1)], 1).float()
+            crops = centre_boxes(sizes, size=self.size, crop_ratio=self.crop_ratio)
         x = resized_crops(images, crops, self.size, flip, clip="box" if self.mode == "random" else "image")
         if self.colour is not None:
             x = self.colour(x)
@@ -273,18 +278,82 @@ class Crops(Transform):
             x = self.randaug(x, generator)
         if self.erasing is not None:
             x = self.erasing(x)
-        if boxes is None:
-            return x
-        counts = [len(b) for b in boxes]
-        of = torch.repeat_interleave(torch.arange(len(images)), torch.tensor(counts, dtype=torch.long))
-        origin, scale = crops[of, :2].repeat(1, 2), (self.size / crops[of, 2:]).repeat(1, 2)
-        moved = (torch.cat(boxes).reshape(-1, 4) - origin) * scale
-        if flip is not None:  # x0, x1 -> size - x1, size - x0
-            mirrored = moved[:, [2, 1, 0, 3]] * torch.tensor([-1.0, 1, -1, 1]) + torch.tensor([1.0, 0, 1, 0]) * self.size
-            moved = torch.where(flip[of, None], mirrored, moved)
-        moved = moved.clamp(0, self.size)
-        keep = ((moved[:, 2:] - moved[:, :2]) >= 1).all(1)
-        return x, list(moved.split(counts)), list(keep.split(counts))
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Detection (DETR's geometry): images of their own aspect ratio and size, in zero-padded batches
+# ----------------------------------------------------------------------------------------------------------------
+def resized_size(h: torch.Tensor, w: torch.Tensor, short: torch.Tensor, max_size: float | None = None):
+    """DETR's ``get_size_with_aspect_ratio``, per sample (float64 tensors): the (h, w) with the shorter side
+    ``short``, lowered to ``round(max_size · short side / long side)`` where the longer side would pass ``max_size``;
+    the longer side is ⌊short · its ratio⌋ (DETR's ``int``)."""
+    lo, hi = torch.minimum(h, w), torch.maximum(h, w)
+    if max_size is not None:
+        short = torch.where(hi / lo * short > max_size, (max_size * lo / hi).round(), short)
+    long = (short * hi / lo).floor()
+    return torch.where(h <= w, short, long), torch.where(h <= w, long, short)
+
+
+def move_boxes(boxes: list[torch.Tensor], crops: torch.Tensor, out: torch.Tensor, flip: torch.Tensor | None):
+    """Boxes (per image (n, 4) xyxy in source pixels) moved with their crop boxes ``crops`` (B, 4) ``x0, y0, w, h``
+    resized to ``out`` (B, 2) = (h, w) and mirrored where ``flip``: clipped to the image, with ``keep`` (at least
+    1 px wide and high)."""
+    counts = [len(b) for b in boxes]
+    of = torch.repeat_interleave(torch.arange(len(crops)), torch.tensor(counts, dtype=torch.long))
+    wh = out.flip(1).float()[of]
+    crops = crops.float()[of]
+    moved = (torch.cat(boxes).reshape(-1, 4) - crops[:, :2].repeat(1, 2)) * (wh / crops[:, 2:]).repeat(1, 2)
+    if flip is not None:  # x0, x1 -> w - x1, w - x0
+        mirrored = torch.stack([wh[:, 0] - moved[:, 2], moved[:, 1], wh[:, 0] - moved[:, 0], moved[:, 3]], 1)
+        moved = torch.where(flip[of, None], mirrored, moved)
+    moved = torch.minimum(moved.clamp(min=0), wh.repeat(1, 2))
+    keep = ((moved[:, 2:] - moved[:, :2]) >= 1).all(1)
+    return list(moved.split(counts)), list(keep.split(counts))
+
+
+class DetrResize(Transform):
+    """DETR's detection geometry (Carion et al. 2020, its COCO transforms), every side scaled by ``size`` / 800.
+    Training: horizontal flip (p 0.5); then with p 0.5 the shorter side resized to one of 480, 512, …, 800 with the
+    longer side at most 1333, else resized to 400 / 500 / 600, a random crop of 384…600 px a side (uniform size and
+    place) and that same random resize of the crop. Evaluation: the shorter side to ``size`` (800), the longer at
+    most 1333. Aspect ratios are kept (:func:`resized_size`); a side below ``min_side`` (the encoder's 32) is raised
+    to it. The crop branch's two resizes are one resample of the crop's box in the decoded image. At the small
+    presets' ``size`` 64: shorter sides 38, 41, …, 64 (11 of them), longer ≤ 107, crops from 32 / 40 / 48 of 32…48."""
+
+    detection = True
+
+    def __init__(self, *, size: int, train: bool, min_side: int = 32):
+        super().__init__(size=size)
+        side = lambda s: max(round(s * size / 800), min_side)  # noqa: E731
+        self.train, self.min_side, self.max_size = train, min_side, round(1333 * size / 800)
+        self.scales = torch.tensor([side(s) for s in range(480, 801, 32)] if train else [size], dtype=torch.float64)
+        self.crop_scales = torch.tensor([side(s) for s in (400, 500, 600)], dtype=torch.float64)
+        self.crop_sides = (side(384), side(600))
+
+    def batch(self, images: list[Decoded], generator: torch.Generator | None = None,
+              boxes: list[torch.Tensor] | None = None):
+        sizes = torch.tensor([image.size for image in images], dtype=torch.float64).reshape(-1, 2)
+        B, (H, W) = len(images), sizes.unbind(1)
+        crops = torch.stack([torch.zeros_like(W), torch.zeros_like(H), W, H], 1)  # x0, y0, w, h in the image
+        region, flip, short = sizes, None, self.scales[0].expand(B)
+        if self.train:
+            u = torch.rand(B, 8, generator=generator, dtype=torch.float64)
+            pick = lambda values, r: values[(r * len(values)).long().clamp(max=len(values) - 1)]  # noqa: E731
+            flip, cut, short = u[:, 0] < 0.5, u[:, 1] < 0.5, pick(self.scales, u[:, 2])
+            h1, w1 = resized_size(H, W, pick(self.crop_scales, u[:, 3]))      # the crop branch's first resize
+            lo, hi = self.crop_sides
+            hc = lo + (u[:, 4] * (h1.clamp(max=hi).clamp(min=lo) - lo + 1)).floor()   # randint(lo, min(h1, hi))
+            wc = lo + (u[:, 5] * (w1.clamp(max=hi).clamp(min=lo) - lo + 1)).floor()
+            hc, wc = torch.minimum(hc, h1), torch.minimum(wc, w1)
+            top, left = (u[:, 6] * (h1 - hc + 1)).floor(), (u[:, 7] * (w1 - wc + 1)).floor()
+            box = torch.stack([left * W / w1, top * H / h1, wc * W / w1, hc * H / h1], 1)
+            crops = torch.where(cut[:, None], box, crops)
+            region = torch.where(cut[:, None], torch.stack([hc, wc], 1), sizes)
+        out = torch.stack(resized_size(*region.unbind(1), short, self.max_size), 1).clamp(min=self.min_side)
+        x = resized_crops(images, crops.float(), out.long(), flip, clip="box")
+        moved, keep = move_boxes(boxes, crops, out, flip) if boxes is not None else (None, None)
+        return x, out.long(), moved, keep
 
 
 def train_transform(kind: str, *, size: int, scale: tuple[float, float] | None = None,
@@ -294,11 +363,11 @@ def train_transform(kind: str, *, size: int, scale: tuple[float, float] | None =
     Table 13). ``"randaug"``: that + RandAugment(9, 0.5) (tran-1 probing, Table 13; fine-tuning, Table 14) +
     RandomErasing with probability ``erase`` (0.25 for MF-W2880, Table 14). RandAug(9, 0.5) is timm's
     rand-m9-mstd0.5: 2 operations at magnitude 9/10, i.e. kornia's ``RandAugment(n=2, m=27)`` (kornia has no
-    magnitude noise), drawn per image. ``"detect"``: RandomResizedCrop(scale (0.3, 1)) + flip, boxes with them.
+    magnitude noise), drawn per image. ``"detect"``: DETR's (:class:`DetrResize`), boxes with the images.
     ``colour`` > 0 (not in the paper; ``--colour-jitter``) adds kornia's ColorJiggle after the crop, per image:
     brightness, contrast and saturation factors in [1 - colour, 1 + colour], hue shifts up to colour / 4."""
     if kind == "detect":
-        return Crops(size=size, mode="random", scale=scale or (0.3, 1.0), detection=True)
+        return DetrResize(size=size, train=True)
     if kind in ("crop", "randaug"):
         return Crops(size=size, mode="random", scale=scale or (0.08, 1.0), randaug=kind == "randaug",
                      erase=erase if kind == "randaug" else 0.0, colour=colour)
@@ -308,9 +377,9 @@ def train_transform(kind: str, *, size: int, scale: tuple[float, float] | None =
 def eval_transform(kind: str = "classify", *, size: int, crop_ratio: float = 0.875) -> Transform:
     """Evaluation, batched: ``"classify"`` resizes the shorter side to ``size / crop_ratio`` (antialiased) and
     centre-crops ``size``² (``crop_ratio=1`` keeps a square input whole, e.g. ``photos`` validation crops);
-    ``"detect"`` resizes the whole image to ``size``² (boxes normalized by the image stay the same)."""
+    ``"detect"`` resizes the shorter side to ``size``, the longer to at most 1333 · size / 800 (DETR's)."""
     if kind == "classify":
         return Crops(size=size, mode="centre", crop_ratio=crop_ratio)
     if kind == "detect":
-        return Crops(size=size, mode="whole", detection=True)
+        return DetrResize(size=size, train=False)
     raise ValueError(f"kind={kind!r}: expected 'classify' or 'detect'")

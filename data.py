@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 
 # the transforms live in augment.py; re-exported so that data.train_transform, data.Decoded, … keep working
-from augment import (Crops, Decoded, Transform, _RandAugment, _taps, centre_boxes, crop_boxes,  # noqa: F401
-                     eval_transform, resized_crops, train_transform)
+from augment import (Crops, Decoded, DetrResize, Transform, _RandAugment, _taps, centre_boxes,  # noqa: F401
+                     crop_boxes, eval_transform, move_boxes, resized_crops, resized_size, train_transform)
 from embedded import EMBEDDED, detection_features
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -344,26 +344,30 @@ def _batch(rows: list[dict], images: list, transform: Transform | None) -> dict:
     if "objects" in rows[0]:  # COCO xywh -> xyxy
         boxes = [torch.tensor(row["objects"]["bbox"], dtype=torch.float32).reshape(-1, 4) for row in rows]
         boxes = [torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], 1) for b in boxes]
-    if transform is not None:
-        out = transform.batch(images, boxes=boxes)
-        x, boxes, keep = out if boxes is not None else (out, None, None)
-    else:
+    if transform is None:
         if len({image.size for image in images}) > 1:
             raise ValueError("images of different sizes in one batch: pass transform= (data.train_transform or "
                              "data.eval_transform) to loader()")
         x = torch.stack([image.rgb() for image in images]).float() / 255
+        sizes = torch.tensor([x.shape[2:]] * len(images))
         keep = None if boxes is None else [torch.ones(len(b), dtype=torch.bool) for b in boxes]
+    elif transform.detection:
+        x, sizes, boxes, keep = transform.batch(images, boxes=boxes)
+    else:
+        x, boxes = transform.batch(images), None
     batch["images"] = x
+    if transform is not None and transform.detection:  # DETR's padding mask: True where an image does not reach
+        batch["mask"] = ((torch.arange(x.shape[2])[None, :, None] >= sizes[:, 0, None, None])
+                         | (torch.arange(x.shape[3])[None, None, :] >= sizes[:, 1, None, None]))
     if boxes is not None:
         # crowd regions (COCO's iscrowd) are no training targets: evaluation ignores them (data.coco)
         keep = [k & ~torch.tensor(row["objects"].get("iscrowd") or [False] * len(k), dtype=torch.bool).reshape(-1)
                 for row, k in zip(rows, keep)]
-        scale = torch.tensor([x.shape[3], x.shape[2]] * 2)
-        batch["targets"] = [
-            {"boxes": torch.cat([(b[k, :2] + b[k, 2:]) / 2, b[k, 2:] - b[k, :2]], 1) / scale,
+        batch["targets"] = [  # boxes normalized by the image's own (unpadded) size, as DETR's
+            {"boxes": torch.cat([(b[k, :2] + b[k, 2:]) / 2, b[k, 2:] - b[k, :2]], 1) / hw.flip(0).repeat(2),
              "labels": torch.tensor(row["objects"]["category_id"], dtype=torch.long)[k],
              "image_id": int(row["image_id"]), "orig_size": image.size}
-            for row, image, b, k in zip(rows, images, boxes, keep)]
+            for row, image, b, k, hw in zip(rows, images, boxes, keep, sizes)]
     labels = [row["label"] for row in rows if "label" in row]
     if labels:
         batch["labels"] = torch.tensor(labels, dtype=torch.long)
@@ -481,8 +485,9 @@ def rank_batches(n: int, *, batch_size: int, rank: int, world_size: int, shuffle
 
 class Loader:
     """Batches for one rank: ``{"images": (B, 3, H, W) float in [0, 1], "labels": (B,) long}`` (classification),
-    ``{"images", "targets": [{"boxes": (n, 4) normalized cx, cy, w, h, "labels": (n,), "image_id", "orig_size":
-    (h, w)}]}`` (detection, DETR's convention) or just ``images`` (unlabelled). Call ``set_epoch(e)`` each epoch.
+    ``{"images", "mask": (B, H, W) True on padding, "targets": [{"boxes": (n, 4) cx, cy, w, h normalized by the
+    image's unpadded size, "labels": (n,), "image_id", "orig_size": (h, w)}]}`` (detection, DETR's convention) or
+    just ``images`` (unlabelled). Call ``set_epoch(e)`` each epoch.
     Undecodable images are skipped and counted in ``self.bad``. A map-style dataset's decoded images are cached
     (``cache_bytes`` in all, split over the worker processes, which persist across epochs with their caches)."""
 

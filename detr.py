@@ -43,8 +43,14 @@ and 211's two such blocks would cost ≈ 18 G, twice its 9.6 G for all blocks (w
 decoders must differ in block types or expansions in ways we cannot recover; we keep one structure, fit the params,
 and report the MAdds gap.
 
-No padding masks: images of a batch share one size, and boxes are normalized to the network's input (DETR normalizes
-to the unpadded image; pad nothing or normalize to the padded canvas).
+Padded batches (DETR's images of different sizes, `augment.DetrResize`): `model(images, mask)` takes DETR's padding
+mask (B, H, W), True on padding. Boxes are normalized by each image's unpadded size, the sine positions by its unpadded
+extent (DETR's cumulative sum of the not-mask), attention never reads padded pixels, and every map is zero on its
+padding before a 3×3 conv (`mobileformer.masked`). The up-conv's bilinear ×2 is normalized by the upsampled mask
+(the padding gets no weight, so an image's border is read as its own border), then cropped to the finer map. So an
+image's predictions do not depend on the padding around it, up to float rounding (with BatchNorm in eval mode, as
+DETR's own frozen BatchNorm: `tests/test_detr.py`). DETR itself pads its backbone's input and lets the padding
+reach its convs; ours does not.
 """
 from __future__ import annotations
 
@@ -60,7 +66,7 @@ from torch import nn
 
 import finola
 import mobileformer
-from mobileformer import Former, FormerToMobile, LiteBottleneck, MobileToFormer, conv_bn
+from mobileformer import Former, FormerToMobile, LiteBottleneck, MobileToFormer, conv_bn, halve, key_mask, masked
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,17 +166,21 @@ PRESETS: dict[str, DecoderConfig] = {
 }
 
 
-def sine_position_encoding(h: int, w: int, dim: int, *, device=None, dtype=None,
+def sine_position_encoding(h: int, w: int, dim: int, *, keep: torch.Tensor | None = None, device=None, dtype=None,
                            temperature: float = 10000.0) -> torch.Tensor:
-    """DETR's normalized 2-D sine encoding, (1, dim, h, w): dim/2 channels for y, dim/2 for x (sin, cos halves)."""
+    """DETR's normalized 2-D sine encoding, (1, dim, h, w), or (B, dim, h, w) with ``keep`` (B, 1, h, w) (1 on each
+    image, 0 on its padding): dim/2 channels for y, dim/2 for x (sin, cos halves) of the pixel centre's position
+    (i + 0.5) / (the image's own extent) · 2π, counted as DETR does by a cumulative sum of ``keep``."""
+    keep = torch.ones(1, 1, h, w, device=device) if keep is None else keep
+    keep = keep[:, 0].float()
+    y, x = keep.cumsum(1), keep.cumsum(2)
+    y = (y - 0.5) / y[:, -1:].clamp(min=1) * (2 * math.pi)      # finite on padding too (where it is masked)
+    x = (x - 0.5) / x[:, :, -1:].clamp(min=1) * (2 * math.pi)
     n = dim // 4
-    freq = temperature ** (torch.arange(n, device=device, dtype=torch.float32) / n)
-    y = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * (2 * math.pi / h)
-    x = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * (2 * math.pi / w)
-    ey, ex = y[:, None] / freq, x[:, None] / freq
-    ey, ex = torch.cat([ey.sin(), ey.cos()], -1), torch.cat([ex.sin(), ex.cos()], -1)   # (h, 2n), (w, 2n)
-    pe = torch.cat([ey[:, None].expand(h, w, 2 * n), ex[None].expand(h, w, 2 * n)], dim=-1)
-    return pe.permute(2, 0, 1)[None].to(dtype)
+    freq = temperature ** (torch.arange(n, device=keep.device, dtype=torch.float32) / n)
+    ey, ex = y[..., None] / freq, x[..., None] / freq                      # (B, h, w, n)
+    pe = torch.cat([ey.sin(), ey.cos(), ex.sin(), ex.cos()], dim=-1)       # (B, h, w, dim)
+    return pe.permute(0, 3, 1, 2).to(dtype)
 
 
 class PixelTransformer(nn.Module):
@@ -181,9 +191,10 @@ class PixelTransformer(nn.Module):
         super().__init__()
         self.former = Former(dim, heads=heads, ffn_ratio=ffn_ratio)
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, z: torch.Tensor,
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         b, c, h, w = x.shape
-        y = self.former(x.flatten(2).transpose(1, 2))
+        y = self.former(x.flatten(2).transpose(1, 2), key_mask(keep))
         return y.transpose(1, 2).reshape(b, c, h, w), z
 
 
@@ -199,21 +210,27 @@ class DecoderBlock(nn.Module):
         self.mobile = mobile
         self.former_to_mobile = FormerToMobile(d, d, heads=config.bridge_heads)
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.former(self.mobile_to_former(x, z))
-        x, _ = self.mobile(x, z)
-        return self.former_to_mobile(x, z), z
+    def forward(self, x: torch.Tensor, z: torch.Tensor,
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.former(self.mobile_to_former(x, z, keep))
+        x, _ = self.mobile(x, z, keep)
+        return masked(self.former_to_mobile(x, z), keep), z
 
 
 class BilinearUpConv(nn.Module):
-    """up-conv (Table 11 caption): bilinear interpolation, then dw3×3 + pw (BN after each)."""
+    """up-conv (Table 11 caption): bilinear ×2 cropped to the finer map's `size`, then dw3×3 + pw (BN after each).
+    With `keep` (the coarse map's padding mask) the interpolation is normalized by the interpolated mask, so padding
+    gets no weight; `fine` is the finer map's mask."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.dw, self.pw = conv_bn(dim, dim, 3, groups=dim), conv_bn(dim, dim, 1)
 
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return self.pw(self.dw(F.interpolate(x, size=size, mode="bilinear", align_corners=False)))
+    def forward(self, x: torch.Tensor, size: tuple[int, int], keep: torch.Tensor | None = None,
+                fine: torch.Tensor | None = None) -> torch.Tensor:
+        up = lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False)  # noqa: E731
+        x = up(x) if keep is None else up(x * keep) / up(keep).clamp(min=1e-6)
+        return self.pw(self.dw(masked(x[..., :size[0], :size[1]], fine)))
 
 
 class MobileFormerDecoder(nn.Module):
@@ -235,16 +252,21 @@ class MobileFormerDecoder(nn.Module):
             for make, n in zip((plus, minus, minus), config.depths))
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, features: torch.Tensor, stride8: torch.Tensor) -> torch.Tensor:
-        x, z = self.down(features), self.queries.expand(features.shape[0], -1, -1)
+    def forward(self, features: torch.Tensor, stride8: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """`keep`: the input images' padding mask (B, 1, H, W), 1 on each image; None: no padding."""
+        keeps = [halve(keep, k) for k in (5, 4, 3)]                            # at 1/32, 1/16, 1/8
+        x, z = masked(self.down(features), keeps[0]), self.queries.expand(features.shape[0], -1, -1)
         skips, states = (features, stride8), []
         for scale, blocks in enumerate(self.stages):
             if scale:
                 skip = skips[scale - 1]
-                x = self.ups[scale - 1](x, skip.shape[2:]) + self.laterals[scale - 1](skip)
-            x = x + sine_position_encoding(*x.shape[2:], self.config.dim, device=x.device, dtype=x.dtype)
+                x = (self.ups[scale - 1](x, skip.shape[2:], keeps[scale - 1], keeps[scale])
+                     + self.laterals[scale - 1](skip))
+            pe = sine_position_encoding(*x.shape[2:], self.config.dim, keep=keeps[scale], device=x.device,
+                                        dtype=x.dtype)
+            x = masked(x + pe, keeps[scale])
             for block in blocks:
-                x, z = block(x, self.dropout(z) if states else z)       # dropout between blocks (App. C)
+                x, z = block(x, self.dropout(z) if states else z, keeps[scale])       # dropout between blocks (App. C)
                 states.append(z)
         return torch.stack(states)
 
@@ -278,10 +300,12 @@ class DETRConfig:
 
 
 class DETR(finola.EncoderModel):
-    """Encoder (a Mobile-Former, DETR's "backbone") + Mobile-Former decoder + DETR heads. `model(images)` →
-    {"pred_logits": (B, Q, K+1), "pred_boxes": (B, Q, 4) cxcywh in [0, 1], "aux_outputs": [{...}] × (L − 1)}.
-    `images` are in [0, 1]; the encoder sees them normalized as every encoder here is trained (`PixelNorm`), unless
-    `normalize_input=False`. Its tensors keep DETR's name, `backbone.*`; `model.encoder` is the same module."""
+    """Encoder (a Mobile-Former, DETR's "backbone") + Mobile-Former decoder + DETR heads. `model(images, mask=None)`
+    → {"pred_logits": (B, Q, K+1), "pred_boxes": (B, Q, 4) cxcywh in [0, 1], "aux_outputs": [{...}] × (L − 1)}.
+    `images` are in [0, 1]; `mask` (B, H, W) is True on the padding of a padded batch (module docstring), and boxes
+    are relative to each image's unpadded size. The encoder sees images normalized as every encoder here is trained
+    (`PixelNorm`), unless `normalize_input=False`. Its tensors keep DETR's name, `backbone.*`; `model.encoder` is
+    the same module."""
 
     Config = DETRConfig
     RENAMED = {"backbone": "encoder", "frozen_backbone": "frozen"}  # files before the model contract
@@ -313,11 +337,14 @@ class DETR(finola.EncoderModel):
         self.backbone.freeze(frozen)
         return self
 
-    def forward(self, images: torch.Tensor) -> dict:
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
         images = self.pixels(images) if self.config.normalize_input else self.pixels.check(images)
+        if mask is not None and not mask.any():
+            mask = None                                                     # nothing padded: the plain path
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.frozen):
-            maps = self.backbone.forward_features(images)
-        states = self.decoder(maps["features"], maps["stride8"])            # (L, B, Q, D)
+            maps = self.backbone.forward_features(images, mask)
+        keep = None if mask is None else mobileformer.keep_mask(mask, maps["features"].dtype)
+        states = self.decoder(maps["features"], maps["stride8"], keep)     # (L, B, Q, D)
         logits, boxes = self.class_head(states), self.box_head(states).sigmoid()
         return {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
                 "aux_outputs": [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]}

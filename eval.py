@@ -196,12 +196,16 @@ def detect(model, loader, coco_gt, *, figure: Path | None = None, show: int = 6,
     results, shown = [], []
     for batch in loader:
         targets = batch["targets"]
-        outputs = model(batch["images"])
+        outputs = model(batch["images"], batch.get("mask"))
         dets = detr.postprocess(outputs, [t["orig_size"] for t in targets], image_ids=[t["image_id"] for t in targets])
         results += dets
         q = outputs["pred_logits"].shape[1]
         for i in range(min(len(targets), show - len(shown))):
-            shown.append((batch["images"][i], targets[i], dets[i * q:(i + 1) * q]))
+            image = batch["images"][i]
+            if "mask" in batch:  # the image without its padding
+                h, w = (~batch["mask"][i]).sum(0).amax().item(), (~batch["mask"][i]).sum(1).amax().item()
+                image = image[:, :h, :w]
+            shown.append((image, targets[i], dets[i * q:(i + 1) * q]))
     if not results:
         raise ValueError("detect: the data gave no images")
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its own tables
@@ -237,7 +241,8 @@ def draw_detections(shown, path, *, threshold: float = 0.5, scale: int = 4) -> P
                 pen.rectangle([x * sx, y * sy, (x + bw) * sx, (y + bh) * sy], outline=(255, 0, 0), width=2)
                 pen.text((x * sx + 2, y * sy + 1), f"{d['category_id']}:{d['score']:.2f}", fill=(255, 0, 0))
         tiles.append(torch.from_numpy(np.array(tile)).permute(2, 0, 1).float() / 255)
-    return save_grid([torch.stack(tiles)], path)
+    h, w = max(t.shape[1] for t in tiles), max(t.shape[2] for t in tiles)  # images of their own sizes, padded
+    return save_grid([torch.stack([F.pad(t, (0, w - t.shape[2], 0, h - t.shape[1])) for t in tiles])], path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -179,6 +179,31 @@ def _pixels(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
+# Padded batches (DETR's images of different sizes): ``keep`` (B, 1, H, W) is 1 on each image's own pixels and 0 on
+# the padding (None: no padding). Every map is zeroed on the padding before a spatial op (3×3 convs) and attention
+# never reads padded pixels, so an image's outputs on its own pixels do not depend on the padding (with BatchNorm in
+# eval mode, whose statistics are fixed). Pointwise ops (1×1 convs, BN, activations) need no mask.
+def keep_mask(mask: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """DETR's padding mask (B, H, W), True on padding → ``keep`` (B, 1, H, W), 1 on the image, 0 on padding."""
+    return (~mask)[:, None].to(dtype)
+
+
+def masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``x`` with its padding zeroed, as a 3×3 conv's zero padding sees an unpadded image's border."""
+    return x if keep is None else x * keep
+
+
+def halve(keep: torch.Tensor | None, times: int = 1) -> torch.Tensor | None:
+    """``keep`` after ``times`` 3×3 stride-2 convs (padding 1): output i is centred on input 2i, and belongs to the
+    unpadded image's ⌈H/2⌉ outputs exactly when that input is one of its pixels."""
+    return None if keep is None else keep[..., ::2 ** times, ::2 ** times]
+
+
+def key_mask(keep: torch.Tensor | None) -> torch.Tensor | None:
+    """``keep`` (B, 1, H, W) as an attention mask over the H·W pixels as keys: (B, 1, 1, H·W), True = attend."""
+    return None if keep is None else keep.flatten(2)[:, None].bool()
+
+
 class _TwoSlopes(torch.autograd.Function):
     """y = x · (neg + diff·[x > 0]) with per-(image, channel) slopes neg, diff ≥ 0. Fewer element-wise passes than
     autograd of the max-based form, and no boolean kernels (slow on CPUs)."""
@@ -224,9 +249,9 @@ class MobileToFormer(nn.Module):
         self.proj = nn.Linear(channels, token_dim)
         self.norm = nn.LayerNorm(token_dim)
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, z: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         kv = _heads(_pixels(x), self.heads)                               # (B, h, HW, C/h)
-        out = F.scaled_dot_product_attention(_heads(self.q(z), self.heads), kv, kv)
+        out = F.scaled_dot_product_attention(_heads(self.q(z), self.heads), kv, kv, attn_mask=key_mask(keep))
         out = out.transpose(1, 2).flatten(2) * (2 * F.hardsigmoid(self.gate(z)))   # (B, T, C)
         return self.norm(z + self.proj(out))
 
@@ -243,9 +268,9 @@ class Former(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_ratio * dim), nn.GELU(), nn.Linear(ffn_ratio * dim, dim))
         self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         kv = _heads(z, self.heads)
-        out = F.scaled_dot_product_attention(_heads(self.q(z), self.heads), kv, kv)
+        out = F.scaled_dot_product_attention(_heads(self.q(z), self.heads), kv, kv, attn_mask=attn_mask)
         z = self.norm1(z + self.proj(out.transpose(1, 2).flatten(2)))
         return self.norm2(z + self.ffn(z))
 
@@ -270,6 +295,8 @@ class Bottleneck(nn.Module):
     """Mobile sub-block of M-F (A2): 1×1 → DyReLU → dw3×3 → DyReLU → 1×1, BN after each conv; residual if
     C_in = C_out."""
 
+    stride = 1
+
     def __init__(self, c_in: int, hidden: int, c_out: int, token_dim: int, *, reduction: int = 4):
         super().__init__()
         self.expand = conv_bn(c_in, hidden, 1)
@@ -279,13 +306,15 @@ class Bottleneck(nn.Module):
         self.project = conv_bn(hidden, c_out, 1)
         self.residual = c_in == c_out
 
-    def forward(self, x: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
-        y = self.project(self.act2(self.dw(self.act1(self.expand(x), z0)), z0))
+    def forward(self, x: torch.Tensor, z0: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.project(self.act2(self.dw(masked(self.act1(self.expand(x), z0), keep)), z0))
         return x + y if self.residual else y
 
 
 class DownBottleneck(nn.Module):
     """Mobile sub-block of M-F↓ (A7): dw3×3/2 (C_in→#exp) → DyReLU → 1×1 → s; dw3×3 (×e2) → DyReLU → 1×1; + s."""
+
+    stride = 2
 
     def __init__(self, c_in: int, hidden: int, c_out: int, token_dim: int, *, expansion2: int = 4,
                  reduction: int = 4):
@@ -298,8 +327,8 @@ class DownBottleneck(nn.Module):
         self.act2 = DynamicReLU(hidden2, token_dim, reduction=reduction)
         self.project2 = conv_bn(hidden2, c_out, 1)
 
-    def forward(self, x: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
-        s = self.project1(self.act1(self.dw1(x), z0))
+    def forward(self, x: torch.Tensor, z0: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        s = masked(self.project1(self.act1(self.dw1(x), z0)), halve(keep))
         return s + self.project2(self.act2(self.dw2(s), z0))
 
 
@@ -313,14 +342,21 @@ class MobileFormerBlock(nn.Module):
         self.former = Former(d, heads=config.former_heads, ffn_ratio=config.ffn_ratio)
         self.mobile = mobile
         self.former_to_mobile = FormerToMobile(c_out, d, heads=config.bridge_heads)
+        self.stride = mobile.stride
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.former(self.mobile_to_former(x, z))
-        return self.former_to_mobile(self.mobile(x, z[:, 0]), z), z
+    def forward(self, x: torch.Tensor, z: torch.Tensor,
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, z) → (x', z'); with ``keep`` (x's padding mask) x' is zero on its own padding (``halve(keep)`` for
+        M-F↓)."""
+        z = self.former(self.mobile_to_former(x, z, keep))
+        x = self.former_to_mobile(self.mobile(x, z[:, 0], keep), z)
+        return masked(x, halve(keep) if self.stride == 2 else keep), z
 
 
 class LiteBottleneck(nn.Module):
     """bneck-lite (A8, MicroNet): dw3×3 (C→#exp) + BN + ReLU6 → 1×1 + BN; identity residual; tokens unchanged."""
+
+    stride = 1
 
     def __init__(self, c_in: int, hidden: int, c_out: int):
         super().__init__()
@@ -328,9 +364,10 @@ class LiteBottleneck(nn.Module):
         self.project = conv_bn(hidden, c_out, 1)
         self.residual = c_in == c_out
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, z: torch.Tensor,
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         y = self.project(F.relu6(self.dw(x)))
-        return (x + y if self.residual else y), z
+        return masked(x + y if self.residual else y, keep), z
 
 
 class ClassifierHead(nn.Module):
@@ -452,18 +489,29 @@ class MobileFormer(nn.Module):
         if min(x.shape[2:]) < self.min_size:
             raise ValueError(f"x: image {tuple(x.shape[2:])} is smaller than {self.min_size}×{self.min_size}")
 
-    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{"stride8": stage-3 output, "stride16": last block's output, "features": final 1/16 map, "tokens"}."""
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """{"stride8": stage-3 output, "stride16": last block's output, "features": final 1/16 map, "tokens"}.
+        ``mask`` (B, H, W), True on padding (DETR's batches of images of different sizes): the maps are zero on
+        their padding (``halve``), and each image's outputs are those it gets alone (BatchNorm in eval mode)."""
         self._check_input(x)
+        keep = None
+        if mask is not None:
+            if mask.shape != (x.shape[0], *x.shape[2:]) or mask.dtype != torch.bool:
+                raise ValueError(f"mask: expected a bool (B, H, W) = {(x.shape[0], *x.shape[2:])} padding mask, "
+                                 f"got {mask.dtype} {tuple(mask.shape)}")
+            keep = keep_mask(mask, x.dtype)
+            x = masked(x, keep)
         z = self.tokens.expand(x.shape[0], -1, -1)
-        x = self.stem(x)
+        keep = halve(keep)
+        x = masked(self.stem(x), keep)
         maps = {}
         for i, block in enumerate(self.blocks):
-            x, z = block(x, z)
+            x, z = block(x, z, keep)
+            keep = halve(keep) if block.stride == 2 else keep
             if i == self._stride8_index:
                 maps["stride8"] = x
         maps["stride16"] = x
-        maps["features"] = self.final(x)
+        maps["features"] = masked(self.final(x), keep)
         maps["tokens"] = z
         return maps
 

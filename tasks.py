@@ -104,7 +104,7 @@ def build_detr(args):
 
 def detr_loss(model, batch, args):
     """DETR's set criterion on every decoder layer (CE, no-object weight 0.1; L1 x5; GIoU x2)."""
-    outputs = model(batch["images"])
+    outputs = model(batch["images"], batch.get("mask"))
     k = outputs["pred_logits"].shape[-1] - 1
     criterion = detr.SetCriterion(k).to(outputs["pred_logits"].device)  # no parameters: built per call, no state
     return criterion(outputs, batch["targets"])["loss"]
@@ -118,7 +118,9 @@ def evaluate_detr(model, args, out: Path, *, bad: data.BadImages | None = None) 
 
 # App. C: AdamW, weight decay 1e-4, 2 images x 8 GPUs (a global batch of 16); probe 500 epochs at 1e-4 (x0.1 after
 # 400), fine-tune 200 epochs at 1e-5 (x0.1 after 150). DETR's lr is not scaled with the batch; DETR clips the gradient
-# norm at 0.1 (its default, which the paper does not change).
+# norm at 0.1 (its default, which the paper does not change). --image-size is the evaluation resize's shorter side
+# (DETR's 800, longer side <= 1333); training draws DETR's sizes scaled by image_size / 800 (augment.DetrResize): at
+# the small preset's 64, shorter sides 38..64 and crops of 32..48 px, in zero-padded batches with DETR's mask.
 DETR_PAPER = dict(data="hf:detection-datasets/coco", encoder="mf-w2880", decoder="mf-dec-522", image_size=800,
                   batch_size=16, clip_grad=0.1, epochs=500, lr=1e-4, schedule="step", lr_drop_epoch=400, scale_lr=False,
                   weight_decay=1e-4, warmup_epochs=0, checkpoint_every=5000)

@@ -112,7 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--channels", type=POSITIVE, help="latent channels C of q and the FINOLA map (Table 2a; masked-b: "
                                                 "default the encoder's width, its features used directly)")
     m.add_argument("--grid", type=POSITIVE, help="side of the FINOLA map (16 in the paper)")
-    m.add_argument("--image-size", type=POSITIVE, help="training image side")
+    m.add_argument("--image-size", type=POSITIVE, help="training image side (detection: the evaluation shorter side, "
+                   "800 in DETR; its training sizes scale with it)")
     m.add_argument("--upsampler", choices=finola.UPSAMPLERS,
                    help="finola: Table 10's conv upsampler (the paper's) or its linear one, each cell's C channels to "
                         "its (image size / grid)^2 patch (ours for the small preset: faster on a CPU)")

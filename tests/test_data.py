@@ -103,7 +103,7 @@ def test_coco_crowd_regions_are_ignored_at_evaluation_and_left_out_of_training(t
         ev.summarize()
     assert ev.stats[1] == pytest.approx(1.0), "AP50: the crowd detection is not a false positive"
 
-    batch = next(iter(data.loader(ds, batch_size=1, transform=data.eval_transform("detect", size=32))))
+    batch = next(iter(data.loader(ds, batch_size=1, transform=data.eval_transform("detect", size=64))))
     assert batch["targets"][0]["labels"].tolist() == [1], "the crowd region is no training target"
 
 
@@ -249,15 +249,23 @@ def _squares(n: int) -> datasets.Dataset:
     return datasets.Dataset.from_list(rows)
 
 
-@pytest.mark.parametrize("transform", [data.train_transform("detect", size=32), data.eval_transform("detect", size=32)])
+@pytest.mark.parametrize("transform", [data.train_transform("detect", size=64), data.eval_transform("detect", size=64)])
 def test_boxes_stay_inside_the_image_and_on_their_objects(transform):
+    """DETR's resizes, crops and flips move the boxes with the squares; each image sits top-left in a zero-padded
+    batch whose mask is True exactly off it, and its boxes are normalized by its own size."""
+    sizes = set()
     for batch in data.loader(_squares(12), batch_size=6, transform=transform, shuffle=True, seed=1):
-        for image, target in zip(batch["images"], batch["targets"]):
-            cx, cy, w, h = target["boxes"].T
-            assert ((cx - w / 2) >= 0).all() and ((cx + w / 2) <= 1 + 1e-6).all() and ((cy + h / 2) <= 1 + 1e-6).all()
-            white = image.mean(0) > 0.5
+        for image, mask, target in zip(batch["images"], batch["mask"], batch["targets"]):
+            h, w = int((~mask).sum(0).max()), int((~mask).sum(1).max())
+            assert (~mask[:h, :w]).all() and int((~mask).sum()) == h * w, "the image is one top-left rectangle"
+            assert not image[:, mask].any(), "zero padding"
+            sizes.add((h, w))
+            cx, cy, bw, bh = target["boxes"].T
+            assert ((cx - bw / 2) >= 0).all() and ((cx + bw / 2) <= 1 + 1e-6).all()
+            assert ((cy - bh / 2) >= 0).all() and ((cy + bh / 2) <= 1 + 1e-6).all()
+            white = image[:, :h, :w].mean(0) > 0.5
             covered = torch.zeros_like(white)
-            for bx, by, bw, bh in (target["boxes"] * 32).tolist():
+            for bx, by, bw, bh in (target["boxes"] * torch.tensor([w, h, w, h])).tolist():
                 x0, y0 = math.ceil(bx - bw / 2), math.ceil(by - bh / 2)  # whole pixels inside the box
                 x1, y1 = math.floor(bx + bw / 2), math.floor(by + bh / 2)
                 assert white[y0:y1, x0:x1].float().mean() > 0.8  # the box frames its square
@@ -266,6 +274,10 @@ def test_boxes_stay_inside_the_image_and_on_their_objects(transform):
             # by the 1 px rule; antialiasing can still show them in the border pixels)
             assert not (white & ~covered)[1:-1, 1:-1].any()
             assert target["orig_size"] == (60, 90)
+    if isinstance(transform, data.DetrResize) and not transform.train:
+        assert sizes == {(64, 96)}, "evaluation: the shorter side to size, the aspect ratio kept"
+    else:
+        assert len(sizes) > 4
 
 
 # --- the batched training pipeline: decode once, crop and resize whole batches ----------------------------------
@@ -366,6 +378,20 @@ def test_batched_crop_and_resize_equals_interpolate_of_the_crop():
         else:
             assert error.max() < 0.03 and error.mean() < 0.005, i
     assert torch.equal(image.level(2), F.avg_pool2d(image.pixels[None].float(), 4)[0].round().to(torch.uint8))
+    sizes = torch.tensor([[32, 20], [17, 40], [40, 40], [9, 33], [24, 34], [32, 48], [48, 32]])  # (h, w) each
+    padded = data.resized_crops([image] * len(boxes), boxes.float(), sizes, flip)
+    assert padded.shape == (7, 3, 48, 48)
+    for i, (x0, y0, w, h) in enumerate(boxes.tolist()):
+        out_h, out_w = sizes[i].tolist()
+        ref = F.interpolate(image.pixels[None, :, y0:y0 + h, x0:x0 + w].float() / 255, size=(out_h, out_w),
+                            mode="bilinear", antialias=True, align_corners=False)[0]
+        ref = ref.flip(-1) if flip[i] else ref
+        error = (padded[i, :, :out_h, :out_w] - ref).abs()
+        if max(w / out_w, h / out_h) < 2:
+            assert error.max() < 1e-5, i
+        else:
+            assert error.max() < 0.03 and error.mean() < 0.005, i
+        assert padded[i, :, out_h:].abs().sum() == 0 and padded[i, :, :, out_w:].abs().sum() == 0, "zero padding"
     grey = data.Decoded(image.pixels[:1].clone())  # a grey image is its one channel three times
     assert torch.equal(data.resized_crops([grey], boxes[:1].float(), 32)[0],
                        data.resized_crops([data.Decoded(grey.rgb().contiguous())], boxes[:1].float(), 32)[0])
@@ -481,24 +507,48 @@ def test_randaugment_draws_two_operations_per_image():
     assert len({tuple(ops) for ops in got.values()}) > 20  # of 15 x 14 ordered pairs
 
 
-def test_detection_boxes_move_with_their_batched_crops():
-    image, boxes = _smooth(60, 90), torch.tensor([[9.0, 6, 45, 30], [80, 50, 90, 60]])  # xyxy, pixel edges
-    x, moved, keep = data.eval_transform("detect", size=32).batch([image], boxes=[boxes])
-    assert x.shape == (1, 3, 32, 32) and keep[0].all()
-    assert torch.allclose(moved[0], boxes * torch.tensor([32 / 90, 32 / 60] * 2))
-    transform, n = data.train_transform("detect", size=32), 64
-    x, moved, keep = transform.batch([image] * n, boxes=[boxes] * n, generator=torch.Generator().manual_seed(0))
-    g = torch.Generator().manual_seed(0)  # the same draws: boxes, then flips
-    crops = data.crop_boxes(torch.tensor([[60, 90]] * n), scale=(0.3, 1.0), generator=g)
-    flips = torch.rand(n, generator=g) < 0.5
-    for b in range(n):
-        x0, y0, w, h = crops[b].tolist()
-        expect = (boxes - torch.tensor([x0, y0, x0, y0])) * torch.tensor([32 / w, 32 / h] * 2)
-        if flips[b]:
-            expect = torch.stack([32 - expect[:, 2], expect[:, 1], 32 - expect[:, 0], expect[:, 3]], 1)
-        expect = expect.clamp(0, 32)
-        assert torch.allclose(moved[b], expect, atol=1e-4)
-        assert torch.equal(keep[b], ((expect[:, 2:] - expect[:, :2]) >= 1).all(1))
+def test_detr_resize_sizes_follow_detrs_rule():
+    """Evaluation: shorter side 800, longer at most 1333 (DETR's get_size). Training at the small preset's 64: the
+    shorter side one of DETR's 11 scales x 64 / 800 unless the longer side would pass round(1333 x 64 / 800) = 107,
+    the aspect ratio of the whole image or of a crop kept, both branches drawn."""
+    def sizes_of(transform, image, n, seed=0):
+        x, sizes, _, _ = transform.batch([image] * n, generator=torch.Generator().manual_seed(seed))
+        assert x.shape[2:] == tuple(sizes.amax(0).tolist())
+        return sizes
+
+    tall = data.Decoded(torch.zeros(3, 600, 400, dtype=torch.uint8))
+    wide = data.Decoded(torch.zeros(3, 300, 900, dtype=torch.uint8))
+    assert sizes_of(data.eval_transform("detect", size=800), tall, 1).tolist() == [[1200, 800]]
+    assert sizes_of(data.eval_transform("detect", size=800), wide, 1).tolist() == [[444, 1332]]  # 444 = round(1333 / 3)
+    transform = data.train_transform("detect", size=64)
+    assert transform.scales.tolist() == [38, 41, 44, 46, 49, 51, 54, 56, 59, 61, 64] and transform.max_size == 107
+    sizes = sizes_of(transform, tall, 200).double()
+    short, long = sizes.amin(1), sizes.amax(1)
+    assert set(short.tolist()) <= set(transform.scales.tolist()) and (long <= 107).all()
+    whole = (sizes[:, 0] == (sizes[:, 1] * 1.5).floor())
+    assert 40 < int(whole.sum()) < 160, "about half of the images keep the whole image's ratio; the rest are crops"
+    wide_sizes = sizes_of(transform, wide, 50).double()
+    # capped: shorter side round(107 / 3) = 36, longer ⌊36 · 3⌋ = 108 (DETR's rounding can pass max_size by a pixel)
+    assert (wide_sizes.amax(1) <= 108).all() and (wide_sizes.amin(1) >= 32).all()
+    assert wide_sizes.tolist().count([36, 108]) > 10
+
+
+def test_detr_resize_moves_boxes_like_its_image():
+    """One box drawn as a white square: whatever DETR's draw did to the image (resize, crop, flip), the moved box
+    frames the white pixels, and a box cut away by the crop is dropped (keep False)."""
+    pixels = torch.zeros(3, 60, 90, dtype=torch.uint8)
+    pixels[:, 10:40, 5:35] = 255
+    boxes = torch.tensor([[5.0, 10, 35, 40], [89, 59, 90, 60]])  # the square; a 1 px box in the far corner
+    x, sizes, moved, keep = data.train_transform("detect", size=64).batch(
+        [data.Decoded(pixels)] * 32, boxes=[boxes] * 32, generator=torch.Generator().manual_seed(3))
+    for image, (h, w), b, k in zip(x, sizes.tolist(), moved, keep):
+        white = (image.mean(0) > 0.5).nonzero()
+        if k[0]:
+            x0, y0, x1, y1 = b[0].tolist()
+            assert white[:, 1].min() >= math.floor(x0) and white[:, 1].max() <= math.ceil(x1) - 1
+            assert white[:, 0].min() >= math.floor(y0) and white[:, 0].max() <= math.ceil(y1) - 1
+        assert (b[:, 2] <= w + 1e-4).all() and (b[:, 3] <= h + 1e-4).all()
+    assert not all(k[1] for k in keep), "some crops cut the corner box away"
 
 
 def test_colour_jitter_is_per_image_reproducible_and_off_by_default():

@@ -263,3 +263,55 @@ def test_config_round_trip_and_errors():
         detr.DecoderConfig(depths=(1, 0, 1))
     with pytest.raises(ValueError, match="num_classes"):
         detr.SetCriterion(0)
+
+
+# --- padded batches (DETR's images of different sizes) --------------------------------------------------------------
+def _padded(images):
+    """Images (3, h, w) top-left on one zero canvas, with DETR's padding mask (True on padding)."""
+    H, W = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
+    x, mask = torch.zeros(len(images), 3, H, W), torch.ones(len(images), H, W, dtype=torch.bool)
+    for b, image in enumerate(images):
+        x[b, :, :image.shape[1], :image.shape[2]], mask[b, :image.shape[1], :image.shape[2]] = image, False
+    return x, mask
+
+
+def test_padding_changes_no_prediction():
+    """Each image's predictions in a padded batch are those it gets alone (eval mode), to float rounding, for sizes
+    whose maps are odd at every scale; without the mask they are not."""
+    torch.manual_seed(0)
+    model = detr.create("mf-tiny", decoder="mf-dec-tiny", num_classes=3, num_queries=8).eval()
+    for m in model.modules():  # outputs that depend visibly on the input: PyTorch's Linear init, BN stats off (0, 1)
+        if isinstance(m, torch.nn.Linear):
+            m.reset_parameters()
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, h, w, generator=g) for h, w in ((70, 52), (48, 96), (33, 40))]
+    x, mask = _padded(images)
+    with torch.no_grad():
+        batch, leaky = model(x, mask), model(x)
+        for b, image in enumerate(images):
+            alone = model(image[None])
+            for key in ("pred_logits", "pred_boxes"):
+                assert_close(batch[key][b], alone[key][0])
+                assert_close(batch["aux_outputs"][0][key][b], alone["aux_outputs"][0][key][0])
+            assert (leaky["pred_logits"][b] - alone["pred_logits"][0]).abs().max() > 1e-2
+        # a batch with nothing padded takes the plain path
+        plain = model(x[:1, :, :70, :52], mask[:1, :70, :52])
+        assert_close(plain["pred_logits"], model(images[0][None])["pred_logits"])
+
+
+def test_sine_positions_are_normalized_by_each_images_own_extent():
+    h, w, dim = 5, 7, 16
+    keep = torch.zeros(2, 1, h, w)
+    keep[0, :, :3, :4] = 1
+    keep[1] = 1
+    pe = detr.sine_position_encoding(h, w, dim, keep=keep)
+    assert pe.shape == (2, dim, h, w) and torch.isfinite(pe).all()
+    assert_close(pe[0, :, :3, :4], detr.sine_position_encoding(3, 4, dim)[0])
+    assert_close(pe[1], detr.sine_position_encoding(h, w, dim)[0])
+    n, freq = dim // 4, 10000 ** (torch.arange(dim // 4) / (dim // 4))   # DETR's formula at pixel centres
+    y = (torch.arange(h) + 0.5) / h * 2 * torch.pi
+    assert_close(pe[1, :n, :, 0], (y[None] / freq[:, None]).sin())
+    assert_close(pe[1, n:2 * n, :, 0], (y[None] / freq[:, None]).cos())

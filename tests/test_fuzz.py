@@ -248,7 +248,9 @@ def test_a_coco_json_with_broken_boxes(tmp_path):
     seen, boxes = [], 0
     loader = data.loader(ds, batch_size=4, transform=train.TASKS["detr-probe"].transform(args), shuffle=True)
     for batch in loader:
-        assert batch["images"].shape[1:] == (3, 64, 64)
+        x = batch["images"]  # DETR's sizes at 64: shorter sides 38..64 (longer <= 107), a padded batch with its mask
+        assert x.shape[1] == 3 and 38 <= min(x.shape[2:]) and max(x.shape[2:]) <= 108
+        assert batch["mask"].shape == (len(x), *x.shape[2:])
         for target in batch["targets"]:
             seen.append(target["image_id"])
             b = target["boxes"]  # cx, cy, w, h in [0, 1]

@@ -219,3 +219,31 @@ def test_freeze_keeps_weights_and_batchnorm_statistics_through_train_mode():
     model.freeze(False)
     parent.train()
     assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_a_padded_batch_gives_each_image_its_own_maps_and_zero_padding():
+    """forward_features(batch, mask) on images padded to one canvas = each image alone, on its own pixels (BN in eval
+    mode), and zero on the padding; without the mask the padding leaks into the image's maps."""
+    model = _model("mf-tiny").eval()
+    for m in model.modules():  # statistics away from (0, 1), so that a wrong mask shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    images = [torch.randn(3, 70, 52), torch.randn(3, 48, 96)]
+    x, mask = torch.zeros(2, 3, 70, 96), torch.ones(2, 70, 96, dtype=torch.bool)
+    for i, image in enumerate(images):
+        x[i, :, :image.shape[1], :image.shape[2]], mask[i, :image.shape[1], :image.shape[2]] = image, False
+    with torch.no_grad():
+        padded, leaky = model.forward_features(x, mask), model.forward_features(x)
+        for i, image in enumerate(images):
+            alone = model.forward_features(image[None])
+            for name in ("stride8", "features"):
+                h, w = alone[name].shape[2:]
+                torch.testing.assert_close(padded[name][i, :, :h, :w], alone[name][0])
+                outside = torch.ones(padded[name].shape[2:], dtype=torch.bool)
+                outside[:h, :w] = False
+                assert not padded[name][i][:, outside].any()
+            torch.testing.assert_close(padded["tokens"][i], alone["tokens"][0])
+        assert (leaky["tokens"][0] - model.forward_features(images[0][None])["tokens"][0]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="mask: expected a bool"):
+        model.forward_features(x, mask[:, :-1])
