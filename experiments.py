@@ -2,6 +2,7 @@
 finished step's raw result to OUT/results.jsonl and prints the markdown table that EXPERIMENTS.md quotes.
 
     python experiments.py table1 [--minutes 25] [--seeds 0 1 2] [--out runs/table1]
+    python experiments.py table4 [--steps 2500] [--seeds 0 1 2] [--finola runs/default4/model.safetensors]
 
 ``table1`` (Tables 1 and 6, Fig. 5; issue 16) on Fashion-MNIST at 64² (the small masked presets' data): vanilla
 FINOLA, Masked-FINOLA-E, Masked-FINOLA-B (mf-tiny encoders) and MAE (MAE-Lite's ViT-Tiny) each pre-train for the same
@@ -12,6 +13,10 @@ apply; supervised training from scratch (mf-tiny + BN + linear, labels, end to e
 ceiling. The same wall-clock, not the same steps: each run's step count is the budget x the rate its own command
 trains at, measured by a short throw-away run (``calibrate``), so a model with a cheaper step sees more images; the
 table shows the minutes each run really trained.
+
+``table4`` (Table 4's direction; issue 13): the frozen-encoder DETR probe (``detr-probe``'s small preset: mf-tiny,
+mf-dec-tiny, DETR's geometry at 64) from a random mf-tiny and from a FINOLA-trained one (``--finola``: by default
+the README's main command's run), once per --seed, on ``shapes`` and ``trees``, for --steps each.
 
 Every run goes through ``train.py`` / ``eval.py`` in a subprocess (``--threads``: every core by default; run nothing
 else beside it). A step already in results.jsonl is skipped and an interrupted training run is resumed, so running
@@ -166,11 +171,11 @@ def _summary(done: dict, prefix: str, key: str = "top1") -> tuple[float, float, 
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else math.nan, len(values)
 
 
-def _pm(s) -> str:
+def _pm(s, unit: str = " %") -> str:
     if s is None:
         return "–"
     mean, std, n = s
-    return f"{mean:.1f} ± {std:.1f} % ({n})" if n > 1 else f"{mean:.1f} % (1)"
+    return f"{mean:.1f} ± {std:.1f}{unit} ({n})" if n > 1 else f"{mean:.1f}{unit} (1)"
 
 
 def markdown(done: dict) -> str:
@@ -221,6 +226,42 @@ def directions(probes: dict) -> list[str]:
     return out
 
 
+DETECTION_DATA = ("shapes", "trees")
+
+
+def table4(args) -> None:
+    if not args.finola.exists():
+        raise FileNotFoundError(f"--finola {str(args.finola)!r}: no such weights file; train one with the README's "
+                                f"main command (accelerate launch train.py --task finola --out {args.finola.parent})")
+    study = Study(args.out, args.threads)
+    for d in args.data:
+        for encoder, init in (("random", []), ("finola", ["--init", str(args.finola)])):
+            for seed in args.seeds:
+                study.train(f"{d}/{encoder}/seed{seed}", ["--task", "detr-probe", "--data", d, "--seed", str(seed),
+                                                          "--max-steps", str(args.steps), *init])
+    print(detection_markdown(study.done))
+
+
+def detection_markdown(done: dict) -> str:
+    """Table 4's direction at CPU scale: COCO AP and AP50 (x 100) of each probe, mean ± std over seeds."""
+    lines = ["| data | frozen encoder | AP | AP50 | steps | minutes a run |", "|---|---|---|---|---|---|"]
+    verdicts = []
+    for d in DETECTION_DATA:
+        ap = {}
+        for encoder in ("random", "finola"):
+            runs = [row for step, row in done.items() if step.startswith(f"{d}/{encoder}/")]
+            if not runs:
+                continue
+            ap[encoder], ap50 = (_summary(done, f"{d}/{encoder}/", key) for key in ("AP", "AP50"))
+            lines.append(f"| {d} | {encoder} | {_pm(ap[encoder], '')} | {_pm(ap50, '')} | {runs[0]['steps']} | "
+                         f"{statistics.mean(r['train_s'] for r in runs) / 60:.1f} |")
+        if len(ap) == 2:
+            verdict = "reproduced" if ap["finola"][0] > ap["random"][0] else "not reproduced"
+            verdicts.append(f"- Table 4 on {d}: FINOLA-trained encoder above a random one (AP): **{verdict}** "
+                            f"({_pm(ap['finola'], '')} vs {_pm(ap['random'], '')})")
+    return "\n".join(lines + [""] + verdicts)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="table", required=True)
@@ -233,14 +274,24 @@ def main(argv=None):
     t.add_argument("--appd-steps", type=int, default=300, help=f"steps of each App. D decoder (x {BATCH} images)")
     t.add_argument("--eval-images", type=int, default=5000, help="test images that every run is evaluated on")
     t.add_argument("--print", action="store_true", help="only print the table of what is recorded")
+    t = sub.add_parser("table4", help="Table 4's direction at CPU scale: DETR probes on a random vs a FINOLA encoder")
+    t.add_argument("--steps", type=int, default=2500, help="steps of each probe (the small preset's 20 epochs of "
+                   "shapes' 2,000 images at batch 16)")
+    t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="probe seeds")
+    t.add_argument("--data", nargs="+", choices=DETECTION_DATA, default=list(DETECTION_DATA))
+    t.add_argument("--finola", type=Path, default=ROOT / "runs" / "default4" / "model.safetensors",
+                   help="the FINOLA-trained encoder's weights (default: the README's main command's run)")
+    t.add_argument("--out", type=Path, default=ROOT / "runs" / "table4")
+    t.add_argument("--threads", type=int, help="torch threads of each run (default: every core)")
+    t.add_argument("--print", action="store_true", help="only print the table of what is recorded")
     args = p.parse_args(argv)
-    if args.minutes <= 0:
-        raise ValueError(f"--minutes: expected a positive number, got {args.minutes}")
     if args.print:
-        print(markdown(Study(args.out, args.threads).done))
+        print((markdown if args.table == "table1" else detection_markdown)(Study(args.out, args.threads).done))
         return
+    if args.table == "table1" and args.minutes <= 0:
+        raise ValueError(f"--minutes: expected a positive number, got {args.minutes}")
     started = time.time()
-    table1(args)
+    (table1 if args.table == "table1" else table4)(args)
     print(f"(this invocation: {(time.time() - started) / 60:.1f} min)")
 
 

@@ -29,3 +29,13 @@ def test_the_table_reports_mean_and_std_over_seeds_and_marks_each_direction():
     assert "masked FINOLA-B probes above vanilla FINOLA (linprobe): **reproduced** (77.0 ± 2.0 % (3) vs 72.0" in text
     assert "masked FINOLA-E probes above vanilla FINOLA (linprobe): **not reproduced**" in text
     assert "(tran1-probe): not measured yet" in text and "| mae | – | – | – | – |" in text
+
+
+def test_the_detection_table_reports_ap_over_seeds_and_the_direction():
+    done = {f"shapes/{enc}/seed{s}": {"final": {"AP": ap, "AP50": 2 * ap}, "steps": 2500, "train_s": 420.0}
+            for enc, values in {"random": [0.10, 0.12, 0.14], "finola": [0.20, 0.20, 0.20]}.items()
+            for s, ap in enumerate(values)}
+    text = experiments.detection_markdown(done)
+    assert "| shapes | random | 12.0 ± 2.0 (3) | 24.0 ± 4.0 (3) | 2500 | 7.0 |" in text
+    assert "Table 4 on shapes: FINOLA-trained encoder above a random one (AP): **reproduced** (20.0 ± 0.0 (3)" in text
+    assert "trees" not in text, "no row and no verdict for data not run"
