@@ -204,7 +204,7 @@ def markdown(done: dict) -> str:
         lines.append(f"| supervised (labels, end to end) | {sup['img_per_s']:.0f} | {sup['train_s'] / 60:.1f} | "
                      f"{sup['steps'] * BATCH / TRAIN_IMAGES:.2f} | top-1 {100 * sup['final']['top1']:.1f} % | "
                      "– | – | – | – |")
-    lines += ["", *directions(probes)]
+    lines += ["", *directions(probes), *geometry_directions(done)]
     return "\n".join(lines)
 
 
@@ -260,6 +260,26 @@ def detection_markdown(done: dict) -> str:
             verdicts.append(f"- Table 4 on {d}: FINOLA-trained encoder above a random one (AP): **{verdict}** "
                             f"({_pm(ap['finola'], '')} vs {_pm(ap['random'], '')})")
     return "\n".join(lines + [""] + verdicts)
+
+
+def geometry_directions(done: dict) -> list[str]:
+    """Table 1's other half (masking lowers App. D PSNR) and Fig. 5 (masked FINOLA's critical features curve more),
+    each masked model against vanilla FINOLA."""
+    curvature = done.get("curvature", {}).get("checkpoints", {})
+    psnr = lambda e: done.get(f"appd/{e}", {}).get("final", {}).get("psnr_db")  # noqa: E731
+    claims = [("Table 1: masking lowers App. D PSNR", psnr, "{:.2f} dB", lambda a, b: a < b),
+              ("Fig. 5: masked FINOLA's top-16 curvature above vanilla FINOLA's",
+               lambda e: curvature.get(e, {}).get("score_topk_median"), "{:.2f}", lambda a, b: a > b)]
+    out = []
+    for text, value, fmt, holds in claims:
+        for masked in ("masked-e", "masked-b"):
+            a, b = value(masked), value("finola")
+            if a is None or b is None:
+                out.append(f"- {text} ({masked}): not measured yet")
+                continue
+            verdict = "reproduced" if holds(a, b) else "not reproduced"
+            out.append(f"- {text} ({masked}): **{verdict}** ({fmt.format(a)} vs {fmt.format(b)})")
+    return out
 
 
 def main(argv=None):

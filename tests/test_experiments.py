@@ -29,6 +29,13 @@ def test_the_table_reports_mean_and_std_over_seeds_and_marks_each_direction():
     assert "masked FINOLA-B probes above vanilla FINOLA (linprobe): **reproduced** (77.0 ± 2.0 % (3) vs 72.0" in text
     assert "masked FINOLA-E probes above vanilla FINOLA (linprobe): **not reproduced**" in text
     assert "(tran1-probe): not measured yet" in text and "| mae | – | – | – | – |" in text
+    assert "Fig. 5: masked FINOLA's top-16 curvature above vanilla FINOLA's (masked-e): not measured yet" in text
+    done["curvature"]["checkpoints"]["masked-b"] = {"score_topk_median": 0.9}
+    done["appd/finola"], done["appd/masked-b"] = {"final": {"psnr_db": 20.0}}, {"final": {"psnr_db": 18.5}}
+    text = experiments.markdown(done)
+    assert ("Fig. 5: masked FINOLA's top-16 curvature above vanilla FINOLA's (masked-b): **not reproduced** "
+            "(0.90 vs 1.26)") in text
+    assert "Table 1: masking lowers App. D PSNR (masked-b): **reproduced** (18.50 dB vs 20.00 dB)" in text
 
 
 def test_the_detection_table_reports_ap_over_seeds_and_the_direction():
