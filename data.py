@@ -366,7 +366,7 @@ def _batch(rows: list[dict], images: list, transform: Transform | None) -> dict:
         batch["targets"] = [  # boxes normalized by the image's own (unpadded) size, as DETR's
             {"boxes": torch.cat([(b[k, :2] + b[k, 2:]) / 2, b[k, 2:] - b[k, :2]], 1) / hw.flip(0).repeat(2),
              "labels": torch.tensor(row["objects"]["category_id"], dtype=torch.long)[k],
-             "image_id": int(row["image_id"]), "orig_size": image.size}
+             "image_id": int(row["image_id"]), "orig_size": image.size, "size": tuple(hw.tolist())}
             for row, image, b, k, hw in zip(rows, images, boxes, keep, sizes)]
     labels = [row["label"] for row in rows if "label" in row]
     if labels:
@@ -486,7 +486,8 @@ def rank_batches(n: int, *, batch_size: int, rank: int, world_size: int, shuffle
 class Loader:
     """Batches for one rank: ``{"images": (B, 3, H, W) float in [0, 1], "labels": (B,) long}`` (classification),
     ``{"images", "mask": (B, H, W) True on padding, "targets": [{"boxes": (n, 4) cx, cy, w, h normalized by the
-    image's unpadded size, "labels": (n,), "image_id", "orig_size": (h, w)}]}`` (detection, DETR's convention) or
+    image's unpadded size, "labels": (n,), "image_id", "orig_size": (h, w), "size": (h, w) unpadded in the
+    batch}]}`` (detection, DETR's convention) or
     just ``images`` (unlabelled). Call ``set_epoch(e)`` each epoch.
     Undecodable images are skipped and counted in ``self.bad``. A map-style dataset's decoded images are cached
     (``cache_bytes`` in all, split over the worker processes, which persist across epochs with their caches)."""

@@ -201,11 +201,8 @@ def detect(model, loader, coco_gt, *, figure: Path | None = None, show: int = 6,
         results += dets
         q = outputs["pred_logits"].shape[1]
         for i in range(min(len(targets), show - len(shown))):
-            image = batch["images"][i]
-            if "mask" in batch:  # the image without its padding
-                h, w = (~batch["mask"][i]).sum(0).amax().item(), (~batch["mask"][i]).sum(1).amax().item()
-                image = image[:, :h, :w]
-            shown.append((image, targets[i], dets[i * q:(i + 1) * q]))
+            h, w = targets[i]["size"]  # the image without its padding
+            shown.append((batch["images"][i, :, :h, :w], targets[i], dets[i * q:(i + 1) * q]))
     if not results:
         raise ValueError("detect: the data gave no images")
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its own tables

@@ -273,7 +273,7 @@ def test_boxes_stay_inside_the_image_and_on_their_objects(transform):
             # and every visible square keeps its box, but for slivers under 1 px cut by the crop's edge (dropped
             # by the 1 px rule; antialiasing can still show them in the border pixels)
             assert not (white & ~covered)[1:-1, 1:-1].any()
-            assert target["orig_size"] == (60, 90)
+            assert target["orig_size"] == (60, 90) and target["size"] == (h, w)
     if isinstance(transform, data.DetrResize) and not transform.train:
         assert sizes == {(64, 96)}, "evaluation: the shorter side to size, the aspect ratio kept"
     else:
