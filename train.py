@@ -488,7 +488,7 @@ def ranks_in_sync(accelerator, model) -> bool:
 class MetricsLog:
     """metrics.jsonl: one JSON object per logged step, epoch or evaluation (main process only), appended line by
     line; after a kill, ``rewind`` drops what the checkpoint being resumed does not hold, so each step is logged
-    once."""
+    once, and ``time_s`` (seconds of training) continues from the records it keeps."""
 
     def __init__(self, path: Path, *, enabled: bool, accelerator=None, flags: dict | None = None):
         self.path, self.enabled, self.t0, self.accelerator = path, enabled, time.time(), accelerator
@@ -528,6 +528,7 @@ class MetricsLog:
                 or r.get("resumed_at_step", math.inf) <= step]
         with weights.atomic_path(self.path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.t0 -= max((r.get("time_s", 0) for r in kept), default=0)  # time_s counts on from the kept records
         self.write(resumed_at_step=step)
 
 

@@ -324,3 +324,18 @@ def test_the_detr_loss_normalizes_by_the_boxes_of_all_processes():
         distributed, by_mean, by_own = results[rank]
         assert distributed == pytest.approx(by_mean, rel=1e-6), "num_boxes is the mean over the 2 processes"
         assert distributed != pytest.approx(by_own, rel=1e-3), "not the process's own count"
+
+
+def test_time_s_counts_on_across_a_resume(tmp_path):
+    """A resumed run's time_s continues from the kept records (cumulative training time), not from zero."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 1, "loss": 1.0, "time_s": 40.0}, {"step": 2, "loss": 0.9, "time_s": 80.0},
+        {"step": 3, "loss": 0.8, "time_s": 120.0}]))  # step 3 came after the checkpoint at step 2: dropped
+    log = train.MetricsLog(path, enabled=True)
+    log.rewind(step=2, epoch=0)
+    log.write(step=3, loss=0.7)
+    records = runs.read_metrics(path)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert 80.0 <= records[-1]["time_s"] < 120.0
+    assert records[-2]["resumed_at_step"] == 2 and records[-2]["time_s"] >= 80.0
