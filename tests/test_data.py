@@ -119,9 +119,11 @@ def test_hub_offline_fails_fast():
     assert time.perf_counter() - start < 5
 
 
-def test_photos_splits_share_no_photo_and_validation_is_fixed():
-    train, val = data.load("photos", crops_per_photo=3), data.load("photos", split="validation", size=32)
-    n = len(embedded.PHOTOS["train"]) + len(embedded.wallpapers())
+@pytest.mark.parametrize("with_wallpapers", [False, pytest.param(True, marks=pytest.mark.slow)])  # 42 big images
+def test_photos_splits_share_no_photo_and_validation_is_fixed(with_wallpapers):
+    train = data.load("photos", crops_per_photo=3, with_wallpapers=with_wallpapers)
+    val = data.load("photos", split="validation", size=32)
+    n = len(embedded.PHOTOS["train"]) + len(embedded.wallpapers() if with_wallpapers else [])
     assert len(train) == 3 * n and min(train[0]["image"].size) == embedded.PHOTO_SIDE
     assert len(val) == 64 * len(embedded.PHOTOS["validation"]) and val[5]["image"].size == (32, 32)
     train_names, val_names = set(data.categories(train).values()), set(data.categories(val).values())
@@ -229,7 +231,8 @@ def test_two_simulated_ranks_on_a_stream():
 
 
 def test_augmentations_repeat_with_the_seed_whatever_the_workers():
-    ds, transform = data.load("photos", crops_per_photo=2), data.train_transform("randaug", size=24, erase=0.25)
+    ds = data.load("photos", crops_per_photo=2, with_wallpapers=False)
+    transform = data.train_transform("randaug", size=24, erase=0.25)
     runs = [torch.cat([b["images"] for b in data.loader(ds, batch_size=4, transform=transform, shuffle=True,
                                                          seed=7, num_workers=w)]) for w in (0, 2)]
     assert runs[0].shape == (len(ds), 3, 24, 24) and torch.equal(runs[0], runs[1])

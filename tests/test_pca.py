@@ -111,7 +111,7 @@ def tiny(tmp_path_factory):
     model = finola.Finola(encoder, config).eval()
     # 14 training rows, 4 validation images
     path = weights.save_model(tmp_path_factory.mktemp("tiny") / "model.safetensors", model, task="finola",
-                              data="photos", train={"data_options": {"crops_per_photo": 2}})
+                              data="photos", train={"data_options": {"crops_per_photo": 2, "with_wallpapers": False}})
     return model, path
 
 
@@ -139,8 +139,8 @@ def test_pca_baseline_draws_the_same_training_crops_every_time(tiny, monkeypatch
         return torch.cat(list(images))
 
     monkeypatch.setattr(analysis, "fit_pca", keep)
-    first = ev.pca_baseline(model, "photos", {"crops_per_photo": 2}, n=40, batch_size=8)
-    again = ev.pca_baseline(model, "photos", {"crops_per_photo": 2}, n=40, batch_size=8)
+    first = ev.pca_baseline(model, "photos", {"crops_per_photo": 2, "with_wallpapers": False}, n=40, batch_size=8)
+    again = ev.pca_baseline(model, "photos", {"crops_per_photo": 2, "with_wallpapers": False}, n=40, batch_size=8)
     assert calls == [(16, 40), (16, 40)] and first.shape == (40, 3, 32, 32)
     assert_close(first, again, rtol=0, atol=0)
     assert not torch.equal(first[:14].sort(0).values, first[14:28].sort(0).values), "each epoch draws new crops"
@@ -173,7 +173,8 @@ def test_reconstruct_command_fits_the_pca_on_the_weights_training_data(tiny, cap
     monkeypatch.setattr(ev, "pca_baseline", spy)
     monkeypatch.setattr(analysis, "PCA_MAX_DIM", 3000)  # 32 x 32 images (D = 3072) now count as too large
     out, err = run(capsys, "reconstruct", "--weights", path, "--data", "photos", "--pca-images", 40)
-    assert seen == [("photos", {"crops_per_photo": 2, "streaming": False})], "the training data, not --data's"
+    assert seen == [("photos", {"crops_per_photo": 2, "with_wallpapers": False, "streaming": False})], \
+        "the training data, not --data's"
     assert out["images"] == 128 and out["pca_db"] is None and out["pca_images"] == 0
     assert "PCA baseline skipped" in err and "too large" in err
     with pytest.raises(ValueError, match="--pca-images: expected 0"):
