@@ -82,20 +82,36 @@ def box_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
 
 
-def _giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Generalised IoU of broadcastable xyxy boxes: IoU − (enclosing − union) / enclosing (Rezatofighi et al.)."""
+def _intersection_union(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intersection and union areas of broadcastable xyxy boxes."""
     area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
     area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
     inter = ((torch.minimum(a[..., 2:], b[..., 2:]) - torch.maximum(a[..., :2], b[..., :2])).clamp(min=0)).prod(-1)
-    union = area_a + area_b - inter
+    return inter, area_a + area_b - inter
+
+
+def _giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Generalised IoU of broadcastable xyxy boxes: IoU − (enclosing − union) / enclosing (Rezatofighi et al.)."""
+    inter, union = _intersection_union(a, b)
     enclosing = (torch.maximum(a[..., 2:], b[..., 2:]) - torch.minimum(a[..., :2], b[..., :2])).prod(-1)
     return inter / union - (enclosing - union) / enclosing
 
 
-def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise GIoU of xyxy boxes a (N, 4) and b (M, 4) → (N, M), in [−1, 1]."""
+def _check_pairs(a: torch.Tensor, b: torch.Tensor):
     if a.dim() != 2 or b.dim() != 2 or a.shape[-1] != 4 or b.shape[-1] != 4:
         raise ValueError(f"a, b: expected (N, 4) and (M, 4) xyxy boxes, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU of xyxy boxes a (N, 4) and b (M, 4) → (N, M), in [0, 1]."""
+    _check_pairs(a, b)
+    inter, union = _intersection_union(a[:, None], b[None])
+    return inter / union
+
+
+def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise GIoU of xyxy boxes a (N, 4) and b (M, 4) → (N, M), in [−1, 1]."""
+    _check_pairs(a, b)
     return _giou(a[:, None], b[None])
 
 

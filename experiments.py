@@ -46,6 +46,7 @@ import data
 import detr
 import finola
 import mobileformer
+import tasks
 import weights
 
 ROOT = Path(__file__).resolve().parent
@@ -245,14 +246,6 @@ DETECTION_DATA = ("shapes", "trees")
 # learns for hundreds of epochs (the paper's probe: 500) before its AP says anything; this asks the frozen encoder's
 # maps the same question in seconds: can a linear read-out of a box tell an object's class, and an object from a
 # box of the same size elsewhere?
-def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU of xyxy boxes (N, 4), (M, 4) → (N, M)."""
-    inter = (torch.minimum(a[:, None, 2:], b[None, :, 2:]) - torch.maximum(a[:, None, :2], b[None, :, :2]))
-    inter = inter.clamp(min=0).prod(-1)
-    area = lambda x: (x[:, 2:] - x[:, :2]).prod(-1)  # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None] - inter)
-
-
 def background_boxes(boxes: torch.Tensor, generator: torch.Generator, *, tries: int = 16,
                      max_iou: float = 0.3) -> torch.Tensor:
     """For each normalized cxcywh box, one box of its size at a random place inside the image whose IoU with every
@@ -261,7 +254,7 @@ def background_boxes(boxes: torch.Tensor, generator: torch.Generator, *, tries: 
     wh = boxes[:, None, 2:].expand(n, tries, 2)
     centres = wh / 2 + torch.rand(n, tries, 2, generator=generator) * (1 - wh).clamp(min=0)
     candidates = torch.cat([centres, wh], -1).reshape(-1, 4)
-    iou = _iou(detr.box_cxcywh_to_xyxy(candidates), detr.box_cxcywh_to_xyxy(boxes)).amax(1).reshape(n, tries)
+    iou = detr.box_iou(detr.box_cxcywh_to_xyxy(candidates), detr.box_cxcywh_to_xyxy(boxes)).amax(1).reshape(n, tries)
     free = iou < max_iou
     found = free.any(1)
     return candidates.reshape(n, tries, 4)[found, free[found].float().argmax(1)]
@@ -285,13 +278,14 @@ def box_features(encoder, dataset, *, size: int, background: bool, seed: int = 0
             if background and len(boxes):
                 extra = background_boxes(boxes, generator)
                 boxes, labs = torch.cat([boxes, extra]), torch.cat([labs, torch.full((len(extra),), k)])
-            for box, label in zip(boxes.tolist(), labs.tolist()):
+            grids = []  # each map of this image and its own (unpadded) cells
+            for name in ("stride8", "features"):
+                f = maps[name][i]
+                grids.append((f, math.ceil(t["size"][0] * f.shape[1] / batch["images"].shape[2]),
+                              math.ceil(t["size"][1] * f.shape[2] / batch["images"].shape[3])))
+            for (cx, cy, bw, bh), label in zip(boxes.tolist(), labs.tolist()):
                 parts = []
-                for name in ("stride8", "features"):
-                    f = maps[name][i]
-                    h = math.ceil(t["size"][0] * f.shape[1] / batch["images"].shape[2])  # the image's own cells
-                    w = math.ceil(t["size"][1] * f.shape[2] / batch["images"].shape[3])
-                    cx, cy, bw, bh = box
+                for f, h, w in grids:
                     x0, y0 = min(int((cx - bw / 2) * w), w - 1), min(int((cy - bh / 2) * h), h - 1)
                     x1, y1 = max(x0 + 1, math.ceil((cx + bw / 2) * w)), max(y0 + 1, math.ceil((cy + bh / 2) * h))
                     cells = f[:, y0:y1, x0:x1]
@@ -346,7 +340,7 @@ def table4(args) -> None:
                                 f"main command (accelerate launch train.py --task finola --out {args.finola.parent})")
     study = Study(args.out, args.threads)
     for d in args.data:
-        per_epoch = math.ceil(len(data.load(d)) / 16)  # the detr-probe preset's batch of 16
+        per_epoch = math.ceil(len(data.load(d)) / tasks.DETR_SMALL["batch_size"])
         schedule = ["--max-steps", str(args.steps), "--epochs", str(math.ceil(args.steps / per_epoch)),
                     "--lr-drop-epoch", f"{0.8 * args.steps / per_epoch:.4f}",  # the paper's drop at 400 of 500
                     "--image-size", str(args.image_size), "--num-queries", str(QUERIES[d])]

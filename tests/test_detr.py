@@ -44,6 +44,15 @@ def test_giou_hand_values(a, b, expected):
     assert_close(detr.generalized_box_iou(b, a), torch.tensor([[expected]], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("a, b, expected", [
+    ([0, 0, 1, 1], [0, 0, 1, 1], 1.0), ([0, 0, 1, 1], [2, 0, 3, 1], 0.0), ([0, 0, 2, 2], [0.5, 0.5, 1.5, 1.5], 0.25),
+    ([0, 0, 2, 2], [1, 1, 3, 3], 1 / 7)])
+def test_iou_hand_values(a, b, expected):
+    a, b = torch.tensor([a], dtype=torch.float64), torch.tensor([b], dtype=torch.float64)
+    assert_close(detr.box_iou(a, b), torch.tensor([[expected]], dtype=torch.float64))
+    assert_close(detr.box_iou(b, a), torch.tensor([[expected]], dtype=torch.float64))
+
+
 def test_giou_pairwise_shape_and_symmetry():
     g = torch.Generator().manual_seed(1)
     a, b = detr.box_cxcywh_to_xyxy(_boxes(g, 4)), detr.box_cxcywh_to_xyxy(_boxes(g, 6))

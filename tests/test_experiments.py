@@ -76,7 +76,7 @@ def test_background_boxes_keep_each_size_stay_inside_and_miss_every_object():
         torch.testing.assert_close(bg[:, 2:], boxes[:, 2:])
         xyxy = detr.box_cxcywh_to_xyxy(bg)
         assert (xyxy[:, :2] >= 0).all() and (xyxy[:, 2:] <= 1 + 1e-6).all()
-        assert (experiments._iou(xyxy, detr.box_cxcywh_to_xyxy(boxes)) < 0.3).all()
+        assert (detr.box_iou(xyxy, detr.box_cxcywh_to_xyxy(boxes)) < 0.3).all()
     full = torch.tensor([[0.5, 0.5, 1.0, 1.0]])  # the whole image: no free place
     assert len(experiments.background_boxes(full, torch.Generator().manual_seed(0))) == 0
 
