@@ -106,7 +106,8 @@ def _detr_params_args(p):
 
 # variant -> (params M, MAdds G at 800x1333): FINOLA Table 4 (W720/W1440/W2880), Table 2b (W4320/W5760, params only).
 MF_PAPER = {"mf-w720": (4.9, 5.6), "mf-w1440": (11.7, 20.4), "mf-w2880": (25.0, 77.5), "mf-w4320": (43.5, None),
-            "mf-w5760": (67.6, None), "mf-small": (None, None), "mf-tiny": (None, None)}
+            "mf-w5760": (67.6, None), "mf-small": (None, None), "mf-tiny": (None, None),
+            "mf-nano": (None, None)}
 
 
 def _mf_cost(name: str, hw) -> tuple[float, float]:

@@ -29,6 +29,7 @@ Variants (`create(name)`); backbone params (no classifier) and MAdds at 800×133
 | mf-w5760  | 128  | 5760     | 6×256  | 384       | 70.38 M | 302.7 G | 67.6 M                |
 | mf-small  | 16   | 480      | 6×96   | 40        | 1.58 M  | 3.25 G  | ours, for CPU runs    |
 | mf-tiny   | 8    | 240      | 6×64   | 24        | 0.62 M  | 1.23 G  | ours, for CPU runs    |
+| mf-nano   | 16   | 384      | 4×32   | 40        | 0.14 M  | 1.33 G  | ours, FINOLA's small  |
 
 `mf-tiny` / `mf-small` are ours: the same 12 blocks (lite, ↓, M-F, ↓, M-F×2, ↓, M-F×5) with the same expansion pattern
 (lite ×2, ↓ ×6, M-F ×3 at 1/4 and 1/8, ×4 then ×6 at 1/16, final conv 6× the last width as 2880 = 6×480), narrow
@@ -37,6 +38,10 @@ enough to train at 32-64 px on a 2-core CPU (`python bench.py train-speed`). Eve
 machine otherwise idle): mf-tiny 147 / 79 img/s at 64² / 128², mf-small 102 / 39, mf-w720 70 / 36. The cost is spread
 over many small kernels (3 attentions, 2 DyReLU generators and 4-6 convs per block), not over the pixels: halving the
 input side saves only ~30%.
+`mf-nano` keeps only the stem, bneck-lite and the three M-F↓ blocks (no stride-1 M-F block), with 4 tokens of 32: a
+third of mf-tiny's kernels, so a training step at 32² costs ~0.45× mf-tiny's, and each step teaches more (a shallow
+net fits faster). It is the small FINOLA preset's encoder: 22.3 dB against 20.3 dB for mf-tiny on held-out photos after
+the same 2.5 minutes (EXPERIMENTS.md, the reconstruction ladder).
 
 Interpretations (choices the paper leaves open), each checked against the paper's counts where it matters:
 - Block internals, heads (2 in the bridges, 4 in the Former), FFN ratio 2, DyReLU reduction 4 and its slopes
@@ -150,6 +155,9 @@ PRESETS: dict[str, MobileFormerConfig] = {
         blocks=(("lite", 16, 8), ("down", 48, 16), ("mf", 48, 16), ("down", 96, 24), ("mf", 72, 24),
                 ("mf", 72, 24), ("down", 144, 32), ("mf", 128, 32), ("mf", 128, 32), ("mf", 192, 40),
                 ("mf", 240, 40), ("mf", 240, 40))),
+    "mf-nano": MobileFormerConfig(
+        name="mf-nano", stem_channels=16, token_num=4, token_dim=32, final_channels=384, head_channels=512,
+        blocks=(("lite", 32, 16), ("down", 96, 24), ("down", 144, 40), ("down", 240, 64))),
     "mf-small": MobileFormerConfig(
         name="mf-small", stem_channels=16, token_dim=96, final_channels=480, head_channels=1024,
         blocks=(("lite", 32, 16), ("down", 96, 24), ("mf", 72, 24), ("down", 144, 40), ("mf", 120, 40),

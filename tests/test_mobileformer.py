@@ -32,6 +32,21 @@ def test_small_variant_shapes_and_stride(tiny, hw):
     assert out["tokens"].shape == (1, 6, 64)
 
 
+@pytest.mark.parametrize("hw", [(32, 32), (64, 96), (33, 47)])
+def test_nano_variant_is_the_stem_lite_and_three_downsampling_blocks(hw):
+    """mf-nano (the small FINOLA preset's encoder): Mobile-Former's structure cut to bneck-lite and the three M-F↓
+    blocks, still output stride 16, with its 1/8 map after the second M-F↓."""
+    h, w = hw
+    model = _model("mf-nano").eval()
+    assert [type(b).__name__ for b in model.blocks] == ["LiteBottleneck"] + ["MobileFormerBlock"] * 3
+    assert all(b.stride == 2 for b in model.blocks[1:])
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, h, w), maps=True)
+    assert out["features"].shape == (2, 384, math.ceil(h / 16), math.ceil(w / 16))
+    assert out["stride8"].shape == (2, 40, math.ceil(h / 8), math.ceil(w / 8))
+    assert out["tokens"].shape == (2, 4, 32)
+
+
 def test_default_call_returns_features_and_tokens(tiny):
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
