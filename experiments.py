@@ -14,9 +14,10 @@ ceiling. The same wall-clock, not the same steps: each run's step count is the b
 trains at, measured by a short throw-away run (``calibrate``), so a model with a cheaper step sees more images; the
 table shows the minutes each run really trained.
 
-``table4`` (Table 4's direction; issue 13): the frozen-encoder DETR probe (``detr-probe``'s small preset: mf-tiny,
-mf-dec-tiny, DETR's geometry, here at --image-size 128, with 10 queries on ``shapes`` and 100 on ``trees``) from a
-random mf-tiny and from a FINOLA-trained one (``--finola``: by default the README's main command's run), once per
+``table4`` (Table 4's direction; issue 13): the frozen-encoder DETR probe (``detr-probe``'s small preset: mf-dec-tiny,
+DETR's geometry, here at --image-size 128, with 10 queries on ``shapes`` and 100 on ``trees``) from a FINOLA-trained
+encoder (``--finola``: by default runs/default4, the mf-tiny run EXPERIMENTS.md's table used) and from a random one of
+the same Mobile-Former preset, once per
 --seed, on ``shapes`` and ``trees``, for --steps each (x0.1 after 80 %, the paper's 400 of 500 epochs). Beside each,
 the box probe (``box_probe``): a linear classifier on each ground-truth box's features read off the same frozen
 maps, object classes plus background boxes, which answers in seconds what DETR's probe needs hundreds of epochs for.
@@ -320,11 +321,12 @@ def linear_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tens
         return {"train_acc": acc(xt, yt), "val_acc": acc(xv, yv), "train_n": len(yt), "val_n": len(yv)}
 
 
-def box_probe(encoder_weights: Path | None, source: str, *, size: int, seed: int) -> dict:
+def box_probe(encoder_weights: Path | None, source: str, *, size: int, seed: int, encoder: str = "mf-tiny") -> dict:
     """``linear_probe`` of ``box_features`` (with background boxes) of ``source``'s train / validation splits on a
-    frozen encoder: ``encoder_weights``' or, for None, a random mf-tiny seeded by ``seed``."""
+    frozen encoder: ``encoder_weights``' or, for None, a random ``encoder`` (a Mobile-Former preset) seeded by
+    ``seed``."""
     torch.manual_seed(seed)
-    encoder = mobileformer.create("mf-tiny") if encoder_weights is None else weights.load_encoder(encoder_weights)
+    encoder = mobileformer.create(encoder) if encoder_weights is None else weights.load_encoder(encoder_weights)
     splits = [box_features(encoder, data.load(source, split=split), size=size, background=True, seed=seed)
               for split in ("train", "validation")]
     return {"final": linear_probe(*splits)}
@@ -334,10 +336,20 @@ def box_probe(encoder_weights: Path | None, source: str, *, size: int, seed: int
 QUERIES = {"shapes": 10, "trees": 100}
 
 
+def encoder_preset(path: Path) -> str:
+    """The Mobile-Former preset a FINOLA file's encoder was built from: Table 4's random row is a fresh one of it."""
+    name = weights.read_metadata(path)["model"]["config"].get("encoder", {}).get("name")
+    if name not in mobileformer.PRESETS:
+        raise ValueError(f"--finola {str(path)!r}: its encoder {name!r} is not one of the Mobile-Former presets "
+                         f"{sorted(mobileformer.PRESETS)}, so no random twin can be built for the comparison")
+    return name
+
+
 def table4(args) -> None:
     if not args.finola.exists():
         raise FileNotFoundError(f"--finola {str(args.finola)!r}: no such weights file; train one with the README's "
                                 f"main command (accelerate launch train.py --task finola --out {args.finola.parent})")
+    arch = encoder_preset(args.finola)
     study = Study(args.out, args.threads)
     for d in args.data:
         per_epoch = math.ceil(len(data.load(d)) / tasks.DETR_SMALL["batch_size"])
@@ -345,11 +357,11 @@ def table4(args) -> None:
                     "--lr-drop-epoch", f"{0.8 * args.steps / per_epoch:.4f}",  # the paper's drop at 400 of 500
                     "--image-size", str(args.image_size), "--num-queries", str(QUERIES[d])]
         for encoder, path in (("random", None), ("finola", args.finola)):
-            init = [] if path is None else ["--init", str(path)]
+            init = ["--encoder", arch] if path is None else ["--init", str(path)]
             for seed in args.seeds:
                 step = f"box/{d}/{encoder}/seed{seed}"
                 if step not in study.done:
-                    study.record(step, **box_probe(path, d, size=args.image_size, seed=seed))
+                    study.record(step, **box_probe(path, d, size=args.image_size, seed=seed, encoder=arch))
                 study.train(f"{d}/{encoder}/seed{seed}", ["--task", "detr-probe", "--data", d, "--seed", str(seed),
                                                           *schedule, *init])
     print(detection_markdown(study.done))

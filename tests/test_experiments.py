@@ -1,8 +1,10 @@
 """experiments.py: the recorded steps of a study, skipped when run again, and the table and directions printed from
 them (the studies themselves run for minutes to hours: benchmarks, not tests)."""
+import dataclasses
 import math
 
 import numpy as np
+import pytest
 import torch
 
 import data
@@ -10,6 +12,7 @@ import detr
 import experiments
 import finola
 import mobileformer
+import weights
 
 
 def _row(top1):
@@ -117,3 +120,18 @@ def test_box_features_read_each_box_off_the_encoder_maps():
     cats = [row["objects"]["category_id"] for row in ds]  # each image's objects, then as many background boxes
     assert bg_labels.tolist() == [k for c in cats for k in c + [4] * len(c)]
     assert with_background.shape == (2 * objects, feats.shape[1])
+
+
+def test_table4_compares_the_finola_encoder_with_a_random_one_of_its_own_preset(tmp_path):
+    """Table 4's random row is a fresh encoder of the FINOLA file's preset (mf-nano for the small FINOLA preset,
+    mf-tiny before it), and a file whose encoder is no preset gets a clear error instead of a mismatched twin."""
+    config = finola.FinolaConfig(channels=16, grid=(2, 2), upsampler="linear", patch=16)
+    for name in ("mf-nano", "mf-tiny"):
+        path = weights.save_model(tmp_path / f"{name}.safetensors", finola.Finola(mobileformer.create(name), config),
+                                  task="finola", data="photos")
+        assert experiments.encoder_preset(path) == name
+    custom = mobileformer.MobileFormer(dataclasses.replace(mobileformer.PRESETS["mf-nano"], name="custom"))
+    path = weights.save_model(tmp_path / "custom.safetensors", finola.Finola(custom, config), task="finola",
+                              data="photos")
+    with pytest.raises(ValueError, match="not one of the Mobile-Former presets"):
+        experiments.encoder_preset(path)
