@@ -38,10 +38,10 @@ enough to train at 32-64 px on a 2-core CPU (`python bench.py train-speed`). Eve
 machine otherwise idle): mf-tiny 147 / 79 img/s at 64² / 128², mf-small 102 / 39, mf-w720 70 / 36. The cost is spread
 over many small kernels (3 attentions, 2 DyReLU generators and 4-6 convs per block), not over the pixels: halving the
 input side saves only ~30%.
-`mf-nano` keeps only the stem, bneck-lite and the three M-F↓ blocks (no stride-1 M-F block), with 4 tokens of 32: a
-third of mf-tiny's kernels, so a training step at 32² costs ~0.45× mf-tiny's, and each step teaches more (a shallow
-net fits faster). It is the small FINOLA preset's encoder: 22.3 dB against 20.3 dB for mf-tiny on held-out photos after
-the same 2.5 minutes (EXPERIMENTS.md, the reconstruction ladder).
+`mf-nano` keeps only the stem, bneck-lite and the three M-F↓ blocks (no stride-1 M-F block), with 4 tokens of 32: 4
+blocks instead of 12, so a FINOLA training step at 32² costs ~0.4× mf-tiny's, and each step teaches more (a shallow
+net fits faster). It is the small FINOLA preset's encoder: 22.27 dB against 20.09 dB for mf-tiny on held-out photos
+after the same 2.5 minutes of `ladder.py` (EXPERIMENTS.md, the encoder's depth).
 
 Interpretations (choices the paper leaves open), each checked against the paper's counts where it matters:
 - Block internals, heads (2 in the bridges, 4 in the Former), FFN ratio 2, DyReLU reduction 4 and its slopes

@@ -83,7 +83,7 @@ FINOLA_PAPER = dict(data="hf:ILSVRC/imagenet-1k", streaming=True, epoch_size=1_2
                     batch_size=128,
                     epochs=100, warmup_epochs=10, lr=1.5e-4, weight_decay=0.1, betas=[0.9, 0.95], checkpoint_every=2000)
 # Ours: the 7 photos + 42 wallpapers at 32², a 4x4 grid of 8 px patches, mf-nano (Mobile-Former cut to its three M-F↓
-# blocks: at this size a step of the 12-block mf-tiny costs 2.2x as much and teaches less, EXPERIMENTS.md), 60 epochs
+# blocks: at this size a step of the 12-block mf-tiny costs 2.4x as much and teaches less, EXPERIMENTS.md), 60 epochs
 # (8 minutes here, leaving room for a slower machine), colour jitter against the few photos.
 FINOLA_SMALL = dict(data="photos", encoder="mf-nano", zero_init_residual=True, channels=256, grid=4, image_size=32,
                     upsampler="linear", colour_jitter=0.3, batch_size=32, epochs=60, warmup_epochs=0.5, lr=2.4e-2,
