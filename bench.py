@@ -90,7 +90,7 @@ def bench_detr_params(args):
             maps = model.backbone.forward_features(torch.empty(1, 3, H, W))
         params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("backbone.")) / 1e6
         with FlopCounterMode(display=False) as counter:
-            states = model.decoder(maps["features"], maps["stride8"])
+            states, _ = model.decoder(maps["features"], maps["stride8"])
             model.class_head(states), model.box_head(states)
         madds = counter.get_total_flops() / 2e9
         table.add_row(decoder, backbone, f"{params:.2f}", f"{paper_params}", f"{params / paper_params:.3f}",

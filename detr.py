@@ -3,8 +3,8 @@
 FINOLA evaluates its encoders on COCO inside DETR (Carion et al., 2020) whose transformer encoder and decoder are
 replaced by a Mobile-Former decoder (Mobile-Former, Chen et al., CVPR 2022, §"end-to-end detector"): the 100 object
 queries are the decoder's global tokens, and the feature-map stream runs over three scales. This file holds the
-decoder, the detector, DETR's Hungarian matcher and set criterion, the box helpers and the post-processing to COCO
-results. It imports torch, scipy and our `mobileformer` (whose bridges, Former and lite bottleneck it reuses).
+decoder and the detector; `detection.py` holds what it is trained and scored with (boxes, matcher, set criterion,
+post-processing). It imports torch and our `mobileformer` (whose bridges, Former and lite bottleneck it reuses).
 
 Decoder layout. Table 11's body is missing from our copy of the paper, and the Mobile-Former paper's detection section
 could not be retrieved (only its abstract), so the layout below rests on the sentences we have (cited) and on a fit to
@@ -15,7 +15,8 @@ the paper's head sizes:
   1/16  : up-conv(1/32 map) = bilinear + dw3×3 + pw (Table 11 caption) + a pw lateral C→256 of the 1/16 map;
           `depths[1]` M-F⁻ blocks.
   1/8   : up-conv(1/16 map) + a pw lateral of the 1/8 map; `depths[2]` M-F⁻ blocks.
-  Each scale's map gets a fixed 2-D sine position encoding (DETR's) added at its entry.
+  Each scale's map gets a fixed 2-D sine position encoding (DETR's frequencies, a whole copy in each attention head's
+  channels: ``position_layout``) added at its entry.
   M-F⁺ : Mobile→Former, Former (the 100 queries), a transformer block over the pixels in place of the Mobile
          sub-block, Former→Mobile ("M-F⁺ replaces the Mobile sub-block with a transformer block"). M-F⁻ : the same
          with Mobile-Former's lite bottleneck (dw3×3 ×e → ReLU6 → pw, residual) in its place (Table 11 caption).
@@ -51,6 +52,11 @@ padding before a 3×3 conv (`mobileformer.masked`). The up-conv's bilinear ×2 i
 image's predictions do not depend on the padding around it, up to float rounding (with BatchNorm in eval mode, as
 DETR's own frozen BatchNorm: `tests/test_detr.py`). DETR itself pads its backbone's input and lets the padding
 reach its convs; ours does not.
+
+Training remedies (ours, each off in the paper's recipe and on in the small one; EXPERIMENTS.md measures each):
+`reference_boxes` (a box per query that centres a Gaussian prior on its attention, embeds into its queries and is
+refined block by block: SMCA, DAB-DETR, Deformable DETR), `class_loss="focal"` (Deformable DETR) and `denoising`
+(DN-DETR's noised true boxes as extra training queries that no object query can see; none at inference).
 """
 from __future__ import annotations
 
@@ -59,98 +65,28 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+import detection
 import finola
 import mobileformer
 from mobileformer import Former, FormerToMobile, LiteBottleneck, MobileToFormer, conv_bn, halve, key_mask, masked
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Boxes: (cx, cy, w, h) <-> (x0, y0, x1, y1), generalised IoU
-# ---------------------------------------------------------------------------------------------------------------
-def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
-
-
-def box_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
-
-
-def _intersection_union(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Intersection and union areas of broadcastable xyxy boxes."""
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    inter = ((torch.minimum(a[..., 2:], b[..., 2:]) - torch.maximum(a[..., :2], b[..., :2])).clamp(min=0)).prod(-1)
-    return inter, area_a + area_b - inter
-
-
-def _giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Generalised IoU of broadcastable xyxy boxes: IoU − (enclosing − union) / enclosing (Rezatofighi et al.)."""
-    inter, union = _intersection_union(a, b)
-    enclosing = (torch.maximum(a[..., 2:], b[..., 2:]) - torch.minimum(a[..., :2], b[..., :2])).prod(-1)
-    return inter / union - (enclosing - union) / enclosing
-
-
-def _check_pairs(a: torch.Tensor, b: torch.Tensor):
-    if a.dim() != 2 or b.dim() != 2 or a.shape[-1] != 4 or b.shape[-1] != 4:
-        raise ValueError(f"a, b: expected (N, 4) and (M, 4) xyxy boxes, got {tuple(a.shape)} and {tuple(b.shape)}")
-
-
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU of xyxy boxes a (N, 4) and b (M, 4) → (N, M), in [0, 1]."""
-    _check_pairs(a, b)
-    inter, union = _intersection_union(a[:, None], b[None])
-    return inter / union
-
-
-def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise GIoU of xyxy boxes a (N, 4) and b (M, 4) → (N, M), in [−1, 1]."""
-    _check_pairs(a, b)
-    return _giou(a[:, None], b[None])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Hungarian matching (DETR §3.1)
-# ---------------------------------------------------------------------------------------------------------------
-def _check_targets(targets: list[dict], batch: int):
-    if len(targets) != batch:
-        raise ValueError(f"targets: expected {batch} dicts (one per image), got {len(targets)}")
-    for i, t in enumerate(targets):
-        if "labels" not in t or "boxes" not in t or t["boxes"].shape != (len(t["labels"]), 4):
-            raise ValueError(f"targets[{i}]: need 'labels' (n,) and 'boxes' (n, 4) normalized cxcywh")
-
-
-@torch.no_grad()
-def hungarian_match(pred_logits: torch.Tensor, pred_boxes: torch.Tensor, targets: list[dict], *,
-                    cost_class: float = 1.0, cost_bbox: float = 5.0,
-                    cost_giou: float = 2.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Optimal one-to-one assignment of predictions to targets, per image: cost = −cost_class·p(class)
-    + cost_bbox·L1(cxcywh) − cost_giou·GIoU. pred_logits (B, Q, K+1), pred_boxes (B, Q, 4); targets: per image
-    {"labels": (n,), "boxes": (n, 4) normalized cxcywh}. Returns per image (pred_indices, target_indices), int64,
-    sorted by prediction, length min(Q, n)."""
-    B, Q = pred_logits.shape[:2]
-    _check_targets(targets, B)
-    prob = pred_logits.flatten(0, 1).softmax(-1)                       # (B·Q, K+1)
-    boxes = pred_boxes.flatten(0, 1)
-    labels = torch.cat([t["labels"] for t in targets]).to(prob.device, torch.int64)
-    tgt = torch.cat([t["boxes"] for t in targets]).to(boxes)
-    cost = (cost_bbox * torch.cdist(boxes, tgt, p=1) - cost_class * prob[:, labels]
-            - cost_giou * generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt)))
-    cost = cost.view(B, Q, -1).float().cpu()
-    sizes = [len(t["labels"]) for t in targets]
-    matches = [linear_sum_assignment(c[i]) for i, c in enumerate(cost.split(sizes, dim=-1))]
-    return [(torch.as_tensor(p, dtype=torch.int64), torch.as_tensor(t, dtype=torch.int64)) for p, t in matches]
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The Mobile-Former decoder (Table 11)
 # ---------------------------------------------------------------------------------------------------------------
+# Where the sine channels go. Every attention over the map here splits its channels into heads by contiguous runs
+# (Mobile→Former and the pixel transformer read the map as keys, Former→Mobile as queries, with no projection), so
+# DETR's layout [y-sin, y-cos, x-sin, x-cos] gives each bridge head one axis: a query could pick a row band in one
+# head and a column band in the other, never a point. The "heads" layout repeats one whole encoding (both axes, sin
+# and cos) in each head's run of channels, made of the informative end of DETR's frequencies: the first
+# dim / (4 · groups) of its dim / 4, so that each head keeps the spatial resolution DETR's encoding has. "axes" is
+# DETR's layout, which files written before the fix were trained with.
+POSITION_LAYOUTS = ("heads", "axes")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DecoderConfig:
     """A Mobile-Former DETR decoder. `depths`: blocks at 1/32 (M-F⁺), 1/16 and 1/8 (M-F⁻)."""
@@ -162,16 +98,27 @@ class DecoderConfig:
     heads: int = 8                   # of the query Former and the pixel transformer (DETR's 8)
     bridge_heads: int = 2            # of Mobile→Former and Former→Mobile (Mobile-Former's)
     dropout: float = 0.1             # App. C
+    position_layout: str = "heads"   # sine channels per attention head ("axes": files before it, see below)
+    reference_boxes: bool = False    # ours (off in the paper's recipe): a box per query that steers attention
 
     def __post_init__(self):
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
         if len(self.depths) != 3 or min(self.depths) < 1:
             raise ValueError(f"depths: need three positive block counts (1/32, 1/16, 1/8), got {self.depths}")
-        if self.dim % 4 or self.dim % self.heads or self.dim % self.bridge_heads:
-            raise ValueError(f"dim: {self.dim} must divide by 4 (sine encoding), heads={self.heads} "
-                             f"and bridge_heads={self.bridge_heads}")
+        if self.position_layout not in POSITION_LAYOUTS:
+            raise ValueError(f"position_layout: expected one of {POSITION_LAYOUTS}, got {self.position_layout!r}")
+        if self.dim % (4 * self.position_groups) or self.dim % self.heads or self.dim % self.bridge_heads:
+            raise ValueError(f"dim: {self.dim} must divide by heads={self.heads}, bridge_heads={self.bridge_heads} "
+                             f"and 4 x {self.position_groups} (sine encoding: 4 channels a frequency in each of "
+                             f"{self.position_groups} head groups)")
         if self.num_queries < 1:
             raise ValueError(f"num_queries: must be positive, got {self.num_queries}")
+
+    @property
+    def position_groups(self) -> int:
+        """Runs of channels that each hold a whole sine encoding: one per head of every attention over the map
+        (the least common multiple of ``heads`` and ``bridge_heads``) for the "heads" layout, 1 for "axes"."""
+        return math.lcm(self.heads, self.bridge_heads) if self.position_layout == "heads" else 1
 
 
 PRESETS: dict[str, DecoderConfig] = {
@@ -182,21 +129,58 @@ PRESETS: dict[str, DecoderConfig] = {
 }
 
 
-def sine_position_encoding(h: int, w: int, dim: int, *, keep: torch.Tensor | None = None, device=None, dtype=None,
-                           temperature: float = 10000.0) -> torch.Tensor:
-    """DETR's normalized 2-D sine encoding, (1, dim, h, w), or (B, dim, h, w) with ``keep`` (B, 1, h, w) (1 on each
-    image, 0 on its padding): dim/2 channels for y, dim/2 for x (sin, cos halves) of the pixel centre's position
-    (i + 0.5) / (the image's own extent) · 2π, counted as DETR does by a cumulative sum of ``keep``."""
+def pixel_centres(h: int, w: int, keep: torch.Tensor | None = None, *,
+                  device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, x), each (1 or B, h, w): the pixel centres' positions (i + 0.5) / (the image's own extent) in (0, 1),
+    counted as DETR does by a cumulative sum of ``keep`` (B, 1, h, w; 1 on each image, 0 on its padding)."""
     keep = torch.ones(1, 1, h, w, device=device) if keep is None else keep
     keep = keep[:, 0].float()
     y, x = keep.cumsum(1), keep.cumsum(2)
-    y = (y - 0.5) / y[:, -1:].clamp(min=1) * (2 * math.pi)      # finite on padding too (where it is masked)
-    x = (x - 0.5) / x[:, :, -1:].clamp(min=1) * (2 * math.pi)
+    return (y - 0.5) / y[:, -1:].clamp(min=1), (x - 0.5) / x[:, :, -1:].clamp(min=1)   # finite on padding too
+
+
+def sine_position_encoding(h: int, w: int, dim: int, *, keep: torch.Tensor | None = None, groups: int = 1,
+                           device=None, dtype=None, temperature: float = 10000.0) -> torch.Tensor:
+    """DETR's normalized 2-D sine encoding, (1, dim, h, w), or (B, dim, h, w) with ``keep`` (B, 1, h, w), of
+    ``pixel_centres`` · 2π. ``groups`` = 1: DETR's layout, dim/2 channels for y, dim/2 for x (sin, cos halves), at
+    frequencies temperature^(−i / (dim/4)). ``groups`` = G: G equal runs of channels, each the layout of a dim/G
+    encoding made of the first dim/(4G) of those frequencies (the "heads" layout above)."""
+    if dim % (4 * groups):
+        raise ValueError(f"dim: {dim} must divide by 4 x groups = {4 * groups}")
+    y, x = (c * (2 * math.pi) for c in pixel_centres(h, w, keep, device=device))
     n = dim // 4
-    freq = temperature ** (torch.arange(n, device=keep.device, dtype=torch.float32) / n)
-    ey, ex = y[..., None] / freq, x[..., None] / freq                      # (B, h, w, n)
-    pe = torch.cat([ey.sin(), ey.cos(), ex.sin(), ex.cos()], dim=-1)       # (B, h, w, dim)
-    return pe.permute(0, 3, 1, 2).to(dtype)
+    freq = temperature ** (torch.arange(n // groups, device=y.device, dtype=torch.float32) / n)
+    ey, ex = y[..., None] / freq, x[..., None] / freq                      # (B, h, w, n / groups)
+    pe = torch.cat([ey.sin(), ey.cos(), ex.sin(), ex.cos()], dim=-1)       # (B, h, w, dim / groups)
+    return pe.repeat(1, 1, 1, groups).permute(0, 3, 1, 2).to(dtype)
+
+
+# Reference boxes (``reference_boxes``; ours, off in the paper's recipe). DETR's queries learn where to look from
+# scratch, one reason it needs 500 epochs. Conditional / DAB-DETR give each query a box and SMCA a Gaussian prior
+# around it; Deformable DETR refines the box block by block. Here: each query starts from a learned anchor box; in
+# every block its attention over the pixels gets the log-prior −½((x − cx)² / (w/2)² + (y − cy)² / (h/2)²) (SMCA, with
+# the box's own half-sides as the spread) in both bridges, its queries get an embedding of the box (DAB-DETR), and
+# the box head predicts an offset from the box in logit space, whose result is the next block's box (detached).
+def inverse_sigmoid(p: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    p = p.clamp(0, 1)
+    return torch.log(p.clamp(min=eps) / (1 - p).clamp(min=eps))
+
+
+def box_prior(refs: torch.Tensor, y: torch.Tensor, x: torch.Tensor, *, min_side: float = 1e-2) -> torch.Tensor:
+    """SMCA's Gaussian log-prior of queries' cxcywh boxes ``refs`` (B, Q, 4) on pixels at ``pixel_centres`` ``y``, ``x``
+    (B or 1, h, w): (B, 1, Q, h·w), 0 at a box's centre and −½ on its edges along each axis."""
+    cx, cy, w, h = (t[..., None] for t in refs.unbind(-1))                  # (B, Q, 1)
+    dx = (x.flatten(1)[:, None] - cx) / (w / 2).clamp(min=min_side)
+    dy = (y.flatten(1)[:, None] - cy) / (h / 2).clamp(min=min_side)
+    return (-0.5 * (dx.square() + dy.square()))[:, None]
+
+
+def box_sine(refs: torch.Tensor, dim: int, *, temperature: float = 10000.0) -> torch.Tensor:
+    """(B, Q, dim): each of the 4 box coordinates · 2π as dim/8 sines and dim/8 cosines (DAB-DETR's embedding)."""
+    n = dim // 8
+    freq = temperature ** (torch.arange(n, device=refs.device, dtype=torch.float32) / n)
+    e = refs[..., None] * (2 * math.pi) / freq                              # (B, Q, 4, n)
+    return torch.cat([e.sin(), e.cos()], dim=-1).flatten(-2).to(refs.dtype)
 
 
 class PixelTransformer(nn.Module):
@@ -226,11 +210,20 @@ class DecoderBlock(nn.Module):
         self.mobile = mobile
         self.former_to_mobile = FormerToMobile(d, d, heads=config.bridge_heads)
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor,
-                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.former(self.mobile_to_former(x, z, keep))
+    def forward(self, x: torch.Tensor, z: torch.Tensor, keep: torch.Tensor | None = None, *,
+                prior: torch.Tensor | None = None, query_pos: torch.Tensor | None = None,
+                seen: torch.Tensor | None = None,
+                writers: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``prior`` (B, 1, T, H·W): the tokens' reference-box log-prior (``box_prior``), in both bridges;
+        ``query_pos``: their box embedding, added where they query the pixels. ``seen`` (B, 1, T, T), True where
+        token i may attend to token j in the Former, and ``writers`` (T,), the tokens Former→Mobile may write into
+        the map: denoising tokens ride along without changing what the object queries compute."""
+        z = self.former(self.mobile_to_former(x, z, keep, bias=prior, query_pos=query_pos), seen)
         x, _ = self.mobile(x, z, keep)
-        return masked(self.former_to_mobile(x, z), keep), z
+        bias = None if prior is None else prior.transpose(2, 3)
+        if writers is not None:
+            bias = writers if bias is None else bias.masked_fill(~writers, float("-inf"))
+        return masked(self.former_to_mobile(x, z, bias=bias), keep), z
 
 
 class BilinearUpConv(nn.Module):
@@ -267,24 +260,69 @@ class MobileFormerDecoder(nn.Module):
             nn.ModuleList(DecoderBlock(make(), config) for _ in range(n))
             for make, n in zip((plus, minus, minus), config.depths))
         self.dropout = nn.Dropout(config.dropout)
+        if config.reference_boxes:
+            self.anchors = nn.Parameter(torch.empty(config.num_queries, 4))   # logits of each query's first box
+            self.box_embed = MLP(d, d, d)                                      # DAB-DETR's query embedding of a box
 
-    def forward(self, features: torch.Tensor, stride8: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """`keep`: the input images' padding mask (B, 1, H, W), 1 on each image; None: no padding."""
+    def reset_anchors(self):
+        """The first boxes: centres uniform over the image, sides 0.2 (logit space)."""
+        with torch.no_grad():
+            self.anchors[:, :2] = inverse_sigmoid(torch.rand(self.config.num_queries, 2))
+            self.anchors[:, 2:] = inverse_sigmoid(torch.tensor(0.2))
+
+    def forward(self, features: torch.Tensor, stride8: torch.Tensor, keep: torch.Tensor | None = None, *,
+                box_head: nn.Module | None = None,
+                denoise: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(tokens after every block (L, B, T, D), their boxes (L, B, T, 4) with reference boxes, else None).
+        `keep`: the input images' padding mask (B, 1, H, W), 1 on each image; None: no padding. `box_head`: the
+        detector's box MLP, which reference boxes need inside the loop. `denoise` (training, DN-DETR): {"content"
+        (B, E, D), "boxes" (B, E, 4), "group" (E,), "valid" (B, E)}: E more tokens after the Q object queries, each
+        seeing the queries and its own group, none writing into the map (``DecoderBlock``)."""
         keeps = [halve(keep, k) for k in (5, 4, 3)]                            # at 1/32, 1/16, 1/8
-        x, z = masked(self.down(features), keeps[0]), self.queries.expand(features.shape[0], -1, -1)
-        skips, states = (features, stride8), []
+        b = features.shape[0]
+        x, z = masked(self.down(features), keeps[0]), self.queries.expand(b, -1, -1)
+        refs = self.anchors.sigmoid().expand(b, -1, -1) if self.config.reference_boxes else None
+        if refs is not None and box_head is None:
+            raise ValueError("box_head: reference boxes need the detector's box head")
+        seen = writers = None
+        if denoise is not None:
+            if refs is None:
+                raise ValueError("denoise: denoising queries are noised boxes, so they need reference_boxes")
+            z, refs = torch.cat([z, denoise["content"]], 1), torch.cat([refs, denoise["boxes"]], 1)
+            seen, writers = denoising_masks(self.config.num_queries, denoise["group"], denoise["valid"])
+        skips, states, predicted = (features, stride8), [], []
         for scale, blocks in enumerate(self.stages):
             if scale:
                 skip = skips[scale - 1]
                 x = (self.ups[scale - 1](x, skip.shape[2:], keeps[scale - 1], keeps[scale])
                      + self.laterals[scale - 1](skip))
-            pe = sine_position_encoding(*x.shape[2:], self.config.dim, keep=keeps[scale], device=x.device,
-                                        dtype=x.dtype)
+            pe = sine_position_encoding(*x.shape[2:], self.config.dim, keep=keeps[scale],
+                                        groups=self.config.position_groups, device=x.device, dtype=x.dtype)
             x = masked(x + pe, keeps[scale])
+            centres = pixel_centres(*x.shape[2:], keeps[scale], device=x.device) if refs is not None else None
             for block in blocks:
-                x, z = block(x, self.dropout(z) if states else z, keeps[scale])       # dropout between blocks (App. C)
+                z = self.dropout(z) if states else z                           # dropout between blocks (App. C)
+                if refs is None:
+                    x, z = block(x, z, keeps[scale])
+                else:
+                    x, z = block(x, z, keeps[scale], prior=box_prior(refs, *centres).to(x.dtype),
+                                 query_pos=self.box_embed(box_sine(refs, self.config.dim)), seen=seen,
+                                 writers=writers)
+                    predicted.append((box_head(z) + inverse_sigmoid(refs)).sigmoid())
+                    refs = predicted[-1].detach()                              # Deformable DETR's refinement
                 states.append(z)
-        return torch.stack(states)
+        return torch.stack(states), torch.stack(predicted) if predicted else None
+
+
+def denoising_masks(queries: int, group: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DN-DETR's attention masks for ``queries`` object queries followed by denoising tokens of ``group`` (E,) that
+    are ``valid`` (B, E): (seen (B, 1, T, T): object queries see object queries only, a denoising token sees them
+    and the valid tokens of its own group; writers (T,): the object queries)."""
+    b, device = valid.shape[0], valid.device
+    groups = torch.cat([torch.full((queries,), -1, device=device), group.to(device)])          # (T,)
+    alive = torch.cat([torch.ones(b, queries, dtype=torch.bool, device=device), valid], 1)    # (B, T)
+    same = (groups[None, :] == -1) | (groups[None, :] == groups[:, None])                      # (T, T)
+    return (same[None] & alive[:, None])[:, None], groups == -1
 
 
 class MLP(nn.Sequential):
@@ -300,26 +338,36 @@ class MLP(nn.Sequential):
 # ---------------------------------------------------------------------------------------------------------------
 # The detector
 # ---------------------------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True, kw_only=True)
 class DETRConfig:
     """A detector on an encoder: its decoder, classes and whether the encoder is frozen (App. C, decoder probing)."""
     decoder: DecoderConfig
-    num_classes: int                  # real classes; the classifier adds one for no-object
+    num_classes: int                  # real classes; with class_loss "ce" the classifier adds one for no-object
     frozen: bool = False              # decoder probing: no gradient into the encoder, its BatchNorm in eval mode
     normalize_input: bool = True      # False: files written before the fix, whose encoders saw raw pixels
+    class_loss: str = "ce"            # "ce": DETR's softmax with no-object; "focal": sigmoid focal (ours, see below)
+    denoising: int = 0                # training groups of DN-DETR's noised true boxes (0: none, the paper's)
 
     def __post_init__(self):
         if isinstance(self.decoder, dict):  # from a weights file's JSON
             object.__setattr__(self, "decoder", DecoderConfig(**self.decoder))
         if self.num_classes < 1:
             raise ValueError(f"num_classes: must be positive, got {self.num_classes}")
+        if self.class_loss not in detection.CLASS_LOSSES:
+            raise ValueError(f"class_loss: expected one of {detection.CLASS_LOSSES}, got {self.class_loss!r}")
+        if self.denoising < 0 or (self.denoising and not self.decoder.reference_boxes):
+            raise ValueError(f"denoising: {self.denoising} groups; expected 0, or a positive count with the "
+                             "decoder's reference_boxes (denoising queries are noised boxes)")
 
 
 class DETR(finola.EncoderModel):
-    """Encoder (a Mobile-Former, DETR's "backbone") + Mobile-Former decoder + DETR heads. `model(images, mask=None)`
-    → {"pred_logits": (B, Q, K+1), "pred_boxes": (B, Q, 4) cxcywh in [0, 1], "aux_outputs": [{...}] × (L − 1)}.
-    `images` are in [0, 1]; `mask` (B, H, W) is True on the padding of a padded batch (module docstring), and boxes
-    are relative to each image's unpadded size. The encoder sees images normalized as every encoder here is trained
+    """Encoder (a Mobile-Former, DETR's "backbone") + Mobile-Former decoder + DETR heads. `model(images, mask=None,
+    targets=None)` → {"pred_logits": (B, Q, K+1) (K with class_loss "focal"), "pred_boxes": (B, Q, 4) cxcywh in
+    [0, 1], "aux_outputs": [{...}] × (L − 1)}; in training with `denoising` and `targets`, also "dn_outputs" (one
+    {...} per layer) and "dn_targets" (``detection.noised_targets``). `images` are in [0, 1]; `mask` (B, H, W) is
+    True on the padding of a padded batch (module docstring), and boxes are relative to each image's unpadded size. The encoder sees images normalized as every encoder here is trained
     (`PixelNorm`), unless `normalize_input=False`. Its tensors keep DETR's name, `backbone.*`; `model.encoder` is
     the same module."""
 
@@ -336,11 +384,20 @@ class DETR(finola.EncoderModel):
         self.backbone = encoder
         ch, dim = encoder.map_channels, config.decoder.dim
         self.decoder = MobileFormerDecoder(config.decoder, channels=ch["features"], stride8_channels=ch["stride8"])
-        self.class_head = nn.Linear(dim, config.num_classes + 1)          # last class = no object
+        focal = config.class_loss == "focal"
+        self.class_head = nn.Linear(dim, config.num_classes + (not focal))   # "ce": last class = no object
         self.box_head = MLP(dim, dim, dim, 4)
         for module in (self.decoder, self.class_head, self.box_head):
             module.apply(_init_weights)
         nn.init.normal_(self.decoder.queries)
+        if focal:  # every class starts at probability 0.01 (RetinaNet's prior), so no-object rules at first
+            nn.init.constant_(self.class_head.bias, -math.log((1 - 0.01) / 0.01))
+        if config.denoising:  # DN-DETR: a denoising query's content is its (noised) label
+            self.label_embed = nn.Embedding(config.num_classes, dim)
+        if config.decoder.reference_boxes:  # the first boxes are the anchors
+            self.decoder.reset_anchors()
+            nn.init.zeros_(self.box_head[-1].weight)
+            nn.init.zeros_(self.box_head[-1].bias)
         self.freeze_encoder(config.frozen)
 
     @property
@@ -353,22 +410,37 @@ class DETR(finola.EncoderModel):
         self.backbone.freeze(frozen)
         return self
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None,
+                targets: list[dict] | None = None) -> dict:
         images = self.pixels(images) if self.config.normalize_input else self.pixels.check(images)
         if mask is not None and not mask.any():
             mask = None                                                     # nothing padded: the plain path
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.frozen):
             maps = self.backbone.forward_features(images, mask)
         keep = None if mask is None else mobileformer.keep_mask(mask, maps["features"].dtype)
-        states = self.decoder(maps["features"], maps["stride8"], keep)     # (L, B, Q, D)
-        logits, boxes = self.class_head(states), self.box_head(states).sigmoid()
-        return {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
-                "aux_outputs": [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]}
+        dn = denoise = None
+        if self.training and self.config.denoising and targets is not None:
+            dn = detection.noised_targets(targets, groups=self.config.denoising, num_classes=self.config.num_classes)
+            denoise = {"content": self.label_embed(dn["labels_in"]), "boxes": dn["boxes_in"], "group": dn["group"],
+                       "valid": dn["valid"]}
+        states, box = self.decoder(maps["features"], maps["stride8"], keep, box_head=self.box_head,
+                                   denoise=denoise)                         # (L, B, T, ·)
+        logits = self.class_head(states)
+        box = self.box_head(states).sigmoid() if box is None else box
+        q = self.config.decoder.num_queries
+        layers = [{"pred_logits": lg[:, :q], "pred_boxes": bx[:, :q]} for lg, bx in zip(logits, box)]
+        out = {**layers[-1], "aux_outputs": layers[:-1]}
+        if dn is not None:
+            out["dn_outputs"] = [{"pred_logits": lg[:, q:], "pred_boxes": bx[:, q:]} for lg, bx in zip(logits, box)]
+            out["dn_targets"] = dn
+        return out
 
     @classmethod
     def from_config(cls, config: dict, *, encoder: nn.Module) -> "DETR":
-        """``EncoderModel.from_config``; a file written before ``normalize_input`` existed gets False (raw pixels)."""
-        return super().from_config({"normalize_input": False, **config}, encoder=encoder)
+        """``EncoderModel.from_config``; a file written before ``normalize_input`` existed gets False (raw pixels),
+        one written before ``position_layout`` DETR's "axes" layout."""
+        decoder = {"position_layout": "axes", **config["decoder"]}
+        return super().from_config({"normalize_input": False, **config, "decoder": decoder}, encoder=encoder)
 
 
 def _init_weights(m: nn.Module):
@@ -384,104 +456,20 @@ def _init_weights(m: nn.Module):
 
 
 def create(encoder: nn.Module | str, *, decoder: str = "mf-dec-522", num_classes: int, num_queries: int = 100,
-           frozen: bool = False) -> DETR:
+           frozen: bool = False, **options) -> DETR:
     """A DETR on `encoder` (a MobileFormer, or a `mobileformer.create` name such as "mf-w2880") with decoder
     "mf-dec-522" / "mf-dec-211" (Tables 4/18) or "mf-dec-tiny" (ours, CPU-scale). COCO: num_classes = 91 (DETR's
-    ids) or 80 with a category map in `postprocess`."""
+    ids) or 80 with a category map in `postprocess`. `options` set other fields of DecoderConfig or DETRConfig,
+    e.g. position_layout="axes"."""
     if decoder not in PRESETS:
         raise ValueError(f"decoder: unknown decoder {decoder!r}; expected one of {sorted(PRESETS)}")
+    fields = {c: {f.name for f in dataclasses.fields(c)} for c in (DecoderConfig, DETRConfig)}
+    unknown = sorted(set(options) - fields[DecoderConfig] - fields[DETRConfig])
+    if unknown:
+        raise ValueError(f"options: unknown DecoderConfig / DETRConfig fields {unknown}")
     if isinstance(encoder, str):
         encoder = mobileformer.create(encoder)
-    config = DETRConfig(decoder=dataclasses.replace(PRESETS[decoder], num_queries=num_queries),
-                        num_classes=num_classes, frozen=frozen)
+    pick = lambda c: {k: v for k, v in options.items() if k in fields[c]}  # noqa: E731
+    config = DETRConfig(decoder=dataclasses.replace(PRESETS[decoder], num_queries=num_queries, **pick(DecoderConfig)),
+                        num_classes=num_classes, frozen=frozen, **pick(DETRConfig))
     return DETR(encoder, config)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Set criterion (DETR §3.1): CE with no-object weight 0.1, L1 ×5, GIoU ×2, on every decoder layer
-# ---------------------------------------------------------------------------------------------------------------
-def _global_num_boxes(targets: list[dict], device) -> float:
-    """Boxes in the batch averaged over processes (all_reduce when torch.distributed is initialised), at least 1."""
-    n = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(n)
-        n = n / dist.get_world_size()
-    return max(n.item(), 1.0)
-
-
-class SetCriterion(nn.Module):
-    """`criterion(outputs, targets, num_boxes=None)` → {"loss": weighted sum over all layers, "loss_ce", "loss_bbox",
-    "loss_giou": the last layer's unweighted terms}. L1 and GIoU are summed over matched boxes and divided by
-    `num_boxes` (default: the batch's boxes averaged across processes); CE is averaged over all queries with
-    class weights 1 and `eos_coef` for no-object."""
-
-    def __init__(self, num_classes: int, *, eos_coef: float = 0.1, weight_ce: float = 1.0, weight_bbox: float = 5.0,
-                 weight_giou: float = 2.0, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0):
-        super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes: must be positive, got {num_classes}")
-        self.num_classes = num_classes
-        self.weights = {"loss_ce": weight_ce, "loss_bbox": weight_bbox, "loss_giou": weight_giou}
-        self.costs = {"cost_class": cost_class, "cost_bbox": cost_bbox, "cost_giou": cost_giou}
-        class_weight = torch.ones(num_classes + 1)
-        class_weight[-1] = eos_coef
-        self.register_buffer("class_weight", class_weight, persistent=False)
-
-    def layer_losses(self, logits: torch.Tensor, boxes: torch.Tensor, targets: list[dict],
-                     num_boxes: float) -> dict[str, torch.Tensor]:
-        """Unweighted CE, L1 and GIoU terms of one decoder layer's outputs."""
-        if logits.shape[-1] != self.num_classes + 1:
-            raise ValueError(f"outputs: pred_logits has {logits.shape[-1]} classes, expected "
-                             f"num_classes + 1 = {self.num_classes + 1}")
-        indices = hungarian_match(logits, boxes, targets, **self.costs)
-        batch = torch.cat([torch.full_like(p, i) for i, (p, _) in enumerate(indices)]).to(logits.device)
-        query = torch.cat([p for p, _ in indices]).to(logits.device)
-        labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)])
-        tgt = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices)]).to(boxes)
-        classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
-        classes[batch, query] = labels.to(logits.device, torch.int64)
-        src = boxes[batch, query]
-        return {"loss_ce": F.cross_entropy(logits.transpose(1, 2), classes, weight=self.class_weight.to(logits)),
-                "loss_bbox": F.l1_loss(src, tgt, reduction="sum") / num_boxes,
-                "loss_giou": (1 - _giou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))).sum() / num_boxes}
-
-    def forward(self, outputs: dict, targets: list[dict], *, num_boxes: float | None = None) -> dict:
-        _check_targets(targets, outputs["pred_logits"].shape[0])
-        if num_boxes is None:
-            num_boxes = _global_num_boxes(targets, outputs["pred_logits"].device)
-        layers = [*outputs.get("aux_outputs", []), outputs]
-        total = 0.0
-        for layer in layers:
-            terms = self.layer_losses(layer["pred_logits"], layer["pred_boxes"], targets, num_boxes)
-            total = total + sum(self.weights[k] * v for k, v in terms.items())
-        return {"loss": total, **terms}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Post-processing to COCO results
-# ---------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def postprocess(outputs: dict, orig_sizes, *, image_ids, category_ids=None) -> list[dict]:
-    """COCO result dicts {"image_id", "category_id", "bbox": [x, y, w, h] in pixels, "score"}, one per query (as DETR
-    submits). Score and label: the best real class of the softmax (no-object excluded). `orig_sizes` (B, 2) is
-    (height, width) of the original images, the extent the normalized boxes span; `category_ids[k]` is the COCO id of
-    contiguous label k (default: the label itself)."""
-    logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-    B, Q = logits.shape[:2]
-    sizes = torch.as_tensor(orig_sizes, dtype=torch.float32).to(boxes.device)
-    ids = torch.as_tensor(image_ids, dtype=torch.int64)
-    if sizes.shape != (B, 2) or ids.shape != (B,):
-        raise ValueError(f"orig_sizes, image_ids: expected ({B}, 2) and ({B},), got {tuple(sizes.shape)} "
-                         f"and {tuple(ids.shape)}")
-    scores, labels = logits.softmax(-1)[..., :-1].max(-1)
-    xyxy = box_cxcywh_to_xyxy(boxes.float()) * sizes.flip(-1).repeat(1, 2)[:, None]   # (w, h, w, h) per image
-    xywh = torch.cat([xyxy[..., :2], xyxy[..., 2:] - xyxy[..., :2]], dim=-1)
-    if category_ids is not None:
-        category_ids = torch.as_tensor(category_ids, dtype=torch.int64)
-        if len(category_ids) != logits.shape[-1] - 1:
-            raise ValueError(f"category_ids: need one COCO id per class ({logits.shape[-1] - 1}), "
-                             f"got {len(category_ids)}")
-        labels = category_ids.to(labels.device)[labels]
-    return [{"image_id": i, "category_id": c, "bbox": b, "score": s}
-            for i, c, b, s in zip(ids[:, None].expand(B, Q).flatten().tolist(), labels.flatten().tolist(),
-                                  xywh.flatten(0, 1).tolist(), scores.flatten().tolist())]

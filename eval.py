@@ -186,23 +186,26 @@ AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 @torch.no_grad()
-def detect(model, loader, coco_gt, *, figure: Path | None = None, show: int = 6, threshold: float = 0.5) -> dict:
+def detect(model, loader, coco_gt, *, figure: Path | None = None, show: int = 6,
+           threshold: float | None = None) -> dict:
     """COCO box AP of a DETR model over ``loader`` against ``coco_gt`` (``data.coco(dataset)``), with
     pycocotools' COCOeval; optionally a PNG of ``show`` images with true (green) and predicted (red, score >=
-    ``threshold``) boxes."""
-    import detr  # only this evaluation needs it
+    ``threshold``: by default 0.5 for a softmax detector, 0.3 for a focal one, whose per-class sigmoids run lower)
+    boxes."""
+    import detection  # only this evaluation needs it
 
     model.eval()
     results, shown = [], []
     for batch in loader:
         targets = batch["targets"]
         outputs = model(batch["images"], batch.get("mask"))
-        dets = detr.postprocess(outputs, [t["orig_size"] for t in targets], image_ids=[t["image_id"] for t in targets])
+        dets = detection.postprocess(outputs, [t["orig_size"] for t in targets], image_ids=[t["image_id"] for t in targets],
+                                class_loss=model.config.class_loss)
         results += dets
-        q = outputs["pred_logits"].shape[1]
         for i in range(min(len(targets), show - len(shown))):
             h, w = targets[i]["size"]  # the image without its padding
-            shown.append((batch["images"][i, :, :h, :w], targets[i], dets[i * q:(i + 1) * q]))
+            shown.append((batch["images"][i, :, :h, :w], targets[i],
+                          [d for d in dets if d["image_id"] == targets[i]["image_id"]]))
     if not results:
         raise ValueError("detect: the data gave no images")
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its own tables
@@ -215,6 +218,8 @@ def detect(model, loader, coco_gt, *, figure: Path | None = None, show: int = 6,
     out = {name: round(float(v), 4) for name, v in zip(AP_NAMES, ev.stats[:6])}
     out["images"] = len(ev.params.imgIds)
     if figure is not None:
+        if threshold is None:
+            threshold = 0.3 if model.config.class_loss == "focal" else 0.5
         draw_detections(shown, figure, threshold=threshold)
     return out
 

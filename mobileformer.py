@@ -257,9 +257,16 @@ class MobileToFormer(nn.Module):
         self.proj = nn.Linear(channels, token_dim)
         self.norm = nn.LayerNorm(token_dim)
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, z: torch.Tensor, keep: torch.Tensor | None = None, *,
+                bias: torch.Tensor | None = None, query_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """``bias`` (B, 1, T, H·W), optional: added to the attention logits (a spatial prior); ``query_pos`` (B, T, D),
+        optional: added to the tokens where they make the queries, not to the residual."""
         kv = _heads(_pixels(x), self.heads)                               # (B, h, HW, C/h)
-        out = F.scaled_dot_product_attention(_heads(self.q(z), self.heads), kv, kv, attn_mask=key_mask(keep))
+        mask = key_mask(keep)
+        if bias is not None:
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        q = self.q(z if query_pos is None else z + query_pos)
+        out = F.scaled_dot_product_attention(_heads(q, self.heads), kv, kv, attn_mask=mask)
         out = out.transpose(1, 2).flatten(2) * (2 * F.hardsigmoid(self.gate(z)))   # (B, T, C)
         return self.norm(z + self.proj(out))
 
@@ -292,10 +299,11 @@ class FormerToMobile(nn.Module):
         self.k = nn.Linear(token_dim, channels)
         self.v = nn.Linear(token_dim, channels)
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, z: torch.Tensor, *, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``bias`` (B, 1, H·W, T), optional: added to the attention logits (a spatial prior)."""
         b, c, h, w = x.shape
         out = F.scaled_dot_product_attention(_heads(_pixels(x), self.heads), _heads(self.k(z), self.heads),
-                                             _heads(self.v(z), self.heads))       # (B, heads, HW, C/heads)
+                                             _heads(self.v(z), self.heads), attn_mask=bias)  # (B, heads, HW, C/h)
         return x + out.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 

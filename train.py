@@ -32,6 +32,7 @@ from accelerate.utils import set_seed
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+import detection
 import data
 import detr
 import errors
@@ -49,7 +50,8 @@ console = Console(stderr=True)
 DEFAULTS = dict(preset="small", data=None, streaming=False, augment=True, epoch_size=None, eval_split="validation",
                 data_options={}, encoder="mf-tiny", channels=256, grid=4, image_size=32, upsampler="conv",
                 widths=[64, 32, 32, 16], q_position="center", norm="layer", decoder="mf-dec-tiny", num_queries=100,
-                init=None,
+                position_layout="heads", reference_boxes=False, class_loss="ce", denoising=0,
+                feature_norm=False, init=None,
                 batch_size=32, epochs=1, max_steps=None, warmup_epochs=0.0, lr=1.5e-4, scale_lr=True,
                 schedule="cosine", lr_drop_epoch=None, betas=[0.9, 0.999], weight_decay=0.1, grad_accum=1, seed=0, num_workers=0,
                 out=None, resume=None, checkpoint_every=500, log_every=10, freeze_encoder=False,
@@ -129,6 +131,20 @@ def _parser() -> argparse.ArgumentParser:
                                                           "or normalized as the encoder sees it (finola.OUTPUTS)")
     m.add_argument("--decoder", choices=sorted(detr.PRESETS), help="DETR's Mobile-Former decoder (Tables 4, 18)")
     m.add_argument("--num-queries", type=POSITIVE, help="DETR object queries (100 in the paper)")
+    m.add_argument("--position-layout", choices=detr.POSITION_LAYOUTS,
+                   help="DETR decoder: a whole sine encoding in each attention head's channels (heads), or DETR's "
+                        "y-then-x channels, which give each Mobile-Former bridge head one axis (axes: files before "
+                        "the fix)")
+    m.add_argument("--reference-boxes", action=argparse.BooleanOptionalAction,
+                   help="DETR decoder: each query keeps a box, refined block by block, that centres a Gaussian prior "
+                        "on its attention and embeds into its queries (ours, after SMCA / DAB / Deformable DETR; "
+                        "off in the paper's recipe)")
+    m.add_argument("--denoising", type=COUNT,
+                   help="DETR: groups of noised true boxes fed as extra training queries that learn to give them back "
+                        "(DN-DETR; needs --reference-boxes; 0: none, the paper's)")
+    m.add_argument("--class-loss", choices=detection.CLASS_LOSSES,
+                   help="DETR: softmax cross-entropy with no-object (ce, the paper's) or Deformable DETR's sigmoid "
+                        "focal loss (focal)")
     m.add_argument("--init", help="start the encoder from any of our .safetensors files (default: random init); "
                                   "finetune from a classifier file with the same --head also starts its decoder there")
     m.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction,
@@ -140,6 +156,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--mask-ratio", type=AMOUNT, help="mae: the fraction of patches removed (MAE: 0.75)")
     m.add_argument("--head", choices=["lin", "tran-1", "tran-4"],
                    help="classification decoder: BN + linear, or 1 / 4 transformer blocks + linear (App. B)")
+    m.add_argument("--feature-norm", action=argparse.BooleanOptionalAction,
+                   help="tran-N decoders: standardize the encoder map's channels first (BatchNorm without affine, as "
+                        "the linear probe's; ours, off in the paper's recipe)")
     m.add_argument("--dropout", type=AMOUNT, help="tran-N decoders (Table 13: 0.1 for MF-W720, 0.2 for W1440/W2880)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=POSITIVE, help="the global batch: images per optimizer step over all processes "

@@ -1,12 +1,11 @@
-"""detr.py: box ops, GIoU, Hungarian matcher, set criterion, COCO post-processing, the detector."""
-import contextlib
-import io
-import itertools
+"""detr.py: the Mobile-Former decoder and the detector (positions, reference boxes, padding, sizes)."""
+import dataclasses
 
 import pytest
 import torch
 from torch.testing import assert_close
 
+import detection
 import detr
 import mobileformer
 
@@ -21,195 +20,12 @@ def _targets(g, sizes, num_classes):
     return [{"labels": torch.randint(num_classes, (n,), generator=g), "boxes": _boxes(g, n)} for n in sizes]
 
 
-# --- boxes ---------------------------------------------------------------------------------------------------------
-def test_box_conversions_round_trip():
-    g = torch.Generator().manual_seed(0)
-    b = _boxes(g, 64)
-    assert_close(detr.box_xyxy_to_cxcywh(detr.box_cxcywh_to_xyxy(b)), b)
-    xyxy = detr.box_cxcywh_to_xyxy(b)
-    assert_close(detr.box_cxcywh_to_xyxy(detr.box_xyxy_to_cxcywh(xyxy)), xyxy)
-    assert_close(detr.box_cxcywh_to_xyxy(torch.tensor([0.5, 0.5, 0.2, 0.4])), torch.tensor([0.4, 0.3, 0.6, 0.7]))
-
-
-@pytest.mark.parametrize("a, b, expected", [
-    ([0, 0, 1, 1], [0, 0, 1, 1], 1.0),                        # identical
-    ([0, 0, 1, 1], [2, 0, 3, 1], -1 / 3),                     # disjoint: 0 − (3 − 2) / 3
-    ([0, 0, 2, 2], [0.5, 0.5, 1.5, 1.5], 0.25),               # nested: IoU 1/4, enclosing = union
-    ([0, 0, 1, 1], [1, 0, 2, 1], 0.0),                        # touching edges: IoU 0, enclosing = union
-    ([0, 0, 2, 2], [1, 1, 3, 3], 1 / 7 - 2 / 9),              # overlap: inter 1, union 7, enclosing 9
-])
-def test_giou_hand_values(a, b, expected):
-    a, b = torch.tensor([a], dtype=torch.float64), torch.tensor([b], dtype=torch.float64)
-    assert_close(detr.generalized_box_iou(a, b), torch.tensor([[expected]], dtype=torch.float64))
-    assert_close(detr.generalized_box_iou(b, a), torch.tensor([[expected]], dtype=torch.float64))
-
-
-@pytest.mark.parametrize("a, b, expected", [
-    ([0, 0, 1, 1], [0, 0, 1, 1], 1.0), ([0, 0, 1, 1], [2, 0, 3, 1], 0.0), ([0, 0, 2, 2], [0.5, 0.5, 1.5, 1.5], 0.25),
-    ([0, 0, 2, 2], [1, 1, 3, 3], 1 / 7)])
-def test_iou_hand_values(a, b, expected):
-    a, b = torch.tensor([a], dtype=torch.float64), torch.tensor([b], dtype=torch.float64)
-    assert_close(detr.box_iou(a, b), torch.tensor([[expected]], dtype=torch.float64))
-    assert_close(detr.box_iou(b, a), torch.tensor([[expected]], dtype=torch.float64))
-
-
-def test_giou_pairwise_shape_and_symmetry():
-    g = torch.Generator().manual_seed(1)
-    a, b = detr.box_cxcywh_to_xyxy(_boxes(g, 4)), detr.box_cxcywh_to_xyxy(_boxes(g, 6))
-    m = detr.generalized_box_iou(a, b)
-    assert m.shape == (4, 6) and bool(((m >= -1) & (m <= 1)).all())
-    assert_close(m, detr.generalized_box_iou(b, a).T)
-    assert_close(detr.generalized_box_iou(a, a).diagonal(), torch.ones(4))
-    with pytest.raises(ValueError, match="a, b"):
-        detr.generalized_box_iou(a[0], b)
-
-
-# --- matcher -------------------------------------------------------------------------------------------------------
-def _cost_matrix(logits, boxes, t):
-    """DETR's matching cost for one image, written out directly: (Q, n)."""
-    prob = logits.softmax(-1)[:, t["labels"]]
-    l1 = (boxes[:, None] - t["boxes"][None]).abs().sum(-1)
-    giou = detr.generalized_box_iou(detr.box_cxcywh_to_xyxy(boxes), detr.box_cxcywh_to_xyxy(t["boxes"]))
-    return -1.0 * prob + 5.0 * l1 - 2.0 * giou
-
-
-def test_matcher_cost_equals_brute_force_minimum():
-    g = torch.Generator().manual_seed(2)
-    Q, K = 5, 3
-    for n in [1, 2, 3, 4, 5, 2, 4]:
-        logits, boxes = torch.randn(1, Q, K + 1, generator=g), _boxes(g, Q)[None]
-        targets = _targets(g, [n], K)
-        (p, t), = detr.hungarian_match(logits, boxes, targets)
-        cost = _cost_matrix(logits[0], boxes[0], targets[0])
-        assert len(p) == len(t) == n and len(set(p.tolist())) == n and sorted(t.tolist()) == list(range(n))
-        best = min(sum(cost[q, j] for j, q in enumerate(perm)) for perm in itertools.permutations(range(Q), n))
-        assert_close(cost[p, t].sum(), best)
-
-
-def test_matcher_batched_equals_per_image_and_empty_targets():
-    g = torch.Generator().manual_seed(3)
-    sizes = [3, 0, 5, 1]
-    logits, boxes = torch.randn(4, 8, 6, generator=g), torch.stack([_boxes(g, 8) for _ in sizes])
-    targets = _targets(g, sizes, 5)
-    batched = detr.hungarian_match(logits, boxes, targets)
-    for i, (p, t) in enumerate(batched):
-        (p1, t1), = detr.hungarian_match(logits[i:i + 1], boxes[i:i + 1], targets[i:i + 1])
-        assert torch.equal(p, p1) and torch.equal(t, t1) and len(p) == sizes[i]
-        assert p.dtype == t.dtype == torch.int64
-    empty = detr.hungarian_match(logits[:2], boxes[:2], _targets(g, [0, 0], 5))
-    assert all(p.numel() == 0 and t.numel() == 0 for p, t in empty)
-    with pytest.raises(ValueError, match="targets"):
-        detr.hungarian_match(logits, boxes, targets[:2])
-
-
-# --- criterion -----------------------------------------------------------------------------------------------------
-def _outputs(g, B, Q, K, layers):
-    raw = [(torch.randn(B, Q, K + 1, generator=g).requires_grad_(), torch.randn(B, Q, 4, generator=g).requires_grad_())
-           for _ in range(layers)]
-    outs = [{"pred_logits": lg, "pred_boxes": bx.sigmoid()} for lg, bx in raw]
-    return {**outs[-1], "aux_outputs": outs[:-1]}, raw
-
-
-def test_criterion_gradient_reaches_logits_and_boxes_of_every_layer():
-    g = torch.Generator().manual_seed(4)
-    outputs, raw = _outputs(g, 2, 6, 4, layers=3)
-    losses = detr.SetCriterion(4)(outputs, _targets(g, [2, 3], 4))
-    assert set(losses) == {"loss", "loss_ce", "loss_bbox", "loss_giou"}
-    losses["loss"].backward()
-    for logits, boxes in raw:
-        for x in (logits, boxes):
-            assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-
-
-def test_criterion_values_and_normalization():
-    """Perfect boxes give zero L1 and GIoU; L1/GIoU scale with 1/num_boxes; CE weights no-object by 0.1."""
-    K, Q = 3, 4
-    targets = [{"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
-    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2]] + [[0.2, 0.2, 0.1, 0.1]] * (Q - 1)])
-    logits = torch.zeros(1, Q, K + 1)
-    crit = detr.SetCriterion(K)
-    out = crit({"pred_logits": logits, "pred_boxes": boxes}, targets)
-    assert_close(out["loss_bbox"], torch.tensor(0.0))
-    assert_close(out["loss_giou"], torch.tensor(0.0))
-    # uniform logits: CE = log(K+1) for every query, weighted mean over queries is the same
-    assert_close(out["loss_ce"], torch.log(torch.tensor(K + 1.0)))
-    shifted = boxes.clone()
-    shifted[0, 0, 0] += 0.1
-    a = crit({"pred_logits": logits, "pred_boxes": shifted}, targets)
-    b = crit({"pred_logits": logits, "pred_boxes": shifted}, targets, num_boxes=2.0)
-    assert_close(a["loss_bbox"], torch.tensor(0.1))
-    assert_close(b["loss_bbox"], torch.tensor(0.05))
-    assert_close(b["loss_giou"], a["loss_giou"] / 2)
-    # no-object weight: confident no-object everywhere except the matched query costs little per no-object query
-    logits2 = torch.zeros(1, Q, K + 1)
-    logits2[0, 1:, 1] = 5.0                                      # wrong class on the 3 unmatched queries
-    ce = crit({"pred_logits": logits2, "pred_boxes": boxes}, targets)["loss_ce"]
-    per_query = torch.nn.functional.cross_entropy(logits2[0], torch.tensor([2, K, K, K]), reduction="none")
-    assert_close(ce, (per_query[0] + 0.1 * per_query[1:].sum()) / (1 + 0.1 * (Q - 1)))
-    empty = crit({"pred_logits": logits, "pred_boxes": boxes}, [{"labels": torch.zeros(0, dtype=torch.int64),
-                                                                 "boxes": torch.zeros(0, 4)}])
-    assert torch.isfinite(empty["loss"]) and empty["loss_bbox"] == 0
-
-
-# --- post-processing and COCOeval ----------------------------------------------------------------------------------
-def test_postprocess_pixels_scores_and_category_map():
-    logits = torch.tensor([[[2.0, 0.0, 1.0]]])                   # 2 classes + no-object
-    boxes = torch.tensor([[[0.5, 0.5, 0.5, 0.5]]])
-    res = detr.postprocess({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]]),
-                           image_ids=[7], category_ids=[3, 9])
-    score = logits.softmax(-1)[0, 0, 0].item()
-    assert len(res) == 1 and res[0]["image_id"] == 7 and res[0]["category_id"] == 3
-    assert res[0]["bbox"] == pytest.approx([50.0, 25.0, 100.0, 50.0]) and res[0]["score"] == pytest.approx(score)
-    with pytest.raises(ValueError, match="category_ids"):
-        detr.postprocess({"pred_logits": logits, "pred_boxes": boxes}, [[100, 200]], image_ids=[7], category_ids=[3])
-
-
-def _coco_eval(gt: dict, results: list[dict]) -> float:
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO()
-        coco.dataset = gt
-        coco.createIndex()
-        ev = COCOeval(coco, coco.loadRes(results), "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return ev.stats[0]
-
-
-def test_cocoeval_perfect_predictions_give_ap_one():
-    cats = [1, 3, 7]                                             # COCO ids; contiguous labels 0, 1, 2
-    images = [{"id": 11, "height": 480, "width": 640}, {"id": 12, "height": 200, "width": 300}]
-    boxes = {11: [(0, [10, 20, 100, 50]), (2, [300, 200, 200, 150]), (1, [50, 300, 60, 120])],
-             12: [(2, [0, 0, 150, 100]), (0, [120, 60, 90, 90])]}
-    anns = [{"id": k + 1, "image_id": i, "category_id": cats[lbl], "bbox": bb, "area": bb[2] * bb[3], "iscrowd": 0}
-            for k, (i, lbl, bb) in enumerate((i, lbl, bb) for i, lst in boxes.items() for lbl, bb in lst)]
-    gt = {"images": images, "annotations": anns, "categories": [{"id": c, "name": str(c)} for c in cats]}
-    Q, K = 10, len(cats)
-    logits = torch.zeros(2, Q, K + 1)
-    logits[..., K] = 8.0                                         # unmatched queries: confident no-object
-    pred = torch.tensor([0.5, 0.5, 0.1, 0.1]).repeat(2, Q, 1)
-    sizes = torch.tensor([[im["height"], im["width"]] for im in images])
-    for b, im in enumerate(images):
-        for q, (lbl, (x, y, w, h)) in enumerate(boxes[im["id"]]):
-            W, H = im["width"], im["height"]
-            pred[b, q] = torch.tensor([(x + w / 2) / W, (y + h / 2) / H, w / W, h / H])
-            logits[b, q, lbl] = 10.0
-    outputs = {"pred_logits": logits, "pred_boxes": pred}
-    results = detr.postprocess(outputs, sizes, image_ids=[11, 12], category_ids=cats)
-    assert len(results) == 2 * Q
-    assert _coco_eval(gt, results) == pytest.approx(1.0)
-    wrong = detr.postprocess(outputs, sizes, image_ids=[11, 12], category_ids=[3, 7, 1])   # labels mapped wrongly
-    assert _coco_eval(gt, wrong) < 0.1
-
-
 # --- the detector --------------------------------------------------------------------------------------------------
 def _train_steps(model, steps=2):
     g = torch.Generator().manual_seed(5)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
-    crit = detr.SetCriterion(model.config.num_classes)
+    crit = detection.SetCriterion(model.config.num_classes)
     for _ in range(steps):
         images, targets = torch.randn(2, 3, 64, 64, generator=g), _targets(g, [2, 1], model.config.num_classes)
         loss = crit(model(images), targets)["loss"]
@@ -271,7 +87,7 @@ def test_config_round_trip_and_errors():
     with pytest.raises(ValueError, match="depths"):
         detr.DecoderConfig(depths=(1, 0, 1))
     with pytest.raises(ValueError, match="num_classes"):
-        detr.SetCriterion(0)
+        detection.SetCriterion(0)
 
 
 # --- padded batches (DETR's images of different sizes) --------------------------------------------------------------
@@ -284,11 +100,13 @@ def _padded(images):
     return x, mask
 
 
-def test_padding_changes_no_prediction():
+@pytest.mark.parametrize("options", [{}, {"reference_boxes": True, "class_loss": "focal"}])
+def test_padding_changes_no_prediction(options):
     """Each image's predictions in a padded batch are those it gets alone (eval mode), to float rounding, for sizes
-    whose maps are odd at every scale; without the mask they are not."""
+    whose maps are odd at every scale; without the mask they are not. Reference boxes' priors are laid on each
+    image's own extent too."""
     torch.manual_seed(0)
-    model = detr.create("mf-tiny", decoder="mf-dec-tiny", num_classes=3, num_queries=8).eval()
+    model = detr.create("mf-tiny", decoder="mf-dec-tiny", num_classes=3, num_queries=8, **options).eval()
     for m in model.modules():  # outputs that depend visibly on the input: PyTorch's Linear init, BN stats off (0, 1)
         if isinstance(m, torch.nn.Linear):
             m.reset_parameters()
@@ -324,3 +142,145 @@ def test_sine_positions_are_normalized_by_each_images_own_extent():
     y = (torch.arange(h) + 0.5) / h * 2 * torch.pi
     assert_close(pe[1, :n, :, 0], (y[None] / freq[:, None]).sin())
     assert_close(pe[1, n:2 * n, :, 0], (y[None] / freq[:, None]).cos())
+    x = (torch.arange(w) + 0.5) / w * 2 * torch.pi                      # "heads" layout: two whole encodings, each
+    for half in detr.sine_position_encoding(h, w, dim, groups=2)[0].chunk(2):   # of DETR's first n / 2 frequencies
+        assert_close(half[:n // 2, :, 0], (y[None] / freq[:n // 2, None]).sin())
+        assert_close(half[n // 2:n, :, 0], (y[None] / freq[:n // 2, None]).cos())
+        assert_close(half[n:3 * n // 2, 0], (x[None] / freq[:n // 2, None]).sin())
+        assert_close(half[3 * n // 2:, 0], (x[None] / freq[:n // 2, None]).cos())
+
+
+# --- positions: every head of every attention over the map sees both axes ------------------------------------------
+def _head_spread(keys: torch.Tensor, heads: int) -> torch.Tensor:
+    """(heads, 2): per contiguous channel group of a map (B, C, H, W), how far its vectors move along y and along x
+    (RMS distance between neighbouring rows / columns)."""
+    g = keys[0].unflatten(0, (heads, -1))                                    # (heads, C / heads, H, W)
+    along_y = (g[:, :, 1:] - g[:, :, :-1]).square().sum(1).mean((1, 2)).sqrt()
+    along_x = (g[..., 1:] - g[..., :-1]).square().sum(1).mean((1, 2)).sqrt()
+    return torch.stack([along_y, along_x], dim=1)
+
+
+@pytest.mark.parametrize("decoder", ["mf-dec-tiny", "mf-dec-211"])
+def test_every_head_sees_both_axes_on_constant_maps(decoder):
+    """On spatially constant encoder maps the keys vary by the sine encoding (and the convs' zero padding at the
+    borders): at the first block of each scale, each head of every attention over the map (the bridges' and the pixel
+    transformer's) moves along y and along x by at least half the largest head's movement. In DETR's "axes" layout
+    the first bridge's heads each see one axis (the other moves only at the borders), and fail."""
+    for layout in ("heads", "axes"):
+        torch.manual_seed(0)
+        config = dataclasses.replace(detr.PRESETS[decoder], position_layout=layout, num_queries=4)
+        model = detr.DETR(mobileformer.create("mf-tiny"), detr.DETRConfig(decoder=config, num_classes=3)).eval()
+        seen = []
+        for stage in model.decoder.stages:
+            stage[0].mobile_to_former.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        with torch.no_grad():
+            model.decoder(torch.ones(1, 240, 8, 8), torch.ones(1, 24, 16, 16))
+        assert len(seen) == 3
+        for scale, keys in enumerate(seen):
+            assert float(keys.std((2, 3)).max()) > 0.1                      # the positions are there
+            for heads in (config.bridge_heads, config.heads):
+                spread = _head_spread(keys, heads)
+                fair = bool((spread >= 0.5 * spread.max()).all())
+                if layout == "heads" or scale == 0:
+                    assert fair == (layout == "heads"), (layout, scale, heads, spread)
+
+
+def test_files_without_a_position_layout_keep_detrs():
+    model = detr.create("mf-tiny", decoder="mf-dec-tiny", num_classes=3, num_queries=4)
+    config = model.config_dict()
+    assert config["decoder"]["position_layout"] == "heads"
+    del config["decoder"]["position_layout"]
+    old = detr.DETR.from_config(config, encoder=mobileformer.create("mf-tiny"))
+    assert old.decoder.config.position_layout == "axes" and old.decoder.config.position_groups == 1
+
+
+# --- reference boxes ----------------------------------------------------------------------------------------------
+def test_box_prior_is_zero_at_the_centre_and_minus_half_on_each_edge():
+    y, x = detr.pixel_centres(4, 4)                                   # centres at 1/8, 3/8, 5/8, 7/8
+    boxes = torch.tensor([[[3 / 8, 5 / 8, 0.5, 0.25]]])                # w/2 = 1/4, h/2 = 1/8
+    prior = detr.box_prior(boxes, y, x).reshape(4, 4)
+    assert prior[2, 1] == 0                                            # row 5/8, column 3/8: the centre
+    assert_close(prior[2, 2], torch.tensor(-0.5))                      # a quarter to the right: the edge
+    assert_close(prior[1, 1], torch.tensor(-2.0))                      # a quarter up: two half-heights
+    assert_close(prior[1, 2], torch.tensor(-2.5))
+
+
+def test_reference_boxes_start_at_the_anchors_and_refine():
+    torch.manual_seed(0)
+    model = detr.create("mf-tiny", decoder="mf-dec-tiny", num_classes=3, num_queries=6, reference_boxes=True).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 64, 64))
+    first = out["aux_outputs"][0]["pred_boxes"]
+    assert_close(first, model.decoder.anchors.sigmoid().expand_as(first))  # a zero offset from the anchors
+    centres = model.decoder.anchors.detach().sigmoid()[:, :2]
+    assert float(centres.min()) >= 0 and float(centres.max()) <= 1 and float(centres.std()) > 0.1
+    _train_steps(model.train())
+    with torch.no_grad():
+        moved = model.eval()(torch.rand(2, 3, 64, 64))
+    assert not torch.allclose(moved["pred_boxes"], moved["aux_outputs"][0]["pred_boxes"])
+    with pytest.raises(ValueError, match="box_head"):
+        model.decoder(torch.ones(1, 240, 4, 4), torch.ones(1, 24, 8, 8))
+
+
+# --- denoising queries (DN-DETR) -------------------------------------------------------------------------------------
+def test_denoising_queries_change_nothing_the_object_queries_compute():
+    """Denoising tokens attend to the object queries, never the reverse, and write nothing into the map: the object
+    queries' outputs are those of a forward pass without them (dropout off, BatchNorm fixed)."""
+    torch.manual_seed(0)
+    model = detr.create("mf-tiny", decoder="mf-dec-tiny", num_classes=4, num_queries=6, reference_boxes=True,
+                        class_loss="focal", denoising=3).train()
+    model.decoder.dropout.p = 0.0
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    g = torch.Generator().manual_seed(0)
+    targets = _targets(g, [1, 3, 0], 4)
+    x = torch.rand(3, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        with_dn, without = model(x, None, targets), model(x)
+    assert "dn_outputs" in with_dn and "dn_outputs" not in without
+    assert len(with_dn["dn_outputs"]) == 3 and with_dn["dn_outputs"][0]["pred_boxes"].shape == (3, 9, 4)
+    for key in ("pred_logits", "pred_boxes"):
+        assert_close(with_dn[key], without[key])
+        assert_close(with_dn["aux_outputs"][0][key], without["aux_outputs"][0][key])
+    model.eval()                                                    # inference: no denoising queries
+    assert "dn_outputs" not in model(torch.rand(1, 3, 64, 64), None, targets[:1])
+    with pytest.raises(ValueError, match="denoising"):
+        detr.create("mf-tiny", decoder="mf-dec-tiny", num_classes=4, denoising=2)
+
+
+def test_noised_targets_stay_near_their_boxes():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    targets = _targets(g, [2, 0, 3], 5)
+    dn = detection.noised_targets(targets, groups=4, num_classes=5, box_noise=0.4, label_noise=0.5)
+    assert dn["boxes_in"].shape == (3, 12, 4) and dn["group"].tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    assert dn["valid"].sum(1).tolist() == [8, 0, 12]
+    v = dn["valid"]
+    shift = (dn["boxes_in"] - dn["boxes"])[v].abs()
+    side = dn["boxes"][v][:, 2:]
+    assert bool((shift[:, :2] <= 0.2 * side + 1e-6).all()) and bool((shift[:, 2:] <= 0.4 * side + 1e-6).all())
+    assert shift.max() > 0                                          # they do move
+    assert torch.equal(dn["labels"][0, :2], targets[0]["labels"]) and torch.equal(dn["labels"][0, 3:5],
+                                                                                     targets[0]["labels"])
+    flipped = (dn["labels_in"] != dn["labels"])[v].float().mean()
+    assert 0.1 < flipped < 0.7                                      # about label_noise x (1 - 1/5) = 0.4
+
+
+def test_denoising_loss_is_the_layer_terms_on_the_valid_queries():
+    g = torch.Generator().manual_seed(2)
+    targets = _targets(g, [2, 1], 3)
+    torch.manual_seed(0)
+    dn = detection.noised_targets(targets, groups=2, num_classes=3)
+    logits, boxes = torch.randn(2, 4, 3, generator=g), _boxes(g, 8).reshape(2, 4, 4)
+    crit = detection.SetCriterion(3, class_loss="focal")
+    terms = crit.denoising_losses(logits, boxes, dn, num_boxes=1.5)
+    v = dn["valid"]
+    assert v.sum() == 6
+    assert_close(terms["loss_bbox"], (boxes[v] - dn["boxes"][v]).abs().sum() / (1.5 * 2))
+    assert_close(terms["loss_ce"], crit.class_term(logits[v][None], dn["labels"][v][None], 1.5 * 2))
+    outputs = {"pred_logits": torch.zeros(2, 5, 3), "pred_boxes": torch.full((2, 5, 4), 0.5), "aux_outputs": []}
+    plain = crit(outputs, targets, num_boxes=1.5)["loss"]
+    both = crit({**outputs, "dn_outputs": [{"pred_logits": logits, "pred_boxes": boxes}], "dn_targets": dn}, targets,
+                num_boxes=1.5)["loss"]
+    assert_close(both - plain, sum(crit.weights[k] * terms[k] for k in terms))

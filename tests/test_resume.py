@@ -297,14 +297,14 @@ def test_a_two_process_run_killed_and_resumed_matches_the_uninterrupted_one(tmp_
 def _detr_loss_on_rank(rank: int, port: int, results):
     import torch.distributed as dist
 
-    import detr
+    import detection
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.manual_seed(0)
     outputs = {"pred_logits": torch.randn(1, 5, 4), "pred_boxes": torch.rand(1, 5, 4) * 0.5 + 0.25,
                "aux_outputs": []}
     n = 1 if rank == 0 else 3  # rank 0 holds 1 box, rank 1 holds 3: DETR divides both by their mean, 2
     targets = [{"labels": torch.arange(n) % 3, "boxes": torch.rand(n, 4) * 0.5 + 0.25}]
-    criterion = detr.SetCriterion(3)
+    criterion = detection.SetCriterion(3)
     results[rank] = (criterion(outputs, targets)["loss"].item(), criterion(outputs, targets, num_boxes=2.0)["loss"]
                      .item(), criterion(outputs, targets, num_boxes=float(n))["loss"].item())
     dist.destroy_process_group()
