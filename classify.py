@@ -46,6 +46,7 @@ class ClassifierConfig:
     heads: int | None = None                # attention heads (width / 64, at least 2)
     dropout: float | None = None            # before the classifier (and in the blocks' MLP) of tran-N
     frozen: bool = False                    # probing: the encoder is fixed
+    feature_norm: bool = False              # tran-N: BatchNorm (no affine) on the map's channels first (ours, below)
     mean: tuple = finola.IMAGENET_MEAN  # input normalization of [0, 1] images for the encoder (PixelNorm)
     std: tuple = finola.IMAGENET_STD
 
@@ -92,6 +93,7 @@ class Classifier(finola.EncoderModel):
             nn.init.zeros_(self.classifier.bias)
         else:
             d = config.width
+            self.feature_norm = nn.BatchNorm2d(C, affine=False, eps=1e-6) if config.feature_norm else nn.Identity()
             self.embed = nn.Linear(C, d)
             self.blocks = nn.Sequential(*(TransformerBlock(d, heads=config.heads, dropout=config.dropout)
                                           for _ in range(DECODERS[config.decoder])))
@@ -113,5 +115,5 @@ class Classifier(finola.EncoderModel):
         fmap = self.features(x)
         if self.config.decoder == "lin":
             return self.classifier(self.norm(fmap.mean((2, 3))))
-        tokens = self.blocks(self.embed(fmap.flatten(2).transpose(1, 2)))
+        tokens = self.blocks(self.embed(self.feature_norm(fmap).flatten(2).transpose(1, 2)))
         return self.classifier(self.dropout(self.norm(tokens).mean(1)))

@@ -79,6 +79,30 @@ def test_parameter_counts_match_tables_6_and_7(name, head, paper):
     assert n / 1e6 == pytest.approx(paper, abs=0.6)
 
 
+def test_feature_norm_standardizes_the_maps_channels_before_tran_1s_embedding(one_thread):
+    """--feature-norm: BatchNorm without affine over the map's channels (batch and positions), then tran-1 as
+    before; a random mf-tiny's tokens are otherwise almost the same for every image (EXPERIMENTS.md)."""
+    torch.manual_seed(0)
+    config = classify.ClassifierConfig(num_classes=CLASSES, decoder="tran-1", frozen=True, feature_norm=True)
+    model = classify.Classifier(mobileformer.create("mf-tiny"), config).train()
+    x = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    model.dropout.p = 0.0
+    for block in model.blocks:
+        block.dropout = 0.0
+        block.mlp[2].p = block.mlp[4].p = 0.0
+    with torch.no_grad():
+        fmap = model.features(x)
+        standard = (fmap - fmap.mean((0, 2, 3), keepdim=True)) / torch.sqrt(fmap.var((0, 2, 3), unbiased=False,
+                                                                                     keepdim=True) + 1e-6)
+        tokens = model.blocks(model.embed(standard.flatten(2).transpose(1, 2)))
+        expected = model.classifier(model.norm(tokens).mean(1))
+        torch.testing.assert_close(model(x), expected)
+    assert not model.feature_norm.affine and not any(p.requires_grad is False for p in model.embed.parameters())
+    plain = classify.Classifier(mobileformer.create("mf-tiny"), classify.ClassifierConfig(
+        num_classes=CLASSES, decoder="tran-1"))
+    assert isinstance(plain.feature_norm, torch.nn.Identity) and not plain.config.feature_norm   # the paper's
+
+
 def test_bad_configs_name_the_argument():
     with pytest.raises(ValueError, match="decoder: expected one of"):
         classify.ClassifierConfig(decoder="tran-2")
