@@ -2,30 +2,30 @@
 finished step's raw result to OUT/results.jsonl and prints the markdown table that EXPERIMENTS.md quotes.
 
     python experiments.py table1 [--minutes 25] [--seeds 0 1 2] [--out runs/table1]
-    python experiments.py table4 [--steps 1500] [--image-size 128] [--seeds 0 1 2] [--finola FILE]
+    python experiments.py table4 --finola FILE [--table1 runs/table1] [--steps 3000] [--seeds 0 1 2]
 
 ``table1`` (Tables 1 and 6, Fig. 5; issue 16) on Fashion-MNIST at 64² (the small masked presets' data): vanilla
 FINOLA, Masked-FINOLA-E, Masked-FINOLA-B (mf-tiny encoders) and MAE (MAE-Lite's ViT-Tiny) each pre-train for the same
---minutes of training steps on this machine; then every encoder, and a random mf-tiny, is probed by ``linprobe`` and
-``tran1-probe`` (their small presets) once per --seed; App. D's PSNR (the encoder frozen under a fresh pooling +
-FINOLA + conv upsampler, 300 steps) and Fig. 5's curvature (top-16 channels, 512 images) are measured where they
-apply; supervised training from scratch (mf-tiny + BN + linear, labels, end to end) for the same --minutes is the
-ceiling. The same wall-clock, not the same steps: each run's step count is the budget x the rate its own command
+--minutes of training steps on this machine; then every encoder, and a random mf-tiny, is probed by ``linprobe``,
+``tran1-probe`` as the paper runs it and with --feature-norm (their small presets; ``PROBES``) once per --seed;
+App. D's PSNR (the encoder frozen under a fresh pooling + FINOLA + conv upsampler, 300 steps) and Fig. 5's curvature
+(top-16 channels, 512 images) are measured where they apply; supervised training from scratch (mf-tiny + BN +
+linear, labels, end to end) for the same --minutes is the ceiling. The same wall-clock, not the same steps: each run's step count is the budget x the rate its own command
 trains at, measured by a short throw-away run (``calibrate``), so a model with a cheaper step sees more images; the
 table shows the minutes each run really trained.
 
-``table4`` (Table 4's direction; issue 13): the frozen-encoder DETR probe (``detr-probe``'s small preset: mf-dec-tiny,
-DETR's geometry, here at --image-size 128, with 10 queries on ``shapes`` and 100 on ``trees``) from a FINOLA-trained
-encoder (``--finola``: by default runs/default4, the mf-tiny run EXPERIMENTS.md's table used) and from a random one of
-the same Mobile-Former preset, once per
---seed, on ``shapes`` and ``trees``, for --steps each (x0.1 after 80 %, the paper's 400 of 500 epochs). Beside each,
-the box probe (``box_probe``): a linear classifier on each ground-truth box's features read off the same frozen
-maps, object classes plus background boxes, which answers in seconds what DETR's probe needs hundreds of epochs for.
+``table4`` (Table 4's direction; issues 13, 26): the frozen-encoder DETR probe (``detr-probe``'s small preset, here
+for --steps at --image-size 128, with 10 queries on ``shapes`` and 100 on ``trees``) on table1's vanilla FINOLA and
+supervised encoders (--table1: the paper's comparison, one preset pre-trained on one data set for one budget), on the
+FINOLA encoder of the README's run (--finola) and on a random encoder of each of their presets, once per --seed, on
+``shapes`` and ``trees`` (x0.1 after 80 %, the paper's 400 of 500 epochs). Beside each, the box probe
+(``box_probe``): a linear classifier on each ground-truth box's features read off the same frozen maps, object
+classes plus background boxes, which answers in seconds what DETR's probe needs many epochs for.
 
 Every training run goes through ``train.py`` / ``eval.py`` in a subprocess (``--threads``: every core by default;
 run nothing else beside it); the box probes run in this process. A step already in results.jsonl is skipped and an
 interrupted training run is resumed, so running the same command again continues an interrupted study. ``table1``'s
-probes and evaluations use OUT/fmnist-5k: the full training split and the first 5,000 test images (the loader
+probes and evaluations use OUT/fmnist-5000: the full training split and the first 5,000 test images (the loader
 decodes the evaluation images one at a time).
 """
 from __future__ import annotations
@@ -43,8 +43,8 @@ from pathlib import Path
 
 import torch
 
+import detection
 import data
-import detr
 import finola
 import mobileformer
 import tasks
@@ -69,7 +69,10 @@ PRETRAIN = {
 FINOLA_FAMILY = ("finola", "masked-e", "masked-b")
 ENCODERS = ("random", "finola", "masked-e", "masked-b", "mae")  # what the probes read
 APP_D = ["--task", "finola", *VANILLA, *COMMON, "--warmup-epochs", "0.01", "--freeze-encoder"]
-PROBES = ("linprobe", "tran1-probe")
+# The probes each encoder gets (their small presets): the linear probe, tran-1 as the paper runs it (the raw map into
+# its embedding), and tran-1 with the map's channels standardized first (--feature-norm, ours: the small preset's).
+PROBES = {"linprobe": ["--task", "linprobe"], "tran1-probe": ["--task", "tran1-probe", "--no-feature-norm"],
+          "tran1-norm": ["--task", "tran1-probe", "--feature-norm"]}
 
 
 def run(argv: list[str], *, threads: int | None) -> dict | None:
@@ -164,9 +167,9 @@ def table1(args) -> None:
             study.train(step, [*argv, "--max-steps", str(steps)], budget_minutes=args.minutes, calibrated_img_s=rate)
     for encoder in ENCODERS:  # 2. probes (their small presets), one per seed
         init = [] if encoder == "random" else ["--init", weights_of[encoder]]
-        for probe in PROBES:
+        for probe, flags in PROBES.items():
             for seed in args.seeds:
-                study.train(f"{probe}/{encoder}/seed{seed}", ["--task", probe, "--data", d, "--seed", str(seed),
+                study.train(f"{probe}/{encoder}/seed{seed}", [*flags, "--data", d, "--seed", str(seed),
                                                               "--max-steps", str(args.probe_steps), *init])
     for encoder in ENCODERS:  # 3. App. D: the encoder frozen under a fresh FINOLA decoder
         init = [] if encoder == "random" else ["--init", weights_of[encoder]]
@@ -195,7 +198,8 @@ def _pm(s, unit: str = " %") -> str:
 def markdown(done: dict) -> str:
     """Table 1 / 6 at CPU scale from the recorded steps ('–': not run yet), and the paper's directions."""
     lines = ["| encoder | pre-training img/s | minutes | epochs | own objective | App. D PSNR | linear probe top-1 | "
-             "tran-1 probe top-1 | Fig. 5 curvature, top-16 median |", "|---|---|---|---|---|---|---|---|---|"]
+             "tran-1 probe top-1 (the paper's: raw map) | tran-1 probe top-1, feature norm (ours) | "
+             "Fig. 5 curvature, top-16 median |", "|---|---|---|---|---|---|---|---|---|---|"]
     curvature = done.get("curvature", {}).get("checkpoints", {})
     own = {"finola": ("psnr_db", "{:.2f} dB"), "masked-e": ("masked_psnr_db", "{:.2f} dB (masked region)"),
            "masked-b": ("masked_psnr_db", "{:.2f} dB (masked region)"), "mae": ("mae_loss", "loss {:.4f}")}
@@ -211,14 +215,14 @@ def markdown(done: dict) -> str:
             cells = ["–", "0", "0", "–"]
         lines.append(f"| {encoder} | {' | '.join(cells)} | "
                      f"{'–' if appd is None else format(appd['final']['psnr_db'], '.2f') + ' dB'} | "
-                     f"{_pm(probes[encoder][0])} | {_pm(probes[encoder][1])} | "
+                     f"{' | '.join(_pm(p) for p in probes[encoder])} | "
                      f"{format(curvature[encoder]['score_topk_median'], '.2f') if encoder in curvature else '–'} |")
     sup = done.get("pretrain/supervised")
     if sup is not None:
         lines.append(f"| supervised (labels, end to end) | {sup['img_per_s']:.0f} | {sup['train_s'] / 60:.1f} | "
                      f"{sup['steps'] * BATCH / TRAIN_IMAGES:.2f} | top-1 {100 * sup['final']['top1']:.1f} % | "
-                     "– | – | – | – |")
-    lines += ["", *directions(probes), *geometry_directions(done)]
+                     "– | – | – | – | – |")
+    lines += ["", *directions(probes), *geometry_directions(done), *tran1_targets(probes)]
     return "\n".join(lines)
 
 
@@ -240,6 +244,23 @@ def directions(probes: dict) -> list[str]:
     return out
 
 
+def tran1_targets(probes: dict) -> list[str]:
+    """Issue 26's bar for each tran-1 probe: within 1 point of the linear probe (or above) on every Mobile-Former
+    encoder, and at least 60 % on the random one."""
+    out = []
+    for i, probe in enumerate(PROBES):
+        if probe == "linprobe":
+            continue
+        for encoder in ENCODERS:
+            lin, tran = probes[encoder][0], probes[encoder][i]
+            if lin is None or tran is None or encoder == "mae":
+                continue
+            bar, what = (60.0, "60 %") if encoder == "random" else (lin[0] - 1, "the linear probe − 1 point")
+            verdict = "met" if tran[0] >= bar else "missed"
+            out.append(f"- {probe} on {encoder}: at least {what}: **{verdict}** ({_pm(tran)} vs {bar:.1f} %)")
+    return out
+
+
 DETECTION_DATA = ("shapes", "trees")
 
 
@@ -255,7 +276,7 @@ def background_boxes(boxes: torch.Tensor, generator: torch.Generator, *, tries: 
     wh = boxes[:, None, 2:].expand(n, tries, 2)
     centres = wh / 2 + torch.rand(n, tries, 2, generator=generator) * (1 - wh).clamp(min=0)
     candidates = torch.cat([centres, wh], -1).reshape(-1, 4)
-    iou = detr.box_iou(detr.box_cxcywh_to_xyxy(candidates), detr.box_cxcywh_to_xyxy(boxes)).amax(1).reshape(n, tries)
+    iou = detection.box_iou(detection.box_cxcywh_to_xyxy(candidates), detection.box_cxcywh_to_xyxy(boxes)).amax(1).reshape(n, tries)
     free = iou < max_iou
     found = free.any(1)
     return candidates.reshape(n, tries, 4)[found, free[found].float().argmax(1)]
@@ -337,33 +358,57 @@ QUERIES = {"shapes": 10, "trees": 100}
 
 
 def encoder_preset(path: Path) -> str:
-    """The Mobile-Former preset a FINOLA file's encoder was built from: Table 4's random row is a fresh one of it."""
+    """The Mobile-Former preset a weights file's encoder was built from: Table 4's random rows are fresh ones."""
     name = weights.read_metadata(path)["model"]["config"].get("encoder", {}).get("name")
     if name not in mobileformer.PRESETS:
-        raise ValueError(f"--finola {str(path)!r}: its encoder {name!r} is not one of the Mobile-Former presets "
+        raise ValueError(f"{str(path)!r}: its encoder {name!r} is not one of the Mobile-Former presets "
                          f"{sorted(mobileformer.PRESETS)}, so no random twin can be built for the comparison")
     return name
 
 
+def table4_rows(args) -> dict[str, tuple[Path | None, str]]:
+    """Table 4's frozen encoders: key -> (weights file, or None for a fresh random encoder; its Mobile-Former preset).
+    table1's vanilla FINOLA and supervised encoders (one data set, one budget, one preset: the paper's comparison),
+    the FINOLA encoder of --finola (the README's run), and a random twin of each preset."""
+    rows = {}
+    for key, path in (("finola-t1", args.table1 / "pretrain" / "finola" / "model.safetensors"),
+                      ("supervised-t1", args.table1 / "pretrain" / "supervised" / "model.safetensors"),
+                      ("finola-readme", args.finola)):
+        if path is None or not path.exists():
+            raise FileNotFoundError(f"{key}: no weights at {str(path)!r}; " + (
+                "train them with: python experiments.py table1 --out " + str(args.table1) if key.endswith("t1") else
+                "train them with the README's main command (accelerate launch train.py --task finola) and pass "
+                "--finola runs/finola-<time>/model.safetensors"))
+        rows[key] = (path, encoder_preset(path))
+    for preset in dict.fromkeys(p for _, p in rows.values()):
+        rows[f"random-{preset}"] = (None, preset)
+    return rows
+
+
+ROW_NAMES = {"finola-t1": "FINOLA (table1's)", "supervised-t1": "supervised (table1's)",
+             "finola-readme": "FINOLA (README's run)"}
+# Table 4's claims at CPU scale, each row against another: (a, b, the claim "a above b").
+CLAIMS = (("finola-t1", "supervised-t1", "FINOLA above supervised pre-training of the same encoder (Table 4)"),
+          ("finola-t1", "random-mf-tiny", "FINOLA (table1's) above a random encoder of its preset"),
+          ("finola-readme", "random-mf-nano", "FINOLA (README's run) above a random encoder of its preset"))
+
+
 def table4(args) -> None:
-    if not args.finola.exists():
-        raise FileNotFoundError(f"--finola {str(args.finola)!r}: no such weights file; train one with the README's "
-                                f"main command (accelerate launch train.py --task finola --out {args.finola.parent})")
-    arch = encoder_preset(args.finola)
+    rows = table4_rows(args)
     study = Study(args.out, args.threads)
     for d in args.data:
         per_epoch = math.ceil(len(data.load(d)) / tasks.DETR_SMALL["batch_size"])
         schedule = ["--max-steps", str(args.steps), "--epochs", str(math.ceil(args.steps / per_epoch)),
                     "--lr-drop-epoch", f"{0.8 * args.steps / per_epoch:.4f}",  # the paper's drop at 400 of 500
                     "--image-size", str(args.image_size), "--num-queries", str(QUERIES[d])]
-        for encoder, path in (("random", None), ("finola", args.finola)):
-            init = ["--encoder", arch] if path is None else ["--init", str(path)]
+        for key, (path, preset) in rows.items():
+            init = ["--encoder", preset] if path is None else ["--init", str(path)]
             for seed in args.seeds:
-                step = f"box/{d}/{encoder}/seed{seed}"
+                step = f"box/{d}/{key}/seed{seed}"
                 if step not in study.done:
-                    study.record(step, **box_probe(path, d, size=args.image_size, seed=seed, encoder=arch))
-                study.train(f"{d}/{encoder}/seed{seed}", ["--task", "detr-probe", "--data", d, "--seed", str(seed),
-                                                          *schedule, *init])
+                    study.record(step, **box_probe(path, d, size=args.image_size, seed=seed, encoder=preset))
+                study.train(f"{d}/{key}/seed{seed}", ["--task", "detr-probe", "--data", d, "--seed", str(seed),
+                                                      *schedule, *init])
     print(detection_markdown(study.done))
 
 
@@ -377,27 +422,27 @@ def _seed_verdict(a: tuple[float, float, int], b: tuple[float, float, int]) -> s
 
 def detection_markdown(done: dict) -> str:
     """Table 4's direction at CPU scale: COCO AP and AP50 (x 100) of each DETR probe and the validation accuracy of
-    each box probe, mean ± std over seeds."""
+    each box probe, mean ± std over seeds, one row per frozen encoder recorded, and each claim of ``CLAIMS``."""
     lines = ["| data | frozen encoder | DETR probe AP | AP50 | steps | minutes a run | box probe accuracy (val) |",
              "|---|---|---|---|---|---|---|"]
     verdicts = []
     for d in DETECTION_DATA:
+        keys = dict.fromkeys(step.split("/")[-2] for step in done if step.startswith((f"{d}/", f"box/{d}/")))
         ap, box = {}, {}
-        for encoder in ("random", "finola"):
-            runs = [row for step, row in done.items() if step.startswith(f"{d}/{encoder}/")]
-            box[encoder] = _summary(done, f"box/{d}/{encoder}/", "val_acc")
-            if not runs and box[encoder] is None:
-                continue
-            ap[encoder], ap50 = (_summary(done, f"{d}/{encoder}/", key) for key in ("AP", "AP50"))
+        for key in keys:
+            runs = [row for step, row in done.items() if step.startswith(f"{d}/{key}/")]
+            box[key] = _summary(done, f"box/{d}/{key}/", "val_acc")
+            ap[key], ap50 = (_summary(done, f"{d}/{key}/", k) for k in ("AP", "AP50"))
             steps = runs[0]["steps"] if runs else "–"
             minutes = f"{statistics.mean(r['train_s'] for r in runs) / 60:.1f}" if runs else "–"
-            lines.append(f"| {d} | {encoder} | {_pm(ap[encoder], '')} | {_pm(ap50, '')} | {steps} | {minutes} | "
-                         f"{_pm(box[encoder])} |")
-        for name, values, unit in (("DETR probe AP", ap, ""), ("box probe accuracy", box, " %")):
-            if values.get("finola") is not None and values.get("random") is not None:
-                verdict = _seed_verdict(values["finola"], values["random"])
-                verdicts.append(f"- Table 4 on {d}: FINOLA-trained encoder above a random one ({name}): "
-                                f"**{verdict}** ({_pm(values['finola'], unit)} vs {_pm(values['random'], unit)})")
+            name = ROW_NAMES.get(key, key.replace("-", " ", 1))
+            lines.append(f"| {d} | {name} | {_pm(ap[key], '')} | {_pm(ap50, '')} | {steps} | {minutes} | "
+                         f"{_pm(box[key])} |")
+        for a, b, claim in CLAIMS:
+            for what, values, unit in (("DETR probe AP", ap, ""), ("box probe accuracy", box, " %")):
+                if values.get(a) is not None and values.get(b) is not None:
+                    verdicts.append(f"- {d}: {claim} ({what}): **{_seed_verdict(values[a], values[b])}** "
+                                    f"({_pm(values[a], unit)} vs {_pm(values[b], unit)})")
     return "\n".join(lines + [""] + verdicts)
 
 
@@ -433,14 +478,17 @@ def main(argv=None):
     t.add_argument("--appd-steps", type=int, default=300, help=f"steps of each App. D decoder (x {BATCH} images)")
     t.add_argument("--eval-images", type=int, default=5000, help="test images that every run is evaluated on")
     t.add_argument("--print", action="store_true", help="only print the table of what is recorded")
-    t = sub.add_parser("table4", help="Table 4's direction at CPU scale: DETR probes on a random vs a FINOLA encoder")
-    t.add_argument("--steps", type=int, default=1500, help="steps of each DETR probe (batch 16; x0.1 after 80 %%)")
+    t = sub.add_parser("table4", help="Table 4's direction at CPU scale: DETR probes on FINOLA, supervised and random "
+                                      "frozen encoders")
+    t.add_argument("--steps", type=int, default=3000, help="steps of each DETR probe (batch 16; x0.1 after 80 %%)")
     t.add_argument("--image-size", type=int, default=128, help="shorter side of the evaluation resize (DETR's 800 "
                    "scaled; training draws DETR's sizes scaled alike)")
     t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="probe seeds")
     t.add_argument("--data", nargs="+", choices=DETECTION_DATA, default=list(DETECTION_DATA))
-    t.add_argument("--finola", type=Path, default=ROOT / "runs" / "default4" / "model.safetensors",
-                   help="the FINOLA-trained encoder's weights (default: the README's main command's run)")
+    t.add_argument("--finola", type=Path, help="the weights of the README's main command's run "
+                   "(runs/finola-<time>/model.safetensors): a row, beside a random encoder of its preset")
+    t.add_argument("--table1", type=Path, default=ROOT / "runs" / "table1",
+                   help="a table1 study whose vanilla FINOLA and supervised encoders make the paper's comparison")
     t.add_argument("--out", type=Path, default=ROOT / "runs" / "table4")
     t.add_argument("--threads", type=int, help="torch threads of each run (default: every core)")
     t.add_argument("--print", action="store_true", help="only print the table of what is recorded")

@@ -1,5 +1,6 @@
 """experiments.py: the recorded steps of a study, skipped when run again, and the table and directions printed from
 them (the studies themselves run for minutes to hours: benchmarks, not tests)."""
+import argparse
 import dataclasses
 import math
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import data
-import detr
+import detection
 import experiments
 import finola
 import mobileformer
@@ -50,25 +51,29 @@ def test_the_table_reports_mean_and_std_over_seeds_and_marks_each_direction():
     assert "Table 1: masking lowers App. D PSNR (masked-b): **reproduced** (18.50 dB vs 20.00 dB)" in text
 
 
-def test_the_detection_table_reports_ap_over_seeds_and_the_direction():
+def test_the_detection_table_reports_ap_over_seeds_and_each_claim():
     done = {f"shapes/{enc}/seed{s}": {"final": {"AP": ap, "AP50": 2 * ap}, "steps": 2500, "train_s": 420.0}
-            for enc, values in {"random": [0.10, 0.12, 0.14], "finola": [0.20, 0.20, 0.20]}.items()
+            for enc, values in {"random-mf-tiny": [0.10, 0.12, 0.14], "finola-t1": [0.20, 0.20, 0.20],
+                                "supervised-t1": [0.30, 0.31, 0.32]}.items()
             for s, ap in enumerate(values)}
-    box = {"random": [0.70, 0.80], "finola": [0.60, 0.60]}
+    box = {"random-mf-tiny": [0.70, 0.80], "finola-t1": [0.60, 0.60]}
     done |= {f"box/shapes/{enc}/seed{s}": {"final": {"val_acc": acc}}
              for enc, values in box.items() for s, acc in enumerate(values)}
     text = experiments.detection_markdown(done)
-    assert "| shapes | random | 12.0 ± 2.0 (3) | 24.0 ± 4.0 (3) | 2500 | 7.0 | 75.0 ± 7.1 % (2) |" in text
-    assert ("Table 4 on shapes: FINOLA-trained encoder above a random one (DETR probe AP): **reproduced** "
+    assert "| shapes | random mf-tiny | 12.0 ± 2.0 (3) | 24.0 ± 4.0 (3) | 2500 | 7.0 | 75.0 ± 7.1 % (2) |" in text
+    assert "| shapes | supervised (table1's) | 31.0 ± 1.0 (3) |" in text and "| – |" in text  # no box probe yet
+    assert ("shapes: FINOLA (table1's) above a random encoder of its preset (DETR probe AP): **reproduced** "
             "(20.0 ± 0.0 (3)") in text
-    assert ("Table 4 on shapes: FINOLA-trained encoder above a random one (box probe accuracy): **not reproduced** "
+    assert ("shapes: FINOLA above supervised pre-training of the same encoder (Table 4) (DETR probe AP): **not "
+            "reproduced** (20.0 ± 0.0 (3) vs 31.0 ± 1.0 (3))") in text
+    assert ("shapes: FINOLA (table1's) above a random encoder of its preset (box probe accuracy): **not reproduced** "
             "(60.0 ± 0.0 % (2) vs 75.0 ± 7.1 % (2))") in text
-    assert "trees" not in text, "no row and no verdict for data not run"
+    assert "README" not in text and "trees" not in text, "no row and no verdict for encoders or data not run"
     done |= {f"trees/{enc}/seed{s}": {"final": {"AP": ap, "AP50": 2 * ap}, "steps": 1500, "train_s": 300.0}
-             for enc, values in {"random": [0.010, 0.030], "finola": [0.020, 0.030]}.items()
+             for enc, values in {"random-mf-nano": [0.010, 0.030], "finola-readme": [0.020, 0.030]}.items()
              for s, ap in enumerate(values)}
-    assert ("Table 4 on trees: FINOLA-trained encoder above a random one (DETR probe AP): **within seed noise** "
-            "(2.5 ± 0.7 (2) vs 2.0 ± 1.4 (2))") in experiments.detection_markdown(done)
+    assert ("trees: FINOLA (README's run) above a random encoder of its preset (DETR probe AP): **within seed "
+            "noise** (2.5 ± 0.7 (2) vs 2.0 ± 1.4 (2))") in experiments.detection_markdown(done)
 
 
 def test_background_boxes_keep_each_size_stay_inside_and_miss_every_object():
@@ -77,9 +82,9 @@ def test_background_boxes_keep_each_size_stay_inside_and_miss_every_object():
         bg = experiments.background_boxes(boxes, torch.Generator().manual_seed(seed))
         assert len(bg) == 3, "small boxes in a mostly empty image always find a free place"
         torch.testing.assert_close(bg[:, 2:], boxes[:, 2:])
-        xyxy = detr.box_cxcywh_to_xyxy(bg)
+        xyxy = detection.box_cxcywh_to_xyxy(bg)
         assert (xyxy[:, :2] >= 0).all() and (xyxy[:, 2:] <= 1 + 1e-6).all()
-        assert (detr.box_iou(xyxy, detr.box_cxcywh_to_xyxy(boxes)) < 0.3).all()
+        assert (detection.box_iou(xyxy, detection.box_cxcywh_to_xyxy(boxes)) < 0.3).all()
     full = torch.tensor([[0.5, 0.5, 1.0, 1.0]])  # the whole image: no free place
     assert len(experiments.background_boxes(full, torch.Generator().manual_seed(0))) == 0
 
@@ -122,14 +127,26 @@ def test_box_features_read_each_box_off_the_encoder_maps():
     assert with_background.shape == (2 * objects, feats.shape[1])
 
 
-def test_table4_compares_the_finola_encoder_with_a_random_one_of_its_own_preset(tmp_path):
-    """Table 4's random row is a fresh encoder of the FINOLA file's preset (mf-nano for the small FINOLA preset,
-    mf-tiny before it), and a file whose encoder is no preset gets a clear error instead of a mismatched twin."""
+def test_table4_rows_are_table1s_pair_the_readme_run_and_a_random_twin_of_each_preset(tmp_path):
+    """Table 4's random rows are fresh encoders of the files' presets (mf-tiny for table1's, mf-nano for the README's
+    run); a missing file and a file whose encoder is no preset get clear errors."""
     config = finola.FinolaConfig(channels=16, grid=(2, 2), upsampler="linear", patch=16)
-    for name in ("mf-nano", "mf-tiny"):
-        path = weights.save_model(tmp_path / f"{name}.safetensors", finola.Finola(mobileformer.create(name), config),
-                                  task="finola", data="photos")
-        assert experiments.encoder_preset(path) == name
+    save = lambda path, name: weights.save_model(  # noqa: E731
+        path, finola.Finola(mobileformer.create(name), config), task="finola", data="photos")
+    for name in ("finola", "supervised"):
+        (tmp_path / "t1" / "pretrain" / name).mkdir(parents=True)
+        save(tmp_path / "t1" / "pretrain" / name / "model.safetensors", "mf-tiny")
+    readme = save(tmp_path / "readme.safetensors", "mf-nano")
+    args = argparse.Namespace(table1=tmp_path / "t1", finola=readme)
+    rows = experiments.table4_rows(args)
+    assert {k: p for k, (_, p) in rows.items()} == {"finola-t1": "mf-tiny", "supervised-t1": "mf-tiny",
+                                                    "finola-readme": "mf-nano", "random-mf-tiny": "mf-tiny",
+                                                    "random-mf-nano": "mf-nano"}
+    assert rows["random-mf-nano"][0] is None and rows["finola-readme"][0] == readme
+    with pytest.raises(FileNotFoundError, match="finola-readme.*README's main command"):
+        experiments.table4_rows(argparse.Namespace(table1=tmp_path / "t1", finola=None))
+    with pytest.raises(FileNotFoundError, match="finola-t1.*experiments.py table1"):
+        experiments.table4_rows(argparse.Namespace(table1=tmp_path / "none", finola=readme))
     custom = mobileformer.MobileFormer(dataclasses.replace(mobileformer.PRESETS["mf-nano"], name="custom"))
     path = weights.save_model(tmp_path / "custom.safetensors", finola.Finola(custom, config), task="finola",
                               data="photos")
