@@ -380,9 +380,11 @@ def table4_rows(args) -> dict[str, tuple[Path | None, str]]:
                 "train them with the README's main command (accelerate launch train.py --task finola) and pass "
                 "--finola runs/finola-<time>/model.safetensors"))
         rows[key] = (path, encoder_preset(path))
+    ordered = {}  # each preset's rows, then its random twin
     for preset in dict.fromkeys(p for _, p in rows.values()):
-        rows[f"random-{preset}"] = (None, preset)
-    return rows
+        ordered.update({k: v for k, v in rows.items() if v[1] == preset})
+        ordered[f"random-{preset}"] = (None, preset)
+    return ordered
 
 
 ROW_NAMES = {"finola-t1": "FINOLA (table1's)", "supervised-t1": "supervised (table1's)",

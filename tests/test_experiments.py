@@ -142,6 +142,7 @@ def test_table4_rows_are_table1s_pair_the_readme_run_and_a_random_twin_of_each_p
     assert {k: p for k, (_, p) in rows.items()} == {"finola-t1": "mf-tiny", "supervised-t1": "mf-tiny",
                                                     "finola-readme": "mf-nano", "random-mf-tiny": "mf-tiny",
                                                     "random-mf-nano": "mf-nano"}
+    assert list(rows) == ["finola-t1", "supervised-t1", "random-mf-tiny", "finola-readme", "random-mf-nano"]
     assert rows["random-mf-nano"][0] is None and rows["finola-readme"][0] == readme
     with pytest.raises(FileNotFoundError, match="finola-readme.*README's main command"):
         experiments.table4_rows(argparse.Namespace(table1=tmp_path / "t1", finola=None))
