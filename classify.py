@@ -77,6 +77,8 @@ class Classifier(finola.EncoderModel):
     """Encoder -> decoder -> logits. ``model(x)`` takes images in [0, 1] (B, 3, H, W); ``encoder(x)`` must return
     ``(feature_map, tokens)`` (a Mobile-Former without classifier head)."""
 
+    arch = "classifier"  # its name in weights files (weights.architectures)
+
     Config = ClassifierConfig
     RENAMED = {**finola.EncoderModel.RENAMED, "head": "decoder"}  # files before the contract
 

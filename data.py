@@ -489,12 +489,15 @@ class Loader:
     image's unpadded size, "labels": (n,), "image_id", "orig_size": (h, w), "size": (h, w) unpadded in the
     batch}]}`` (detection, DETR's convention) or
     just ``images`` (unlabelled). Call ``set_epoch(e)`` each epoch.
-    Undecodable images are skipped and counted in ``self.bad``. A map-style dataset's decoded images are cached
-    (``cache_bytes`` in all, split over the worker processes, which persist across epochs with their caches)."""
+    Undecodable images are skipped and counted in ``self.bad``; a batch with none left is dropped, or with
+    ``replace_unreadable`` (training) replaced by the batch before it (the first such batches by the next readable
+    one), so that every rank yields as many batches as it was dealt and takes as many steps (``self.replaced``
+    counts them). A map-style dataset's decoded images are cached (``cache_bytes`` in all, split over the worker
+    processes, which persist across epochs with their caches)."""
 
     def __init__(self, dataset, *, batch_size: int, transform, shuffle: bool, num_workers: int, seed: int,
                  rank: int, world_size: int, device, buffer_size: int, cache_bytes: int = CACHE_BYTES,
-                 bad: BadImages | None = None):
+                 bad: BadImages | None = None, replace_unreadable: bool = False):
         self.stream = isinstance(dataset, datasets.IterableDataset)
         dataset = dataset.cast_column("image", datasets.Image(decode=False))
         if self.stream:
@@ -504,6 +507,7 @@ class Loader:
         self.num_workers, self.seed, self.rank, self.world_size, self.device = (num_workers, seed, rank,
                                                                                 world_size, device)
         self.epoch, self.skip, self.bad = 0, 0, BadImages() if bad is None else bad
+        self.replace_unreadable, self.replaced = replace_unreadable, 0
         self.cache, self._source = ImageCache(cache_bytes // max(1, num_workers)), None  # one per process
 
     def set_epoch(self, epoch: int, *, skip: int = 0):
@@ -534,17 +538,30 @@ class Loader:
             source = self._source
         if self.stream and self.skip:  # a stream has no index: read past what was used
             source = itertools.islice(source, self.skip, None)
+        last, owed = None, 0  # the last readable batch; unreadable ones still to replace
         for batch in source:
             for where, error in batch.pop("bad"):
                 self.bad.add(where, error)
             if not len(batch["images"]):
+                if self.replace_unreadable and last is not None:
+                    self.replaced += 1
+                    yield last
+                elif self.replace_unreadable:
+                    owed += 1
                 continue
-            if self.device is not None:
-                batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                if "targets" in batch:
-                    batch["targets"] = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()}
-                                        for t in batch["targets"]]
-            yield batch
+            last = self._to_device(batch)
+            for _ in range(owed + 1):
+                yield last
+            self.replaced, owed = self.replaced + owed, 0
+
+    def _to_device(self, batch: dict) -> dict:
+        if self.device is None:
+            return batch
+        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if "targets" in batch:
+            batch["targets"] = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()}
+                                for t in batch["targets"]]
+        return batch
 
 
 def _identity(batch):
@@ -553,14 +570,15 @@ def _identity(batch):
 
 def loader(dataset, *, batch_size: int, transform: Transform | None = None, shuffle: bool = False,
            num_workers: int = 0, seed: int = 0, accelerator=None, rank: int = 0, world_size: int = 1,
-           buffer_size: int = 1000, cache_bytes: int = CACHE_BYTES, bad: BadImages | None = None) -> Loader:
+           buffer_size: int = 1000, cache_bytes: int = CACHE_BYTES, bad: BadImages | None = None,
+           replace_unreadable: bool = False) -> Loader:
     """A :class:`Loader` over ``dataset`` for this process: with an ``accelerator``, its process index, count and
     device (do not pass the result to ``accelerator.prepare``: it is sharded already); otherwise ``rank`` and
     ``world_size``. Map-style datasets are dealt by :func:`rank_batches`; streams by
     ``split_dataset_by_node`` (then a shuffle buffer of ``buffer_size`` when ``shuffle``). Map-style datasets keep
     up to ``cache_bytes`` of decoded images (:class:`ImageCache`; split evenly over ``num_workers``), so repeated
     rows and later epochs decode nothing while they fit. Unreadable images are counted in ``bad`` (a fresh
-    :class:`BadImages` by default; the loader's ``.bad``)."""
+    :class:`BadImages` by default; the loader's ``.bad``); ``replace_unreadable``: see :class:`Loader`."""
     if accelerator is not None:
         rank, world_size = accelerator.process_index, accelerator.num_processes
     if not 0 <= rank < world_size:
@@ -568,4 +586,4 @@ def loader(dataset, *, batch_size: int, transform: Transform | None = None, shuf
     return Loader(dataset, batch_size=batch_size, transform=transform, shuffle=shuffle, num_workers=num_workers,
                   seed=seed, rank=rank, world_size=world_size,
                   device=accelerator.device if accelerator is not None else None, buffer_size=buffer_size,
-                  cache_bytes=cache_bytes, bad=bad)
+                  cache_bytes=cache_bytes, bad=bad, replace_unreadable=replace_unreadable)

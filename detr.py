@@ -371,6 +371,8 @@ class DETR(finola.EncoderModel):
     (`PixelNorm`), unless `normalize_input=False`. Its tensors keep DETR's name, `backbone.*`; `model.encoder` is
     the same module."""
 
+    arch = "detr"  # its name in weights files (weights.architectures)
+
     Config = DETRConfig
     RENAMED = {"backbone": "encoder", "frozen_backbone": "frozen"}  # files before the model contract
 

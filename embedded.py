@@ -1,8 +1,8 @@
 """The embedded data sources: real images that ship inside package wheels, and a synthetic detection set.
 
 Each is offline (no download), generated once and cached by `datasets` under HF_HOME, and reached through
-``data.load(name, split=...)``; ``EMBEDDED`` maps the names to the functions below. Origins and licences are in the
-README. Rows follow data.py's conventions.
+``data.load(name, split=...)``; ``EMBEDDED`` maps the names to the functions below. Origins and licences are in
+USAGE.md. Rows follow data.py's conventions.
 """
 from __future__ import annotations
 

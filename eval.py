@@ -2,8 +2,8 @@
 
 Every command has one shape: it loads and checks its weights once, loads its data once (``--data``, default the data
 the weights were trained on), prints a rich table, writes its figures to ``--out`` (default: the weights' folder) and
-ends with exactly one line of JSON holding its figures. Importing this module does no work, so its functions
-(``reconstruct``, ``detect``, ``classify``, ...) serve notebooks and tests.
+ends with exactly one line of JSON holding its figures. The evaluations are ``metrics.py``'s, the same that end a
+training run; the analyses are ``analysis.py``'s and ``codec.py``'s.
 
     reconstruct   PSNR of FINOLA reconstructions next to three baselines (mean colour, bilinear, PCA with k = C),
                   and a PNG grid (§4, Table 2)
@@ -24,299 +24,24 @@ ends with exactly one line of JSON holding its figures. Importing this module do
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 from pathlib import Path
 
-import contextlib
-import io
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from pycocotools.cocoeval import COCOeval
 from rich.table import Table
 
 import analysis
 import codec
 import data
+import metrics
 import runs
 import weights
-from analysis import gaussian_curvature, psnr  # noqa: F401  (eval.gaussian_curvature, eval.psnr: public API)
+from analysis import psnr
+from tasks import TASKS
 
 console = Console(stderr=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Reconstruction (§4): PSNR and its baselines
-# ---------------------------------------------------------------------------------------------------------------------
-
-def mean_colour(x: torch.Tensor) -> torch.Tensor:
-    """Baseline: every pixel replaced by its image's mean colour."""
-    return x.mean((2, 3), keepdim=True).expand_as(x)
-
-
-def bilinear(x: torch.Tensor, grid) -> torch.Tensor:
-    """Baseline: bilinear (antialiased) down to the FINOLA grid's resolution, then bilinear back up."""
-    small = F.interpolate(x, size=tuple(grid), mode="bilinear", antialias=True, align_corners=False)
-    return F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
-
-
-def reconstruct_transform(model):
-    """Resize the shorter side to the model's image size and centre-crop it (the whole square of a square image)."""
-    return data.eval_transform("classify", size=model.image_size[0], crop_ratio=1.0)
-
-
-def _crops(loader, n: int):
-    """The image batches of ``loader``, epoch after epoch (``set_epoch``), until ``n`` images, under a progress bar."""
-    columns = (TextColumn("[bold]PCA crops"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn())
-    seen = 0
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("PCA crops", total=n)
-        for epoch in itertools.count():
-            loader.set_epoch(epoch)
-            before = seen
-            for batch in loader:
-                x = batch["images"][: n - seen]
-                seen += len(x)
-                progress.advance(task, len(x))
-                yield x
-                if seen >= n:
-                    return
-            if seen == before:
-                raise ValueError("pca_baseline: the training data gave no images")
-
-
-def pca_baseline(model, train_source: str, options: dict, *, n: int = 20000, seed: int = 0,
-                 batch_size: int = 256, bad: data.BadImages | None = None) -> dict:
-    """The best linear code with as many numbers as q: ``analysis.fit_pca`` with k = C (``model.config.channels``)
-    components over ``n`` crops of ``train_source``'s training split (``options`` go to ``data.load``), drawn by the
-    training transform (RandomResizedCrop + flip at the model's image size) epoch after epoch from ``seed``: the
-    same crops every time. Raises ``analysis.PCATooLarge`` before reading any data when the images have more than
-    ``analysis.PCA_MAX_DIM`` numbers (the paper's 256²). Unreadable images are counted in ``bad``."""
-    size, k = model.image_size[0], model.config.channels
-    analysis.check_pca_size(3 * size * size, k)
-    ds = data.load(train_source, split="train", **options)
-    loader = data.loader(ds, batch_size=batch_size, transform=data.train_transform("crop", size=size), shuffle=True,
-                         seed=seed, bad=bad)
-    return analysis.fit_pca(_crops(loader, n), k, max_images=n)
-
-
-@torch.no_grad()
-def reconstruct(model, loader, *, grid: Path | None = None, show: int = 8, pca: dict | None = None) -> dict:
-    """Mean per-image PSNR of ``model``'s reconstructions over ``loader``, next to the mean-colour and bilinear
-    baselines on the same images; optionally a PNG of originals (top row) above reconstructions (bottom row).
-    With ``pca`` (``pca_baseline``'s) also the PCA baseline ``pca_db``: each image as mean + P Pᵀ (x − mean),
-    unclamped like the model's output (``psnr`` clamps both alike), with ``pca_images`` (the crops it was fitted on)
-    and ``pca_explained`` (the fraction of their variance in its k components).
-    A model with ``norm="moving-average"`` is scored with its running statistics (``psnr_db``) and with the
-    per-position normalization it trained with (``psnr_layer_norm_db``), §4's "Is normalization necessary?"."""
-    model.eval()
-    moving = getattr(model.config, "norm", "layer") == "moving-average"
-    scores = {"psnr_db": [], "mean_colour_db": [], "bilinear_db": []}
-    scores |= ({"pca_db": []} if pca is not None else {}) | ({"psnr_layer_norm_db": []} if moving else {})
-    shown = []
-    for batch in loader:
-        x = batch["images"]
-        y = model(x)
-        scores["psnr_db"].append(psnr(x, y))
-        if moving:  # §4's ablation: the same model normalizing per position, as it did in training
-            with model.per_position_norm():
-                scores["psnr_layer_norm_db"].append(psnr(x, model(x)))
-        scores["mean_colour_db"].append(psnr(x, mean_colour(x)))
-        scores["bilinear_db"].append(psnr(x, bilinear(x, model.config.grid)))
-        if pca is not None:
-            scores["pca_db"].append(psnr(x, analysis.pca_reconstruct_images(x, pca)))
-        if len(shown) < show:
-            shown += list(zip(x, y))[: show - len(shown)]
-    if not scores["psnr_db"]:
-        raise ValueError("reconstruct: the data gave no images")
-    out = {k: round(torch.cat(v).mean().item(), 3) for k, v in scores.items()}
-    out["images"] = len(torch.cat(scores["psnr_db"]))
-    if pca is not None:
-        out |= {"pca_images": pca["images"], "pca_explained": round(pca["explained"], 4)}
-    if grid is not None:
-        save_grid([torch.stack([a for a, _ in shown]), torch.stack([b for _, b in shown])], grid)
-    return out
-
-
-def reconstruct_with_pca(model, loader, train_source: str, options: dict, *, pca_images: int = 20000,
-                         grid: Path | None = None, bad: data.BadImages | None = None) -> dict:
-    """``reconstruct`` with the PCA baseline fitted on ``pca_images`` crops of the weights' own training data
-    (``pca_baseline(model, train_source, options, bad=bad)``; 0 skips it). When the images are too large for an
-    exact PCA, ``pca_db`` is None and a one-line note says why."""
-    if not pca_images:
-        return reconstruct(model, loader, grid=grid)
-    try:
-        pca = pca_baseline(model, train_source, options, n=pca_images, bad=bad)
-    except analysis.PCATooLarge as error:
-        console.print(f"PCA baseline skipped: {error}")
-        return reconstruct(model, loader, grid=grid) | {"pca_db": None, "pca_images": 0, "pca_explained": None}
-    console.print(f"PCA baseline: k = {pca['basis'].shape[1]} components explain {pca['explained']:.1%} of the "
-                  f"variance of {pca['images']} training crops of {train_source}")
-    return reconstruct(model, loader, grid=grid, pca=pca)
-
-
-def save_grid(rows: list[torch.Tensor], path, *, pad: int = 2, min_side: int = 128) -> Path:
-    """Save rows of images (each (N, 3, H, W) in [0, 1]) as one PNG, with a white ``pad`` between tiles; small
-    images are enlarged (nearest neighbour, an integer factor) to at least ``min_side`` pixels so they can be seen."""
-    n = max(len(r) for r in rows)
-    scale = max(1, -(-min_side // min(rows[0].shape[-2:])))
-    rows = [F.interpolate(r.float(), scale_factor=scale, mode="nearest") if scale > 1 else r for r in rows]
-    h, w = rows[0].shape[-2:]
-    canvas = torch.ones(3, len(rows) * (h + pad) + pad, n * (w + pad) + pad)
-    for i, row in enumerate(rows):
-        for j, img in enumerate(row):
-            top, left = pad + i * (h + pad), pad + j * (w + pad)
-            canvas[:, top:top + h, left:left + w] = img.float().clamp(0, 1)
-    return analysis.save_image(Image.fromarray((canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)), path)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Detection (Tables 4, 18): COCO AP
-# ---------------------------------------------------------------------------------------------------------------------
-
-AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-
-
-@torch.no_grad()
-def detect(model, loader, coco_gt, *, figure: Path | None = None, show: int = 6,
-           threshold: float | None = None) -> dict:
-    """COCO box AP of a DETR model over ``loader`` against ``coco_gt`` (``data.coco(dataset)``), with
-    pycocotools' COCOeval; optionally a PNG of ``show`` images with true (green) and predicted (red, score >=
-    ``threshold``: by default 0.5 for a softmax detector, 0.3 for a focal one, whose per-class sigmoids run lower)
-    boxes."""
-    import detection  # only this evaluation needs it
-
-    model.eval()
-    results, shown = [], []
-    for batch in loader:
-        targets = batch["targets"]
-        outputs = model(batch["images"], batch.get("mask"))
-        dets = detection.postprocess(outputs, [t["orig_size"] for t in targets], image_ids=[t["image_id"] for t in targets],
-                                class_loss=model.config.class_loss)
-        results += dets
-        for i in range(min(len(targets), show - len(shown))):
-            h, w = targets[i]["size"]  # the image without its padding
-            shown.append((batch["images"][i, :, :h, :w], targets[i],
-                          [d for d in dets if d["image_id"] == targets[i]["image_id"]]))
-    if not results:
-        raise ValueError("detect: the data gave no images")
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its own tables
-        coco_dt = coco_gt.loadRes(results)
-        ev = COCOeval(coco_gt, coco_dt, "bbox")
-        ev.params.imgIds = sorted({r["image_id"] for r in results})
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    out = {name: round(float(v), 4) for name, v in zip(AP_NAMES, ev.stats[:6])}
-    out["images"] = len(ev.params.imgIds)
-    if figure is not None:
-        if threshold is None:
-            threshold = 0.3 if model.config.class_loss == "focal" else 0.5
-        draw_detections(shown, figure, threshold=threshold)
-    return out
-
-
-def draw_detections(shown, path, *, threshold: float = 0.5, scale: int = 4) -> Path:
-    """One row of images (upscaled ``scale``x) with true boxes in green and predictions above ``threshold`` in red."""
-    tiles = []
-    for image, target, dets in shown:
-        h, w = image.shape[-2:]
-        tile = Image.fromarray((image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8))
-        tile = tile.resize((w * scale, h * scale), Image.Resampling.NEAREST)
-        pen = ImageDraw.Draw(tile)
-        oh, ow = target["orig_size"]
-        sx, sy = w * scale / ow, h * scale / oh
-        for cx, cy, bw, bh in target["boxes"].tolist():
-            pen.rectangle([(cx - bw / 2) * w * scale, (cy - bh / 2) * h * scale,
-                           (cx + bw / 2) * w * scale, (cy + bh / 2) * h * scale], outline=(0, 255, 0), width=2)
-        for d in dets:
-            if d["score"] >= threshold:
-                x, y, bw, bh = d["bbox"]
-                pen.rectangle([x * sx, y * sy, (x + bw) * sx, (y + bh) * sy], outline=(255, 0, 0), width=2)
-                pen.text((x * sx + 2, y * sy + 1), f"{d['category_id']}:{d['score']:.2f}", fill=(255, 0, 0))
-        tiles.append(torch.from_numpy(np.array(tile)).permute(2, 0, 1).float() / 255)
-    h, w = max(t.shape[1] for t in tiles), max(t.shape[2] for t in tiles)  # images of their own sizes, padded
-    return save_grid([torch.stack([F.pad(t, (0, w - t.shape[2], 0, h - t.shape[1])) for t in tiles])], path)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Masked FINOLA (§3): the masked region predicted from the centred block
-# ---------------------------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def masked_reconstruct(model, loader, *, grid: Path | None = None, show: int = 8) -> dict:
-    """Mean per-image PSNR over the masked region of a masked FINOLA model's prediction from the centred block (eval
-    mode), next to filling that region with the visible block's mean colour; optionally a PNG of originals, what the
-    encoder sees (masked region grey) and the prediction with the visible block pasted back."""
-    model.eval()
-    scores = {"masked_psnr_db": [], "block_colour_db": []}
-    shown = []
-    for batch in loader:
-        x = batch["images"]
-        y, mask = model(x)
-        m = mask.to(x.dtype)
-        block_colour = (x * (1 - m)).sum((2, 3), keepdim=True) / (1 - m).sum((2, 3), keepdim=True)
-        for key, guess in (("masked_psnr_db", y.clamp(0, 1)), ("block_colour_db", block_colour.expand_as(x))):
-            mse = ((x - guess).square() * m).sum((1, 2, 3)) / (m.sum((1, 2, 3)) * x.shape[1])
-            scores[key].append(10 * torch.log10(1 / mse.clamp_min(1e-12)))
-        if len(shown) < show:
-            rows = (x, x * (1 - m) + 0.5 * m, x * (1 - m) + y.clamp(0, 1) * m)
-            shown += list(zip(*rows))[: show - len(shown)]
-    if not scores["masked_psnr_db"]:
-        raise ValueError("masked: the data gave no images")
-    out = {k: round(torch.cat(v).mean().item(), 3) for k, v in scores.items()}
-    out["images"] = len(torch.cat(scores["masked_psnr_db"]))
-    if grid is not None:
-        save_grid([torch.stack([row[i] for row in shown]) for i in range(3)], grid)
-    return out
-
-
-def mae_reconstruct(model, loader, *, grid: Path | None = None, show: int = 8, seed: int = 0) -> dict:
-    """``mae.evaluate`` (MAE's loss on a fixed draw of removed patches, next to each patch's mean colour), with its
-    figure rows (originals, visible patches, predictions) as a PNG at ``grid``."""
-    import mae
-
-    result, rows = mae.evaluate(model, loader, show=show, seed=seed)
-    if grid is not None:
-        save_grid(rows, grid)
-    return result
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Classification (Tables 1, 3, 5-7): top-1 / top-5
-# ---------------------------------------------------------------------------------------------------------------------
-
-def classify_transform(size: int, *, crop_ratio: float = 0.875):
-    """Resize the shorter side to size / crop_ratio and centre-crop size^2 (ImageNet's 0.875; 1 keeps it whole)."""
-    return data.eval_transform("classify", size=size, crop_ratio=crop_ratio)
-
-
-@torch.no_grad()
-def classify(model, loader) -> dict:
-    """Top-1 accuracy of a classifier over ``loader``, and top-5 when there are at least 5 classes."""
-    model.eval()
-    hits1 = hits5 = n = 0
-    classes = 0
-    for batch in loader:
-        if "labels" not in batch:
-            raise ValueError("classify: the data has no labels")
-        logits = model(batch["images"])
-        classes = logits.shape[1]
-        hit = logits.topk(min(5, classes), dim=1).indices == batch["labels"][:, None]
-        hits1 += hit[:, 0].sum().item()
-        hits5 += hit.any(1).sum().item()
-        n += len(hit)
-    if not n:
-        raise ValueError("classify: the data gave no images")
-    return {"top1": round(hits1 / n, 4)} | ({"top5": round(hits5 / n, 4)} if classes >= 5 else {}) | {"images": n}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -325,44 +50,47 @@ def classify(model, loader) -> dict:
 # and return the figures that ``main`` prints as the one JSON line.
 # ---------------------------------------------------------------------------------------------------------------------
 
-READS = {"reconstruct": ("finola",), "detect": ("detr",), "curvature": ("finola", "masked-e", "masked-b"),
-         "embedding": ("finola",), "pde": ("finola",), "encode": ("finola",), "decode": ("finola",),
-         "rate-distortion": ("finola",), "masked": ("masked-e", "masked-b"), "classify": ("classifier",),
-         "mae": ("mae",)}
-WRITTEN_BY = {"finola": "finola", "masked-e": "masked-e", "masked-b": "masked-b", "mae": "mae",
-              "detr": "detr-probe or detr-finetune",
-              "classifier": "linprobe, tran1-probe, finetune or supervised"}  # arch -> the train.py tasks
+ANALYSES = {"curvature": ("finola", "masked-e", "masked-b"), "embedding": ("finola",), "pde": ("finola",),
+            "encode": ("finola",), "decode": ("finola",), "rate-distortion": ("finola",)}  # command -> archs read
+
+
+def reads(command: str) -> tuple[str, ...]:
+    """The architectures ``command`` reads: an evaluation's (``metrics.EVALUATIONS``) or an analysis' (``ANALYSES``)."""
+    return metrics.EVALUATIONS[command].reads if command in metrics.EVALUATIONS else ANALYSES[command]
+
+
+def written_by(archs) -> list[str]:
+    """The train.py tasks whose final evaluation reads one of ``archs`` (so whose weights have that arch)."""
+    return [name for name, task in TASKS.items() if set(metrics.EVALUATIONS[task.evaluation].reads) & set(archs)]
 
 
 def load_checked(path, command: str):
-    """The model of ``path``, which must be of an architecture that ``command`` reads (``READS``)."""
+    """The model of ``path``, which must be of an architecture that ``command`` reads."""
     model = weights.load_model(path)
-    arch, archs = model.metadata["model"]["arch"], READS[command]
+    arch, archs = model.metadata["model"]["arch"], reads(command)
     if arch not in archs:
         raise ValueError(f"--weights: {path} holds a {arch!r} model; {command} needs a "
-                         f"{' or '.join(map(repr, archs))} model (train.py --task "
-                         f"{' or '.join(WRITTEN_BY[a] for a in archs)})")
+                         f"{' or '.join(map(repr, archs))} model (train.py --task {' or '.join(written_by(archs))})")
     return model
 
 
-def _default_data(meta: dict, source: str | None) -> tuple[str, dict]:
-    """The data to evaluate on: --data, or what the weights were trained on (from the file's metadata)."""
-    options = meta["train"].get("data_options", {}) if source is None else {}
-    source = source or meta.get("data")
-    if not source:
+def training_flags(meta: dict) -> dict:
+    """The flags of the run that wrote a weights file, its training data under "data" (files name it twice)."""
+    train = dict(meta.get("train", {}))
+    train["data"] = meta.get("data") or train.get("data")
+    if not train["data"]:
         raise ValueError("--data: the weights' metadata names no training data; pass --data SOURCE")
-    return source, options
+    return train
 
 
-def _loader(args, model, transform=None, *, data_of=None):
-    """A loader of --data (default: the training data of ``data_of``'s weights, else ``model``'s) [--split] for
-    ``model``: ``transform`` or reconstruct's; unreadable images counted in ``args.bad``. Its ``.dataset`` and
-    ``.source`` come with it."""
-    source, options = _default_data((data_of or model).metadata, args.data)
-    loader = data.loader(data.load(source, split=args.split, **options), batch_size=args.batch_size,
-                         transform=transform or reconstruct_transform(model), bad=args.bad)
-    loader.source = source
-    return loader
+def _loader(args, model, command: str = "reconstruct", *, data_of=None):
+    """The images of ``command``'s evaluation for ``model``: --data (default: the training data of ``data_of``'s
+    weights, else ``model``'s) [--split], prepared as in training; unreadable images counted in ``args.bad``."""
+    train = training_flags((data_of or model).metadata)
+    source, options = (args.data, {}) if args.data else (train["data"], train.get("data_options", {}))
+    return metrics.evaluation_loader(command, model, source=source, split=args.split, options=options, train=train,
+                                     batch_size=args.batch_size, image_size=getattr(args, "image_size", None),
+                                     bad=args.bad)
 
 
 def _out(args, name: str = "") -> Path:
@@ -393,66 +121,58 @@ def _report(title: str, result: dict) -> None:
     console.print(table)
 
 
+def _evaluate(args, command: str, **flags) -> tuple:
+    """``metrics.evaluate`` of the --weights file as its run would, on --data [--split]: (model, loader, figures);
+    ``flags`` override the run's (e.g. pca_images)."""
+    model = load_checked(args.weights, command)
+    loader = _loader(args, model, command)
+    out = _out(args)
+    result = metrics.evaluate(command, model, loader, out=out, train=training_flags(model.metadata) | flags,
+                              bad=args.bad)
+    figure = metrics.figure_path(command, out)
+    return model, loader, result | ({"figure": str(figure)} if figure is not None else {})
+
+
 def cmd_reconstruct(args) -> dict:
     if args.pca_images < 0:
         raise ValueError(f"--pca-images: expected 0 (no PCA baseline) or a number of crops, got {args.pca_images}")
-    model = load_checked(args.weights, "reconstruct")
-    loader = _loader(args, model)
-    meta = model.metadata  # the PCA learns from the weights' own training data, whatever --data evaluates
-    train_source, train_options = _default_data(meta, None)
-    figure = _out(args, "reconstruct.png")
-    result = reconstruct_with_pca(model, loader, train_source,
-                                  {**train_options, "streaming": meta["train"].get("streaming", False)},
-                                  pca_images=args.pca_images, grid=figure, bad=args.bad)
+    model, loader, result = _evaluate(args, "reconstruct", pca_images=args.pca_images)
     names = {"psnr_db": "model", "psnr_layer_norm_db": "model, per-position norm", "mean_colour_db": "mean colour",
              "bilinear_db": f"bilinear via {model.config.grid[0]}x{model.config.grid[1]}",
              "pca_db": f"PCA, k = {model.config.channels}"}
     _row(f"Reconstruction PSNR on {loader.source} [{args.split}], {result['images']} images",
          {names[k]: "-" if result[k] is None else f"{result[k]:.2f} dB" for k in names if k in result})
-    return result | {"figure": str(figure)}
+    return result
 
 
 def cmd_detect(args) -> dict:
-    model = load_checked(args.weights, "detect")
-    size = args.image_size or model.metadata["train"].get("image_size", 800)
-    loader = _loader(args, model, data.eval_transform("detect", size=size))
-    figure = _out(args, "detect.png")
-    result = detect(model, loader, data.coco(loader.dataset), figure=figure)
+    model, loader, result = _evaluate(args, "detect")
+    size = loader.transform.size
     _row(f"COCO box AP on {loader.source} [{args.split}], {result['images']} images at {size}x{size}",
-         {k: f"{100 * result[k]:.1f}" if result[k] >= 0 else "-" for k in AP_NAMES})  # -1: no such boxes
-    return result | {"figure": str(figure)}
+         {k: f"{100 * result[k]:.1f}" if result[k] >= 0 else "-" for k in metrics.AP_NAMES})  # -1: no such boxes
+    return result
 
 
 def cmd_masked(args) -> dict:
-    model = load_checked(args.weights, "masked")
-    loader = _loader(args, model)
-    figure = _out(args, "masked.png")
-    result = masked_reconstruct(model, loader, grid=figure)
+    model, loader, result = _evaluate(args, "masked")
     _row(f"Masked-region PSNR on {loader.source} [{args.split}], {result['images']} images, centred block "
          f"(figure: originals, visible blocks, predictions)",
          {model.metadata["model"]["arch"]: f"{result['masked_psnr_db']:.2f} dB",
           "block's mean colour": f"{result['block_colour_db']:.2f} dB"})
-    return result | {"figure": str(figure)}
+    return result
 
 
 def cmd_mae(args) -> dict:
-    model = load_checked(args.weights, "mae")
-    loader = _loader(args, model, data.eval_transform("classify", size=args.image_size or
-                                                      model.metadata["train"].get("image_size", 224), crop_ratio=1.0))
-    figure = _out(args, "mae.png")
-    result = mae_reconstruct(model, loader, grid=figure)
+    model, loader, result = _evaluate(args, "mae")
     _row(f"MAE's loss on the removed patches of {loader.source} [{args.split}], {result['images']} images (figure: "
          f"originals, visible patches, predictions)", {"model": f"{result['mae_loss']:.4f}",
                                                         "each patch's mean colour": f"{result['patch_mean_loss']:.4f}"})
-    return result | {"figure": str(figure)}
+    return result
 
 
 def cmd_classify(args) -> dict:
-    model = load_checked(args.weights, "classify")
-    train = model.metadata["train"]
-    size = args.image_size or train.get("image_size", 224)
-    loader = _loader(args, model, classify_transform(size, crop_ratio=train.get("crop_ratio", 0.875)))
-    result = classify(model, loader)
+    model, loader, result = _evaluate(args, "classify")
+    size = loader.transform.size
     _row(f"Classification on {loader.source} [{args.split}], {result['images']} images at {size}x{size}, "
          f"{model.config.decoder} decoder", {k: f"{100 * result[k]:.2f}%" for k in ("top1", "top5") if k in result})
     return result
@@ -504,7 +224,7 @@ def cmd_rate_distortion(args) -> dict:
 def cmd_encode(args) -> dict:
     image = codec.read_image(args.image)  # a missing or non-image file fails before the model loads
     model = load_checked(args.weights, "encode")
-    x = reconstruct_transform(model)(image)[None]
+    x = metrics.whole(model, {})(image)[None]
     q = codec.encode(model, x)
     path = codec.save_q(args.output or Path(f"{args.image}.q"), q[0], identity=codec.model_identity(model),
                         weights=args.weights)

@@ -542,6 +542,8 @@ class Finola(EncoderModel):
     ``self.finola`` and go through this file's pure functions.
     """
 
+    arch = "finola"  # its name in weights files (weights.architectures)
+
     Config = FinolaConfig
 
     def __init__(self, encoder: nn.Module, config: FinolaConfig):

@@ -31,8 +31,8 @@ from rich.table import Table
 from torch import nn
 
 import data
-import eval as ev
 import finola
+import metrics
 import mobileformer
 
 console = Console(stderr=True)
@@ -114,8 +114,8 @@ def train_rung(rung: str, x_train: torch.Tensor, x_val: torch.Tensor, args) -> d
     with torch.no_grad():
         seen = x_train[:512].float().div(255)  # held out of training too: the first 512 crops are never drawn
         return {"rung": rung, "steps": step, "seconds": round(time.perf_counter() - start, 1),
-                "psnr_db": round(ev.psnr(x_val, model(x_val)).mean().item(), 2),
-                "train_crops_psnr_db": round(ev.psnr(seen, model(seen)).mean().item(), 2)}
+                "psnr_db": round(metrics.psnr(x_val, model(x_val)).mean().item(), 2),
+                "train_crops_psnr_db": round(metrics.psnr(seen, model(seen)).mean().item(), 2)}
 
 
 def main(argv=None) -> dict:
@@ -144,7 +144,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     x_train, x_val = crops(args)
-    mean_colour = round(ev.psnr(x_val, ev.mean_colour(x_val)).mean().item(), 2)
+    mean_colour = round(metrics.psnr(x_val, metrics.mean_colour(x_val)).mean().item(), 2)
     results = []
     for rung in args.rungs:
         console.print(f"training {rung} for {args.minutes:g} min")

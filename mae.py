@@ -84,6 +84,8 @@ class ViT(nn.Module):
     """``vit(x)`` -> (patch tokens as a map (B, C, H/p, W/p), cls token (B, 1, C)) for images normalized as the
     encoder expects (the owning model's PixelNorm); H and W multiples of the patch side."""
 
+    arch = "vit"  # its name in weights files (weights.architectures)
+
     def __init__(self, config: ViTConfig):
         super().__init__()
         self.config = config
@@ -175,6 +177,8 @@ class MAE(finola.EncoderModel):
     """``model(x, generator=None)`` on images in [0, 1] -> (prediction, target, mask): every patch predicted (B, N,
     3 p p), the patches as the loss sees them (normalized per patch with ``norm_pixels``), and True where a patch
     was removed (B, N). The removed patches are drawn from ``generator`` (the global RNG without one)."""
+
+    arch = "mae"  # its name in weights files (weights.architectures)
 
     Config = MAEConfig
 

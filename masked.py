@@ -341,6 +341,8 @@ class MaskedFinolaE(_Masked):
     """Masked-FINOLA-E: block -> encoder -> attentional pooling -> q at the block's centre cell -> ``expand`` over the
     whole grid -> linear patch layer (§3, Fig. 4 left)."""
 
+    arch = "masked-e"  # its name in weights files (weights.architectures)
+
     Config = MaskedEConfig
 
     def __init__(self, encoder: nn.Module, config: MaskedEConfig):
@@ -366,6 +368,8 @@ class MaskedFinolaE(_Masked):
 class MaskedFinolaB(_Masked):
     """Masked-FINOLA-B: block -> encoder -> its feature map (not compressed) -> block-wise Eq. 3 per partition
     (``blockwise_map``) -> transformer upsampler without positional embedding (§3, Fig. 4 right)."""
+
+    arch = "masked-b"  # its name in weights files (weights.architectures)
 
     Config = MaskedBConfig
 

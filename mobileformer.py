@@ -411,6 +411,8 @@ class MobileFormer(nn.Module):
     """Mobile-Former encoder. `model(x)` → (features (B, C_out, ⌈H/16⌉, ⌈W/16⌉), tokens (B, T, D)); with a classifier
     (`num_classes > 0`) → logits (B, num_classes); `model(x, maps=True)` → dict (see the module docstring)."""
 
+    arch = "mobileformer"  # its name in weights files (weights.architectures)
+
     min_size = 32
 
     def __init__(self, config: MobileFormerConfig):

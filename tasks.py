@@ -16,24 +16,31 @@ import classify
 import data
 import detection
 import detr
-import eval as ev
 import finola
 import mae
 import masked
+import metrics
 import mobileformer
 import weights
 
 
 @dataclass
 class Task:
-    build: Callable      # args -> model (one of weights.ARCHS)
+    build: Callable      # args -> model (one of weights.architectures())
     loss: Callable       # (model, batch, args) -> scalar loss
     transform: Callable  # args -> training transform (data.train_transform kind)
     unaugmented: Callable  # args -> the training transform without augmentation (--no-augment)
-    evaluate: Callable   # (model, args, out_dir, *, bad) -> dict of final metrics (main process); unreadable
-                         # images counted in bad (data.BadImages)
+    evaluation: str      # its final evaluation (metrics.EVALUATIONS), also ``eval.py``'s command for its weights
     presets: dict        # preset name -> flag defaults
-    eval_command: str    # how to evaluate the weights again with eval.py
+    frozen: bool = False  # the encoder stays frozen (the probes)
+
+
+def evaluate(task: Task, model, args, out: Path, *, bad: data.BadImages | None = None) -> dict:
+    """The task's final evaluation of ``model`` on --eval-split of --data (main process), its figure in ``out``;
+    unreadable images counted in ``bad``."""
+    loader = metrics.evaluation_loader(task.evaluation, model, source=args.data, split=args.eval_split,
+                                       options=args.data_options, train=vars(args), batch_size=args.batch_size, bad=bad)
+    return metrics.evaluate(task.evaluation, model, loader, out=out, train=vars(args), bad=bad)
 
 
 def encoder_of(args):
@@ -71,14 +78,6 @@ def finola_loss(model, batch, args):
     return F.mse_loss(model(x), x)
 
 
-def evaluate_finola(model, args, out: Path, *, bad: data.BadImages | None = None) -> dict:
-    """PSNR on --eval-split next to the baselines, the PCA one fitted on --pca-images crops of the training data."""
-    ds = data.load(args.data, split=args.eval_split, **args.data_options)
-    loader = data.loader(ds, batch_size=args.batch_size, transform=ev.reconstruct_transform(model), bad=bad)
-    return ev.reconstruct_with_pca(model, loader, args.data, {**args.data_options, "streaming": args.streaming},
-                                   pca_images=args.pca_images, grid=out / "reconstructions.png", bad=bad)
-
-
 FINOLA_PAPER = dict(data="hf:ILSVRC/imagenet-1k", streaming=True, epoch_size=1_281_167, encoder="mf-w2880",
                     channels=3072, grid=16, image_size=256, upsampler="conv", widths=[512, 256, 256, 128, 128],
                     batch_size=128,
@@ -96,7 +95,7 @@ def build_detr(args):
     DETR file the whole detector continues (App. C: fine-tuning follows the decoder probe), its backbone trainable
     for detr-finetune; from any other file only its encoder is taken."""
     num_classes = max(data.categories(data.load(args.data, split="train", **args.data_options))) + 1
-    frozen = args.task == "detr-probe"
+    frozen = TASKS[args.task].frozen
     if args.init and weights.read_metadata(args.init)["model"].get("arch") == "detr":
         model = weights.load_model(args.init)
         if model.config.num_classes != num_classes:
@@ -115,12 +114,6 @@ def detr_loss(model, batch, args):
     config = getattr(model, "module", model).config   # through a DDP wrapper too
     criterion = detection.SetCriterion.for_model(config).to(outputs["pred_logits"].device)  # no parameters, no state
     return criterion(outputs, batch["targets"])["loss"]
-
-
-def evaluate_detr(model, args, out: Path, *, bad: data.BadImages | None = None) -> dict:
-    ds = data.load(args.data, split=args.eval_split, **args.data_options)
-    loader = data.loader(ds, batch_size=args.batch_size, transform=eval_resize(args), bad=bad)
-    return ev.detect(model, loader, data.coco(ds), figure=out / "detections.png")
 
 
 # App. C: AdamW, weight decay 1e-4, 2 images x 8 GPUs (a global batch of 16); probe 500 epochs at 1e-4 (x0.1 after
@@ -168,12 +161,6 @@ def masked_loss(model, batch, args):
     return masked.masked_mse(prediction, x, mask)
 
 
-def evaluate_masked(model, args, out: Path, *, bad: data.BadImages | None = None) -> dict:
-    ds = data.load(args.data, split=args.eval_split, **args.data_options)
-    loader = data.loader(ds, batch_size=args.batch_size, transform=ev.reconstruct_transform(model), bad=bad)
-    return ev.masked_reconstruct(model, loader, grid=out / "predictions.png")
-
-
 # Table 12: AdamW 1.5e-4 x batch / 256, wd 0.1, batch 1024, 1600 epochs, 10 warm-up, 256^2, RandomResizedCrop.
 MASKED_E_PAPER = dict(data="hf:ILSVRC/imagenet-1k", streaming=True, epoch_size=1_281_167, encoder="mf-w2880",
                       channels=3072, grid=16, image_size=256, batch_size=1024, epochs=1600, warmup_epochs=10,
@@ -205,12 +192,6 @@ def mae_loss(model, batch, args):
     return mae.loss(*model(batch["images"]))
 
 
-def evaluate_mae(model, args, out: Path, *, bad: data.BadImages | None = None) -> dict:
-    ds = data.load(args.data, split=args.eval_split, **args.data_options)
-    loader = data.loader(ds, batch_size=args.batch_size, transform=eval_whole(args), bad=bad)
-    return ev.mae_reconstruct(model, loader, grid=out / "predictions.png")
-
-
 # MAE-Lite's ViT-Tiny recipe (MAE leaves tiny models open): 224^2, patch 16, 75 % masked, AdamW (0.9, 0.95) wd 0.05,
 # lr 1.5e-4 x batch / 256 at batch 4096, 400 epochs with 40 of warm-up, RandomResizedCrop (0.08, 1) + flip.
 MAE_PAPER = dict(data="hf:ILSVRC/imagenet-1k", streaming=True, epoch_size=1_281_167, encoder="vit-tiny", grid=14,
@@ -222,9 +203,6 @@ MAE_SMALL = dict(MASKED_E_SMALL, encoder="vit-tiny", grid=8, mask_ratio=0.75, up
 
 # --- Classification: probing, fine-tuning and the supervised baseline (App. B, Tables 13-14) -------------------------
 
-PROBES = ("linprobe", "tran1-probe")  # frozen encoder
-
-
 def build_classifier(args):
     """An encoder from --init (random when absent; from scratch for ``supervised``) and a --head decoder. finetune
     from a classifier file with the same --head also starts its decoder there (App. C: from the tran-1 probe)."""
@@ -233,7 +211,7 @@ def build_classifier(args):
     ds = data.load(args.data, split="train", streaming=args.streaming, **args.data_options)
     encoder = encoder_of(args)
     config = classify.ClassifierConfig(num_classes=max(data.categories(ds)) + 1, decoder=args.head,
-                                       dropout=args.dropout, frozen=args.task in PROBES,
+                                       dropout=args.dropout, frozen=TASKS[args.task].frozen,
                                        feature_norm=args.feature_norm)
     model = classify.Classifier(encoder, config)
     if args.task == "finetune" and args.init:
@@ -249,12 +227,6 @@ def build_classifier(args):
 def classify_loss(model, batch, args):
     """Cross-entropy with --label-smoothing (0.1 for tran-1 probing, Table 13)."""
     return F.cross_entropy(model(batch["images"]), batch["labels"], label_smoothing=args.label_smoothing)
-
-
-def evaluate_classify(model, args, out: Path, *, bad: data.BadImages | None = None) -> dict:
-    ds = data.load(args.data, split=args.eval_split, **args.data_options)
-    loader = data.loader(ds, batch_size=args.batch_size, transform=eval_centre(args), bad=bad)
-    return ev.classify(model, loader)
 
 
 IMAGENET = dict(data="hf:ILSVRC/imagenet-1k", streaming=True, epoch_size=1_281_167, encoder="mf-w2880",
@@ -296,7 +268,7 @@ def train_randaug(args):
 
 
 def eval_centre(args):
-    return ev.classify_transform(args.image_size, crop_ratio=args.crop_ratio)
+    return data.eval_transform("classify", size=args.image_size, crop_ratio=args.crop_ratio)
 
 
 def train_detect(args):
@@ -307,25 +279,23 @@ def eval_resize(args):
     return data.eval_transform("detect", size=args.image_size)
 
 
+# what the tasks of one family share: build, loss, transform, its unaugmented form, evaluation
+FINOLA = (build_finola, finola_loss, train_crops, eval_whole, "reconstruct")
+DETR = (build_detr, detr_loss, train_detect, eval_resize, "detect")
+MASKED = (build_masked, masked_loss, train_crops, eval_whole, "masked")
+MAE = (build_mae, mae_loss, train_crops, eval_whole, "mae")
+CLASSIFY = (build_classifier, classify_loss, train_randaug, eval_centre, "classify")
+LINEAR = (build_classifier, classify_loss, train_crops, eval_centre, "classify")  # Table 13: crops, no RandAug
+
 TASKS: dict[str, Task] = {
-    "finola": Task(build_finola, finola_loss, train_crops, eval_whole, evaluate_finola,
-                   {"small": FINOLA_SMALL, "paper": FINOLA_PAPER}, "reconstruct"),
-    "detr-probe": Task(build_detr, detr_loss, train_detect, eval_resize, evaluate_detr,
-                       {"small": DETR_SMALL, "paper": DETR_PAPER}, "detect"),
-    "detr-finetune": Task(build_detr, detr_loss, train_detect, eval_resize, evaluate_detr,
-                          {"small": DETR_FT_SMALL, "paper": DETR_FT_PAPER}, "detect"),
-    "masked-e": Task(build_masked, masked_loss, train_crops, eval_whole, evaluate_masked,
-                     {"small": MASKED_E_SMALL, "paper": MASKED_E_PAPER}, "masked"),
-    "masked-b": Task(build_masked, masked_loss, train_crops, eval_whole, evaluate_masked,
-                     {"small": MASKED_B_SMALL, "paper": MASKED_B_PAPER}, "masked"),
-    "mae": Task(build_mae, mae_loss, train_crops, eval_whole, evaluate_mae, {"small": MAE_SMALL, "paper": MAE_PAPER},
-                "mae"),
-    "linprobe": Task(build_classifier, classify_loss, train_crops, eval_centre, evaluate_classify,
-                     {"small": LINPROBE_SMALL, "paper": LINPROBE_PAPER}, "classify"),
-    "tran1-probe": Task(build_classifier, classify_loss, train_randaug, eval_centre, evaluate_classify,
-                        {"small": TRAN1_SMALL, "paper": TRAN1_PAPER}, "classify"),
-    "finetune": Task(build_classifier, classify_loss, train_randaug, eval_centre, evaluate_classify,
-                     {"small": FINETUNE_SMALL, "paper": FINETUNE_PAPER}, "classify"),
-    "supervised": Task(build_classifier, classify_loss, train_randaug, eval_centre, evaluate_classify,
-                       {"small": SUPERVISED_SMALL, "paper": SUPERVISED_PAPER}, "classify"),
+    "finola": Task(*FINOLA, {"small": FINOLA_SMALL, "paper": FINOLA_PAPER}),
+    "detr-probe": Task(*DETR, {"small": DETR_SMALL, "paper": DETR_PAPER}, frozen=True),
+    "detr-finetune": Task(*DETR, {"small": DETR_FT_SMALL, "paper": DETR_FT_PAPER}),
+    "masked-e": Task(*MASKED, {"small": MASKED_E_SMALL, "paper": MASKED_E_PAPER}),
+    "masked-b": Task(*MASKED, {"small": MASKED_B_SMALL, "paper": MASKED_B_PAPER}),
+    "mae": Task(*MAE, {"small": MAE_SMALL, "paper": MAE_PAPER}),
+    "linprobe": Task(*LINEAR, {"small": LINPROBE_SMALL, "paper": LINPROBE_PAPER}, frozen=True),
+    "tran1-probe": Task(*CLASSIFY, {"small": TRAN1_SMALL, "paper": TRAN1_PAPER}, frozen=True),
+    "finetune": Task(*CLASSIFY, {"small": FINETUNE_SMALL, "paper": FINETUNE_PAPER}),
+    "supervised": Task(*CLASSIFY, {"small": SUPERVISED_SMALL, "paper": SUPERVISED_PAPER}),
 }

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 import warnings
@@ -41,6 +40,7 @@ import mae
 import mobileformer
 import runs
 import weights
+import tasks
 from tasks import TASKS
 
 console = Console(stderr=True)
@@ -124,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="a fresh encoder's residual branches start at zero (ours; on in the small finola preset, "
                         "off as in Mobile-Former's code otherwise)")
     m.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="wrap the model in torch.compile (off by default; costs and gains on a CPU: README, benchmarks)")
+                   help="wrap the model in torch.compile (off by default; costs and gains on a CPU: EXPERIMENTS.md, Speed)")
     m.add_argument("--q-position", choices=finola.Q_POSITIONS, help="where q sits in the map (App. E.1)")
     m.add_argument("--norm", choices=["layer", "moving-average"], help="FINOLA normalization (§4's ablation)")
     m.add_argument("--output", choices=finola.OUTPUTS, help="finola: what the upsampler predicts, the image in [0, 1] "
@@ -244,14 +244,6 @@ def _resumed(p: argparse.ArgumentParser, args: argparse.Namespace, given: set[st
 # Checkpoints: Accelerate's full state in a folder, written to a temporary name and renamed into place
 # ---------------------------------------------------------------------------------------------------------------------
 
-def crash_point(stage: str, step: int):
-    """Tests only: ``FINOLA_CRASH_AT=STAGE@STEP`` kills this process (SIGKILL: no cleanup, as a power cut) when it
-    reaches ``STAGE`` at optimizer step ``STEP`` (stages: ``step``, mid-step after the backward pass, and the
-    ``checkpoint-*`` stages of ``save_checkpoint``)."""
-    if os.environ.get("FINOLA_CRASH_AT") == f"{stage}@{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def save_checkpoint(accelerator, out: Path, step: int, epoch: int, seen: int = 0):
     """The full training state in ``out/state``. It is written to ``state.tmp``, then ``state`` becomes ``state.old``
     and ``state.tmp`` becomes ``state``: a kill at any moment leaves a complete ``state`` or ``state.old``."""
@@ -261,16 +253,13 @@ def save_checkpoint(accelerator, out: Path, step: int, epoch: int, seen: int = 0
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
-    crash_point("checkpoint-written", step)
     if accelerator.is_main_process:
         # trainer.json last: a folder without it is incomplete and never resumed from
         (tmp / "trainer.json").write_text(json.dumps({"step": step, "epoch": epoch, "seen": seen}))
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
-        crash_point("checkpoint-old", step)
         tmp.rename(final)
-        crash_point("checkpoint-new", step)
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
@@ -310,124 +299,164 @@ def lr_at(step: int, *, base: float, warmup: int, total: int, drop: int | None =
 # ---------------------------------------------------------------------------------------------------------------------
 
 def train(args) -> Path:
-    # gradient accumulation is the loop's own (below): a step ends at every --grad-accum-th micro-batch and at the
-    # end of each epoch, so no step mixes two epochs
-    out = Path(args.resume or args.out or f"runs/{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    """One run of --task: build, train on --data for --epochs (or --max-steps), evaluate, save (``finish``)."""
+    out = run_folder(args)
     accelerator = start_accelerator(args, out)
     task = TASKS[args.task]
-    if not args.resume and any((out / name).exists() for name in ("state", "state.tmp", "state.old",
-                                                                      "model.safetensors")):
-        raise ValueError(f"--out {str(out)!r} already holds a run (a checkpoint or weights): continue it with "
-                         f"--resume {str(out)!r}, or choose another --out")
     state = find_checkpoint(out) if args.resume else None  # before any work: a run killed too early has none
     set_seed(args.seed)
     model = task.build(args)
     if accelerator.device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
-
-    ds = data.load(args.data, split="train", streaming=args.streaming, **args.data_options)
-    transform = task.transform(args) if args.augment else task.unaugmented(args)
-    local = per_process_batch(args.batch_size, processes=accelerator.num_processes, grad_accum=args.grad_accum)
-    if accelerator.is_main_process:
-        console.print(f"batch {args.batch_size} = {local} a process x {accelerator.num_processes} process(es) x "
-                      f"{args.grad_accum} accumulation step(s)")
-    loader = data.loader(ds, batch_size=local, transform=transform, shuffle=True,
-                         num_workers=args.num_workers, seed=args.seed, accelerator=accelerator)
-    bad = loader.bad  # the final evaluation's unreadable images are counted here too
-    steps_per_epoch = (math.ceil(len(loader) / args.grad_accum) if not args.streaming
-                       else args.epoch_size // args.batch_size)
-    if steps_per_epoch < 1:
-        raise ValueError(f"--batch-size {args.batch_size}: the training data holds less than one step per epoch"
-                         + (f" of --epoch-size {args.epoch_size}" if args.streaming else ""))
-    total = args.max_steps or args.epochs * steps_per_epoch
-    warmup = min(total, round(args.warmup_epochs * steps_per_epoch))
+    steps = Steps(args, task, accelerator)
+    total = steps.total
+    warmup = min(total, round(args.warmup_epochs * steps.per_epoch))
     base_lr = args.lr * (args.batch_size / 256 if args.scale_lr else 1)
-    drop = round(args.lr_drop_epoch * steps_per_epoch) if args.schedule == "step" else None
+    drop = round(args.lr_drop_epoch * steps.per_epoch) if args.schedule == "step" else None
     trained = [p for p in model.parameters() if p.requires_grad]  # a frozen backbone stays out
     optimizer = make_optimizer(trained, args, lr=base_lr, fused=accelerator.device.type in ("cpu", "cuda"))
-    if args.compile:
-        model = torch.compile(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-
+    model, optimizer = accelerator.prepare(torch.compile(model) if args.compile else model, optimizer)
     log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process,
                      accelerator=accelerator if args.log_with else None, flags=vars(args))
-    step, epoch, seen_before = restore_or_start(accelerator, state, out, args, log)
+    step = steps.start(*restore_or_start(accelerator, state, out, args, log), log=log)
+    t0, images, last_good = time.perf_counter(), 0, step
+    with progress_bar(accelerator, args.task, total=total, completed=step) as update:
+        for batches, epoch_done in steps:  # one optimizer step: its micro-batches
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, base=base_lr, warmup=warmup, total=total, drop=drop)
+            loss = accumulate(accelerator, model, task, batches, args, check=lambda loss: check_finite(
+                accelerator, loss, step, out, last_good))
+            if args.clip_grad:
+                accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            images += sum(len(b["images"]) for b in batches) * accelerator.num_processes
+            stats = None
+            if step % args.log_every == 0 or step == total:
+                rate, lr = images / (time.perf_counter() - t0), optimizer.param_groups[0]["lr"]
+                log.write(step=step, epoch=steps.epoch, loss=loss.item(), lr=lr, img_per_s=rate)
+                stats = f"loss {loss.item():.4f}  lr {lr:.2e}  {rate:.0f} img/s"
+            update(step, stats)
+            if epoch_done:  # logged before the checkpoint that counts the epoch as done
+                steps.end_epoch()
+            if step % args.checkpoint_every == 0 or step == total:
+                save_checkpoint(accelerator, out, step, steps.epoch + epoch_done, seen=steps.seen_by_all())
+                last_good = step
+    model = accelerator.unwrap_model(model, keep_torch_compile=False)  # the weights file has the plain names
+    finish(accelerator, model, task, args, out, log=log, step=step, bad=steps.loader.bad)
+    return out
+
+
+def run_folder(args) -> Path:
+    """--resume, --out or a fresh ``runs/TASK-TIME``; a new run refuses a folder that holds one already."""
+    out = Path(args.resume or args.out or f"runs/{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not args.resume and any((out / name).exists() for name in ("state", "state.tmp", "state.old",
+                                                                      "model.safetensors")):
+        raise ValueError(f"--out {str(out)!r} already holds a run (a checkpoint or weights): continue it with "
+                         f"--resume {str(out)!r}, or choose another --out")
+    return out
+
+
+def accumulate(accelerator, model, task, batches: list[dict], args, *, check) -> torch.Tensor:
+    """The gradients of one optimizer step over its micro-batches (synced once, at the last), each image weighing
+    the same also when the step is short; ``check(loss)`` on each. Returns the last micro-batch's loss."""
+    model.train()
+    n = sum(len(b["images"]) for b in batches)
+    for i, batch in enumerate(batches):
+        with contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model):
+            loss = task.loss(model, batch, args)
+            check(loss)
+            accelerator.backward(loss if len(batches) == 1 else loss * (len(batch["images"]) / n))
+    return loss
+
+
+class Steps:
+    """The training data as optimizer steps: each a list of --grad-accum micro-batches of this process (fewer at an
+    epoch's end: no step mixes two epochs), epoch after epoch from where a resumed run stopped, its first batches
+    skipped. A streamed epoch is its first --epoch-size images. The images of each epoch are counted over all
+    processes, for its record in metrics.jsonl (``end_epoch``) and for the checkpoints (``seen_by_all``). It ends
+    after ``total`` steps (--max-steps, else --epochs)."""
+
+    def __init__(self, args, task, accelerator):
+        self.args, self.accelerator = args, accelerator
+        self.dataset = data.load(args.data, split="train", streaming=args.streaming, **args.data_options)
+        local = per_process_batch(args.batch_size, processes=accelerator.num_processes, grad_accum=args.grad_accum)
+        if accelerator.is_main_process:
+            console.print(f"batch {args.batch_size} = {local} a process x {accelerator.num_processes} process(es) x "
+                          f"{args.grad_accum} accumulation step(s)")
+        transform = task.transform(args) if args.augment else task.unaugmented(args)
+        # a batch of unreadable images is replaced, so that every process takes the same steps
+        self.loader = data.loader(self.dataset, batch_size=local, transform=transform, shuffle=True,
+                                  num_workers=args.num_workers, seed=args.seed, accelerator=accelerator,
+                                  replace_unreadable=True)
+        self.per_epoch = (args.epoch_size // args.batch_size if args.streaming
+                          else math.ceil(len(self.loader) / args.grad_accum))
+        if self.per_epoch < 1:
+            raise ValueError(f"--batch-size {args.batch_size}: the training data holds less than one step per epoch"
+                             + (f" of --epoch-size {args.epoch_size}" if args.streaming else ""))
+        self.batches = self.per_epoch * args.grad_accum if args.streaming else len(self.loader)  # an epoch's
+        self.total = args.max_steps or args.epochs * self.per_epoch  # the run's optimizer steps
+
+    def start(self, step: int, epoch: int, seen: int, *, log: "MetricsLog") -> int:
+        """Continue at optimizer ``step`` of ``epoch``, whose first ``seen`` images (all processes) were used."""
+        self.step, self.epoch, self.log = step, epoch, log
+        # images this epoch, this process; a resumed run's count before the checkpoint is carried by the main one
+        self.seen = torch.tensor(seen if self.accelerator.is_main_process else 0, device=self.accelerator.device)
+        return step
+
+    def seen_by_all(self) -> int:
+        return self.accelerator.reduce(self.seen, "sum").item()
+
+    def end_epoch(self):
+        self.log.write(epoch=self.epoch, samples=self.seen_by_all(),
+                       dataset=None if self.args.streaming else len(self.dataset))
+        self.seen.zero_()
+
+    def __iter__(self):
+        accum = self.args.grad_accum
+        while self.step < self.total:
+            skip = (self.step - self.epoch * self.per_epoch) * accum  # > 0: resumed mid-epoch
+            self.loader.set_epoch(self.epoch, skip=skip)
+            read, group = skip, []
+            for batch in itertools.islice(self.loader, self.batches - skip):
+                read += 1
+                self.seen += len(batch["images"])
+                group.append(batch)
+                if len(group) == accum or read == self.batches:
+                    self.step += 1
+                    yield group, read == self.batches
+                    group = []
+                    if self.step >= self.total:
+                        return
+            if read == skip:  # not one batch: every image unreadable, or an empty stream
+                bad = self.loader.bad
+                raise ValueError(f"--data {self.args.data!r}: epoch {self.epoch} gave no readable training images"
+                                 + (f"; {bad.total()} unreadable files skipped, e.g. "
+                                    f"{bad.skipped.most_common(1)[0][0]}" if bad.total() else ""))
+            if read < self.batches:  # a stream that ran short
+                warnings.warn(f"epoch {self.epoch}: the stream ended after {read} of its {self.batches} batches "
+                              f"(--epoch-size {self.args.epoch_size} is more than it holds)")
+                if group:
+                    self.step += 1
+                    yield group, False
+                self.end_epoch()
+            self.epoch += 1
+
+
+def progress_bar(accelerator, description: str, *, total: int, completed: int):
+    """A rich progress bar (main process only) as a context giving ``update(step, stats)``."""
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=console, disable=not accelerator.is_main_process)
-    # images this epoch, this rank; a resumed run's count before the checkpoint is carried by the main process
-    seen = torch.tensor(seen_before if accelerator.is_main_process else 0, device=accelerator.device)
-    with progress:
-        bar = progress.add_task(args.task, total=total, completed=step, stats="")
-        t0, images, last_good, step_images = time.perf_counter(), 0, step, 0
-        while step < total:
-            skip = step * args.grad_accum - epoch * steps_per_epoch * args.grad_accum  # > 0: resumed mid-epoch
-            loader.set_epoch(epoch, skip=skip)
-            # a streamed epoch is --epoch-size images: its first n_batches batches
-            n_batches = steps_per_epoch * args.grad_accum if args.streaming else len(loader)
-            batches = itertools.islice(loader, n_batches - skip) if args.streaming else loader
-            i, epoch_done = skip - 1, False
-            for i, batch in enumerate(batches, start=skip):
-                model.train()
-                sync = (i + 1) % args.grad_accum == 0 or i + 1 == n_batches
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    for g in optimizer.param_groups:
-                        g["lr"] = lr_at(step, base=base_lr, warmup=warmup, total=total, drop=drop)
-                    loss = task.loss(model, batch, args)
-                    check_finite(accelerator, loss, step, out, last_good)
-                    # each image of a step weighs the same, also when a micro-batch is short
-                    accelerator.backward(loss if args.grad_accum == 1 else
-                                         loss * (len(batch["images"]) / (local * args.grad_accum)))
-                images += len(batch["images"]) * accelerator.num_processes
-                seen += len(batch["images"])
-                step_images += len(batch["images"])
-                if not sync:
-                    continue
-                if args.grad_accum > 1 and step_images != local * args.grad_accum:  # the epoch's short last step
-                    for p in trained:
-                        if p.grad is not None:
-                            p.grad.mul_(local * args.grad_accum / step_images)
-                crash_point("step", step + 1)
-                if args.clip_grad:
-                    accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step_images = 0
-                step += 1
-                if step % args.log_every == 0 or step == total:
-                    rate = images / (time.perf_counter() - t0)
-                    lr = optimizer.param_groups[0]["lr"]
-                    log.write(step=step, epoch=epoch, loss=loss.item(), lr=lr, img_per_s=rate)
-                    progress.update(bar, stats=f"loss {loss.item():.4f}  lr {lr:.2e}  {rate:.0f} img/s")
-                progress.update(bar, completed=step)
-                epoch_done = i + 1 == n_batches
-                if epoch_done:  # logged before the checkpoint that counts the epoch as done
-                    log.write(epoch=epoch, samples=accelerator.reduce(seen, "sum").item(),
-                              dataset=None if args.streaming else len(ds))
-                    seen.zero_()
-                if step % args.checkpoint_every == 0 or step == total:
-                    save_checkpoint(accelerator, out, step, epoch + epoch_done,
-                                    seen=accelerator.reduce(seen, "sum").item())
-                    last_good = step
-                if step >= total and not epoch_done:
-                    break
-            else:
-                if i < skip:  # not one batch: every image unreadable, or an empty stream
-                    raise ValueError(f"--data {args.data!r}: epoch {epoch} gave no readable training images"
-                                     + (f"; {bad.total()} unreadable files skipped, e.g. "
-                                        f"{bad.skipped.most_common(1)[0][0]}" if bad.total() else ""))
-                if not epoch_done:  # a stream that ran short, or batches dropped whole as unreadable
-                    if args.streaming:
-                        warnings.warn(f"epoch {epoch}: the stream ended after {i + 1} of its {n_batches} batches "
-                                      f"(--epoch-size {args.epoch_size} is more than it holds)")
-                    log.write(epoch=epoch, samples=accelerator.reduce(seen, "sum").item(),
-                              dataset=None if args.streaming else len(ds))
-                    seen.zero_()
-                epoch += 1
+    bar = progress.add_task(description, total=total, completed=completed, stats="")
 
-    model = accelerator.unwrap_model(model, keep_torch_compile=False)  # the weights file has the plain names
-    finish(accelerator, model, task, args, out, log=log, step=step, bad=bad)
-    return out
+    @contextlib.contextmanager
+    def running():
+        with progress:
+            yield lambda step, stats=None: progress.update(bar, completed=step,
+                                                           **({"stats": stats} if stats else {}))
+    return running()
 
 
 def start_accelerator(args, out: Path) -> Accelerator:
@@ -476,11 +505,11 @@ def finish(accelerator, model, task, args, out: Path, *, log: "MetricsLog", step
     their metadata, the report and the logged images; the trackers finished on every process."""
     log.write(step=step, ranks_in_sync=ranks_in_sync(accelerator, model))
     if accelerator.is_main_process:
-        metrics = task.evaluate(model.eval(), args, out, bad=bad)
+        metrics = tasks.evaluate(task, model.eval(), args, out, bad=bad)
         log.write(step=step, final=metrics)
         weights.save_model(out / "model.safetensors", model, task=args.task, train=vars(args), data=args.data,
                            metrics=metrics)
-        report(out, metrics, task.eval_command, bad)
+        report(out, metrics, task.evaluation, bad)
         log.images(out, step=step)
     accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:  # not accelerator.end_training(): main() tears the process group down

@@ -3,7 +3,7 @@
 Metadata keys (all values are strings; JSON where structured):
   format   -- ``FORMAT``, a version tag of ours; a file without it is not one of ours
   task     -- the task that trained the weights (e.g. ``finola``), or ``""``
-  model    -- JSON ``{"arch": NAME, "config": {...}}``: ``build`` rebuilds the module (``ARCHS[NAME]``)
+  model    -- JSON ``{"arch": NAME, "config": {...}}``: ``build`` rebuilds the module (``architectures()[NAME]``)
   train    -- JSON of the run's flags;  data -- the data source string;  metrics -- JSON of final metrics
 
 ``load_model(path)`` is the one function that rebuilds any of our models from a file alone.
@@ -11,6 +11,7 @@ Metadata keys (all values are strings; JSON where structured):
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -23,27 +24,33 @@ from safetensors.torch import save_file
 
 FORMAT = "finola-weights/1"
 
-# arch name -> (module, class). Every class follows one contract (finola.EncoderModel; the encoders themselves,
-# MobileFormer and ViT, have none): ``build`` rebuilds it from the ``config_dict()`` its file stores.
-ARCHS: dict[str, tuple[str, str]] = {
-    "mobileformer": ("mobileformer", "MobileFormer"),
-    "finola": ("finola", "Finola"),
-    "masked-e": ("masked", "MaskedFinolaE"),
-    "masked-b": ("masked", "MaskedFinolaB"),
-    "classifier": ("classify", "Classifier"),
-    "detr": ("detr", "DETR"),
-    "vit": ("mae", "ViT"),
-    "mae": ("mae", "MAE"),
-}
-ENCODERS = ("mobileformer", "vit")  # archs that are an encoder themselves; every other has model.encoder
+MODEL_MODULES = ("mobileformer", "mae", "finola", "masked", "classify", "detr")  # where our architectures live
+
+
+@functools.cache
+def architectures() -> dict[str, type]:
+    """Arch name -> class: every class of ``MODEL_MODULES`` that declares its own ``arch``. Each follows one contract
+    (layers.EncoderModel; the encoders themselves, MobileFormer and ViT, have none): ``build`` rebuilds it from the
+    ``config_dict()`` its file stores."""
+    found = {}
+    for module in map(importlib.import_module, MODEL_MODULES):
+        for cls in vars(module).values():
+            if isinstance(cls, type) and cls.__module__ == module.__name__ and "arch" in vars(cls):
+                found[cls.arch] = cls
+    return found
+
+
+def is_encoder(arch: str) -> bool:
+    """Whether ``arch`` is an encoder itself (MobileFormer, ViT); every other model holds one as ``model.encoder``."""
+    return not hasattr(architectures()[arch], "split")
 
 
 def arch_of(model: torch.nn.Module) -> str:
-    """The ``ARCHS`` name of ``model``'s class."""
-    for name, (module, cls) in ARCHS.items():
-        if type(model).__module__ == module and type(model).__name__ == cls:
-            return name
-    raise ValueError(f"model: {type(model).__name__} is none of our architectures ({sorted(ARCHS)})")
+    """The ``architectures`` name of ``model``'s class."""
+    arch = vars(type(model)).get("arch")
+    if arch is None or architectures().get(arch) is not type(model):
+        raise ValueError(f"model: {type(model).__name__} is none of our architectures ({sorted(architectures())})")
+    return arch
 
 
 @contextlib.contextmanager
@@ -66,8 +73,8 @@ def atomic_path(path):
 def save(path, state_dict: dict[str, torch.Tensor], *, arch: str, config: dict, task: str = "",
          train: dict | None = None, data: str = "", metrics: dict | None = None) -> Path:
     """Write ``state_dict`` and our metadata to ``path`` atomically (temporary file, then rename)."""
-    if arch not in ARCHS:
-        raise ValueError(f"arch: unknown architecture {arch!r}; expected one of {sorted(ARCHS)}")
+    if arch not in architectures():
+        raise ValueError(f"arch: unknown architecture {arch!r}; expected one of {sorted(architectures())}")
     path = Path(path)
     meta = {
         "format": FORMAT,
@@ -88,7 +95,7 @@ def save_model(path, model: torch.nn.Module, **metadata) -> Path:
     """``save`` for one of our models: its state, its arch (``arch_of``) and its ``config_dict()``, with its encoder's
     arch under "encoder_arch" for a model on an encoder; ``metadata``: ``save``'s task / train / data / metrics."""
     arch, config = arch_of(model), model.config_dict()
-    if arch not in ENCODERS:
+    if not is_encoder(arch):
         config["encoder_arch"] = arch_of(model.encoder)
     return save(path, model.state_dict(), arch=arch, config=config, **metadata)
 
@@ -167,15 +174,14 @@ def build(model_meta: dict, *, source: str = "metadata") -> torch.nn.Module:
     """A fresh (randomly initialised) module from the ``model`` metadata ``{"arch", "config"}``; ``source`` names
     where it came from in errors (e.g. the file)."""
     arch = model_meta.get("arch")
-    if arch not in ARCHS:
+    if arch not in architectures():
         raise ValueError(f"weights: {source}: unknown architecture {arch!r} in metadata 'model'; expected one of "
-                         f"{sorted(ARCHS)}")
+                         f"{sorted(architectures())}")
     if not isinstance(model_meta.get("config"), dict):
         raise ValueError(f"weights: {source}: metadata 'model' has no 'config' object for architecture {arch!r}")
-    module, name = ARCHS[arch]
-    cls, config = getattr(importlib.import_module(module), name), model_meta["config"]
+    cls, config = architectures()[arch], model_meta["config"]
     try:
-        if arch in ENCODERS:
+        if is_encoder(arch):
             return cls.from_config(config)
         _, encoder_config, encoder_arch = cls.split(config)
         encoder = build({"arch": encoder_arch, "config": encoder_config}, source=source)  # errors of its own
@@ -222,7 +228,7 @@ def load_encoder(path, *, device="cpu") -> torch.nn.Module:
     masked), a supervised or plain encoder, a classifier's encoder, or a detector's backbone; trainable, in train
     mode. ``train.py --init`` uses it."""
     model = load_model(path, device=device)
-    encoder = model if model.metadata["model"]["arch"] in ENCODERS else model.encoder
+    encoder = model if is_encoder(model.metadata["model"]["arch"]) else model.encoder
     if getattr(encoder, "head", None) is not None:  # a supervised classifier: keep the backbone only
         import dataclasses
         encoder.head = None

@@ -11,6 +11,7 @@ from torch.testing import assert_close
 import analysis
 import codec
 import eval as ev
+import metrics
 import finola
 import mobileformer
 import weights
@@ -33,7 +34,7 @@ SURFACES = {  # name: (z(x, y), closed-form K(x, y), relative tolerance)
 @pytest.mark.parametrize("name", SURFACES)
 def test_gaussian_curvature_matches_closed_forms_inside(name):
     z, k, rtol = SURFACES[name]
-    assert_close(ev.gaussian_curvature(z)[1:-1, 1:-1], k[1:-1, 1:-1], rtol=rtol, atol=1e-14)
+    assert_close(analysis.gaussian_curvature(z)[1:-1, 1:-1], k[1:-1, 1:-1], rtol=rtol, atol=1e-14)
 
 
 @pytest.mark.parametrize("name", ["paraboloid", "saddle", "plane"])
@@ -215,13 +216,13 @@ def test_codec_round_trip_and_refusal(tiny, tmp_path, capsys):
     enc = run(capsys, "encode", image, "--weights", tiny[0], "-o", tmp_path / "photo.q")
     assert enc["payload_bytes"] == 32 and enc["file_bytes"] > 32
     model = weights.load_model(tiny[0])
-    x = ev.reconstruct_transform(model)(Image.open(image).convert("RGB"))[None]
+    x = metrics.whole(model, {})(Image.open(image).convert("RGB"))[None]
     stored = codec.load_q(tmp_path / "photo.q", identity=codec.model_identity(model))
     assert stored.dtype == torch.float16 and torch.equal(stored, codec.encode(model, x)[0])
     dec = run(capsys, "decode", tmp_path / "photo.q", "--weights", tiny[0], "-o", tmp_path / "back.png")
     back = torch.from_numpy(np.array(Image.open(dec["image"]))).permute(2, 0, 1).float() / 255
     assert_close(back, codec.decode(model, stored[None])[0], atol=0.5 / 255 + 1e-6, rtol=0)
-    assert ev.psnr(x, back[None]).item() == pytest.approx(enc["psnr_db"], abs=0.1)
+    assert analysis.psnr(x, back[None]).item() == pytest.approx(enc["psnr_db"], abs=0.1)
     with pytest.raises(ValueError, match="encoded by a different model"):
         ev.main(["decode", str(tmp_path / "photo.q"), "--weights", str(tiny[1])])
     save_file({"q": torch.zeros(16)}, tmp_path / "other.q", metadata={"format": "pt"})

@@ -567,3 +567,36 @@ def test_colour_jitter_is_per_image_reproducible_and_off_by_default():
     assert means.std(0).min() > 0.02, "every image draws its own brightness / contrast / saturation"
     assert jittered.min() >= 0 and jittered.max() <= 1
     assert torch.equal(jittered, draw(0.3, 1)) and not torch.equal(jittered, draw(0.3, 2)), "seeded, reproducible"
+
+
+def _some_unreadable(n: int, bad: set[int]) -> datasets.Dataset:
+    """``n`` labelled 16² images, those at ``bad`` truncated files."""
+    cells = [{"bytes": _png(_noise(i, 16, 16))[:60] if i in bad else _png(_noise(i, 16, 16)), "path": f"{i}.png"}
+             for i in range(n)]
+    features = datasets.Features(image=datasets.Image(), label=datasets.Value("int64"))
+    return datasets.Dataset.from_dict({"image": cells, "label": list(range(n))}, features=features)
+
+
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["first", "middle", "last"])
+def test_a_batch_of_only_unreadable_images_is_replaced_so_every_rank_takes_the_same_steps(which):
+    """8 rows dealt to 2 ranks in batches of 1: 4 batches a rank. Rank 1's batch ``which`` (and with ``which`` 2 its
+    batch 3 too) unreadable: dropped, rank 1 would take fewer steps than rank 0 and hang it at the gradient sync;
+    with ``replace_unreadable`` a readable batch of the same rank stands in, and the count says how many."""
+    plan = data.rank_batches(8, batch_size=1, rank=1, world_size=2, shuffle=True, seed=5, epoch=0)
+    dead = {which, 3} if which == 2 else {which}
+    ds = _some_unreadable(8, bad={plan[b][0] for b in dead})
+    transform = data.train_transform("crop", size=8)
+    counts = {}
+    for replace in (False, True):
+        for rank in (0, 1):
+            dl = data.loader(ds, batch_size=1, transform=transform, shuffle=True, seed=5, rank=rank, world_size=2,
+                             replace_unreadable=replace)
+            labels = [b["labels"].tolist() for b in dl]
+            counts[replace, rank] = len(labels)
+            if rank == 1:
+                good = [[plan[b][0]] for b in range(4) if b not in dead]
+                assert [x for x in labels if x not in good] == [], "only the rank's own readable images"
+                assert sorted(map(tuple, {tuple(x) for x in labels})) == sorted(map(tuple, good))
+                assert dl.replaced == (len(dead) if replace else 0) and dl.bad.total() == len(dead)
+    assert counts[False, 0] == 4 and counts[False, 1] == 4 - len(dead), "dropped: the ranks disagree"
+    assert counts[True, 0] == counts[True, 1] == 4, "replaced: every rank yields as many batches"

@@ -203,7 +203,7 @@ def test_unknown_architecture_or_unbuildable_config(tmp_path, capsys):
     with pytest.raises(ValueError) as e:
         weights.load_model(unknown)
     assert single_line(e) == (f"weights: {str(unknown)!r}: unknown architecture 'resnet50' in metadata 'model'; "
-                              f"expected one of {sorted(weights.ARCHS)}")
+                              f"expected one of {sorted(weights.architectures())}")
     line = one_line(capsys, ev.main, "embedding", "--weights", unknown)
     assert "resnet.safetensors" in line and "unknown architecture 'resnet50'" in line
 

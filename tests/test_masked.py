@@ -236,7 +236,7 @@ def test_masked_tasks_run_and_rebuild(pretrained, task, capsys):
     capsys.readouterr()
     result = ev.main(["masked", "--weights", str(out / "model.safetensors")])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
-    assert result == rows[-1]["final"] | {"figure": str(out / "masked.png")} and (out / "masked.png").exists()
+    assert result == rows[-1]["final"] | {"figure": str(out / "predictions.png")} and (out / "predictions.png").exists()
 
 
 def test_app_d_reconstruction_keeps_the_pretrained_encoder_frozen(pretrained, tmp_path):

@@ -1,5 +1,5 @@
 """The PCA baseline of reconstruction: analysis.fit_pca and pca_reconstruct_images against exact cases and a slow SVD
-reference, eval.pca_baseline's crops, and pca_db in eval.reconstruct and ``eval.py reconstruct``."""
+reference, metrics.pca_baseline's crops, and pca_db in metrics.reconstruct and ``eval.py reconstruct``."""
 import json
 
 import pytest
@@ -8,6 +8,7 @@ from torch.testing import assert_close
 
 import analysis
 import eval as ev
+import metrics
 import finola
 import mobileformer
 import weights
@@ -122,7 +123,7 @@ def test_reconstruct_reports_pca_db_as_computed_by_hand(tiny):
     basis, _ = torch.linalg.qr(torch.randn(3072, 16, generator=g, dtype=torch.float64))
     pca = {"mean": 0.25 + 0.5 * torch.rand(3072, generator=g, dtype=torch.float64), "basis": basis,
            "explained": 0.5, "images": 1234}
-    plain, out = ev.reconstruct(model, batches), ev.reconstruct(model, batches, pca=pca)
+    plain, out = metrics.reconstruct(model, batches), metrics.reconstruct(model, batches, pca=pca)
     assert out == plain | {"pca_db": out["pca_db"], "pca_images": 1234, "pca_explained": 0.5}
     x = torch.cat([b["images"] for b in batches]).flatten(1).double()
     y = (pca["mean"] + (x - pca["mean"]) @ basis @ basis.T).clamp(0, 1)  # psnr clamps the reconstruction
@@ -139,8 +140,8 @@ def test_pca_baseline_draws_the_same_training_crops_every_time(tiny, monkeypatch
         return torch.cat(list(images))
 
     monkeypatch.setattr(analysis, "fit_pca", keep)
-    first = ev.pca_baseline(model, "photos", {"crops_per_photo": 2, "with_wallpapers": False}, n=40, batch_size=8)
-    again = ev.pca_baseline(model, "photos", {"crops_per_photo": 2, "with_wallpapers": False}, n=40, batch_size=8)
+    first = metrics.pca_baseline(model, "photos", {"crops_per_photo": 2, "with_wallpapers": False}, n=40, batch_size=8)
+    again = metrics.pca_baseline(model, "photos", {"crops_per_photo": 2, "with_wallpapers": False}, n=40, batch_size=8)
     assert calls == [(16, 40), (16, 40)] and first.shape == (40, 3, 32, 32)
     assert_close(first, again, rtol=0, atol=0)
     assert not torch.equal(first[:14].sort(0).values, first[14:28].sort(0).values), "each epoch draws new crops"
@@ -164,13 +165,13 @@ def test_reconstruct_command_fits_the_pca_on_the_weights_training_data(tiny, cap
     out, _ = run(capsys, "reconstruct", "--weights", path, "--pca-images", 0)
     assert not any(k.startswith("pca") for k in out)
 
-    seen, real = [], ev.pca_baseline
+    seen, real = [], metrics.pca_baseline
 
     def spy(model, source, options, **kw):
         seen.append((source, options))
         return real(model, source, options, **kw)
 
-    monkeypatch.setattr(ev, "pca_baseline", spy)
+    monkeypatch.setattr(metrics, "pca_baseline", spy)
     monkeypatch.setattr(analysis, "PCA_MAX_DIM", 3000)  # 32 x 32 images (D = 3072) now count as too large
     out, err = run(capsys, "reconstruct", "--weights", path, "--data", "photos", "--pca-images", 40)
     assert seen == [("photos", {"crops_per_photo": 2, "with_wallpapers": False, "streaming": False})], \

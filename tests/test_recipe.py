@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import eval as ev
+import tasks
 import train
 import weights
 
@@ -75,7 +75,7 @@ def test_finetuning_from_a_probe_file_starts_at_the_probe(tmp_path):
     assert all(torch.equal(v, saved[k]) for k, v in start.state_dict().items()), "every weight is the probe's"
     assert all(p.requires_grad for p in start.backbone.parameters())
     args = train.parse_args(argv)
-    before = train.TASKS["detr-finetune"].evaluate(start.eval(), args, tmp_path)
+    before = tasks.evaluate(train.TASKS["detr-finetune"], start.eval(), args, tmp_path)
     assert before["AP"] == pytest.approx(probe_ap["AP"]) and before["AP50"] == pytest.approx(probe_ap["AP50"])
 
     train.main(argv)

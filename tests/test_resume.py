@@ -38,9 +38,14 @@ def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def script(env: dict) -> str:
+    """train.py, or with FINOLA_CRASH_AT tests/crash.py: train.py with its power cut patched in."""
+    return str(ROOT / ("tests/crash.py" if "FINOLA_CRASH_AT" in env else "train.py"))
+
+
 def launch(argv, **env):
     """train.py in a fresh process (a kill takes the whole process, as a power cut does)."""
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, script(env), *argv], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=600)
 
 
@@ -269,7 +274,7 @@ def test_every_paper_preset_parses_and_builds_on_the_meta_device(task, monkeypat
 
 def launch2(argv, **env):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"), *argv]
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", script(env), *argv]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **env})
 

@@ -6,12 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
+import data
 import eval as ev
+import metrics
 import train
 import weights
 
@@ -29,7 +33,7 @@ def run(tmp_path, *extra, name="run"):
     return out
 
 
-def metrics(out):
+def run_records(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -37,7 +41,7 @@ def test_two_steps_then_rebuild_from_weights_alone(tmp_path):
     out = run(tmp_path, "--max-steps", "2", "--pca-images", "64")
     for name in ("model.safetensors", "metrics.jsonl", "args.json", "reconstructions.png", "state/trainer.json"):
         assert (out / name).exists(), name
-    rows = metrics(out)
+    rows = run_records(out)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     final = rows[-1]["final"]
     assert set(final) == {"psnr_db", "mean_colour_db", "bilinear_db", "pca_db", "pca_images", "pca_explained",
@@ -74,8 +78,8 @@ def test_resume_continues_at_the_saved_step_with_the_same_schedule(tmp_path, mon
     shutil.copytree(tmp_path / "step2", resumed / "state")
     train.main(["--task", "finola", "--resume", str(resumed)])
 
-    before = {r["step"]: r for r in metrics(full) if "loss" in r}
-    after = {r["step"]: r for r in metrics(resumed) if "loss" in r}
+    before = {r["step"]: r for r in run_records(full) if "loss" in r}
+    after = {r["step"]: r for r in run_records(resumed) if "loss" in r}
     assert sorted(after) == [3, 4, 5], "resumed at the saved step"
     for s in (3, 4, 5):
         assert after[s]["lr"] == before[s]["lr"]
@@ -104,7 +108,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
 
 def test_moving_average_run_reports_both_normalizations(tmp_path):
     out = run(tmp_path, "--max-steps", "2", "--norm", "moving-average")
-    final = metrics(out)[-1]["final"]
+    final = run_records(out)[-1]["final"]
     assert {"psnr_db", "psnr_layer_norm_db"} <= set(final)
     assert final["psnr_db"] != final["psnr_layer_norm_db"], "running statistics differ from per-position ones"
     model = weights.load_model(out / "model.safetensors")
@@ -115,12 +119,12 @@ def test_psnr_against_hand_computed_values():
     x = torch.zeros(2, 3, 4, 4)
     y = torch.full_like(x, 0.1)
     y[1] = 0.01
-    assert_close(ev.psnr(x, y), torch.tensor([20.0, 40.0]))
-    assert_close(ev.psnr(x, y - 5), torch.tensor([120.0, 120.0]), msg="clamped to [0, 1], then MSE floor 1e-12")
+    assert_close(metrics.psnr(x, y), torch.tensor([20.0, 40.0]))
+    assert_close(metrics.psnr(x, y - 5), torch.tensor([120.0, 120.0]), msg="clamped to [0, 1], then MSE floor 1e-12")
     img = torch.rand(1, 3, 8, 8)
     flat = img.mean((2, 3), keepdim=True).expand_as(img)
-    assert_close(ev.mean_colour(img), flat)
-    assert_close(ev.bilinear(flat.clone(), (2, 2)), flat, msg="a constant image survives down-then-up")
+    assert_close(metrics.mean_colour(img), flat)
+    assert_close(metrics.bilinear(flat.clone(), (2, 2)), flat, msg="a constant image survives down-then-up")
 
 
 def test_eval_reconstruct_command(tmp_path, capsys):
@@ -133,7 +137,7 @@ def test_eval_reconstruct_command(tmp_path, capsys):
     assert last["mean_colour_db"] < last["bilinear_db"], "a 2x2 bilinear thumbnail beats one colour"
     from PIL import Image
     # 4 images of 32 px enlarged 4x to 128, in 2 rows, with 2 px gaps
-    assert last["figure"] == str(tmp_path / "reconstruct.png")
+    assert last["figure"] == str(tmp_path / "reconstructions.png")
     assert Image.open(last["figure"]).size == (4 * 130 + 2, 2 * 130 + 2)
 
 
@@ -158,13 +162,38 @@ def test_two_processes_stay_in_sync_and_cover_the_data_once(tmp_path):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = metrics(out)
+    rows = run_records(out)
     epochs = [r for r in rows if "samples" in r]
     assert [r["epoch"] for r in epochs] == [0, 1]
     assert all(r["samples"] == r["dataset"] == 14 for r in epochs), epochs
     assert [r["ranks_in_sync"] for r in rows if "ranks_in_sync" in r] == [True]
     assert json.loads((out / "args.json").read_text())["batch_size"] == 4
     assert (out / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_take_the_same_steps_when_one_gets_a_batch_of_only_unreadable_images(tmp_path):
+    """8 images, a global batch of 4 = 2 a process: rank 1's first batch is two truncated files. Dropped, rank 1
+    would take one step fewer and rank 0 would wait for it at the gradient sync forever; replaced, both take 4."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    plan = data.rank_batches(8, batch_size=2, rank=1, world_size=2, shuffle=True, seed=0, epoch=0)
+    for i in range(8):
+        png = folder / f"{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(png)
+        if i in plan[0]:
+            png.write_bytes(png.read_bytes()[:60])
+    out = tmp_path / "ddp"
+    argv = [*TINY[:TINY.index("--data")], "--data", str(folder), *TINY[TINY.index("--data") + 4:], "--seed", "0",
+            "--epochs", "2", "--out", str(out)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"), *argv]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = run_records(out)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert [r["ranks_in_sync"] for r in rows if "ranks_in_sync" in r] == [True]
 
 
 # --- detection tasks -------------------------------------------------------------------------------------------
@@ -184,7 +213,7 @@ def test_detr_probe_keeps_an_initialised_backbone_frozen(tmp_path, capsys):
     assert backbone, "the detector keeps its backbone"
     for k, v in backbone.items():  # weights and BN running statistics: exactly the pre-trained encoder's
         assert torch.equal(v, finola_sd["encoder." + k]), k
-    final = metrics(out)[-1]["final"]
+    final = run_records(out)[-1]["final"]
     assert set(final) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "images"} and final["images"] == 8
     assert (out / "detections.png").exists()
 
@@ -242,7 +271,7 @@ def test_a_short_run_learns_more_than_each_image_s_mean_colour(tmp_path):
     import data
     ds = data.load("photos", split="train", crops_per_photo=1, with_wallpapers=False)
     x = next(iter(data.loader(ds, batch_size=7, transform=data.eval_transform("classify", size=32, crop_ratio=1.0))))
-    mean_colour_mse = (x["images"] - ev.mean_colour(x["images"])).square().mean().item()
-    losses = [r["loss"] for r in metrics(out) if "loss" in r]
+    mean_colour_mse = (x["images"] - metrics.mean_colour(x["images"])).square().mean().item()
+    losses = [r["loss"] for r in run_records(out) if "loss" in r]
     assert losses[0] > mean_colour_mse, "it starts above the mean-colour error (a fresh model knows no image)"
     assert losses[-1] < 0.5 * mean_colour_mse, (losses, mean_colour_mse)
