@@ -1,5 +1,6 @@
-"""Tests run offline with a throw-away HuggingFace cache (set before anything imports `datasets`, which reads
-these at import)."""
+"""Shared by the tests: offline runs with a throw-away HuggingFace cache (set before anything imports `datasets`,
+which reads these at import), the tiny training runs' flags, their records, and an image folder."""
+import json
 import os
 import shutil
 import tempfile
@@ -11,6 +12,22 @@ from PIL import Image
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="finola-hf-")
+
+
+# A tiny FINOLA run: 14 training rows (the 7 scikit-image photos x 2) in batches of 4, 4 validation crops; a 2x2
+# FINOLA grid decoded to 32x32 by the preset's linear upsampler (16x16 patches).
+TINY_FINOLA = ["--task", "finola", "--data", "photos", "--data-options",
+               '{"crops_per_photo": 2, "with_wallpapers": false}', "--encoder", "mf-tiny", "--channels", "16",
+               "--grid", "2", "--image-size", "32", "--batch-size", "4", "--lr", "0.05", "--warmup-epochs", "0",
+               "--log-every", "1", "--pca-images", "0"]
+# A tiny detector's data and model (add --task): 8 shapes images of 32², mf-tiny + mf-dec-tiny, 10 queries.
+TINY_DETR = ["--data", "shapes", "--data-options", '{"n": 8, "size": 32}', "--encoder", "mf-tiny", "--decoder",
+             "mf-dec-tiny", "--num-queries", "10", "--image-size", "32", "--batch-size", "4", "--log-every", "1"]
+
+
+def records(run) -> list[dict]:
+    """The records of a run folder's metrics.jsonl."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="session", autouse=True)

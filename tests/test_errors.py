@@ -1,4 +1,4 @@
-"""Bad input gets a one-line error naming the file or flag and what is wrong (issue 14, item 8): junk and truncated
+"""Bad input gets a one-line error naming the file or flag and what is wrong: junk and truncated
 .q files, weights whose tensors or metadata are wrong, missing Fashion-MNIST, a non-image given to ``eval.py encode``.
 The library raises a clear exception; the command lines print it as one line on stderr and exit with status 2."""
 import json
@@ -20,7 +20,6 @@ import embedded
 import errors
 import eval as ev
 import finola
-import ladder
 import mobileformer
 import weights
 
@@ -246,11 +245,9 @@ def test_missing_fashion_mnist_names_the_package(tmp_path, monkeypatch, capsys):
     with pytest.raises(FileNotFoundError) as e:
         data.load("fashion-mnist")
     assert "lacks train-labels-idx1-ubyte.gz:" in single_line(e)
-    line = one_line(capsys, ladder.main, "--data", "fashion-mnist", "--minutes", "0.01")
-    assert "dataset-fashion-mnist" in line and str(tmp_path) in line
 
 
-# --- writes: a failure half-way leaves the previous file, never a torn one (item 2) --------------------------------
+# --- writes: a failure half-way leaves the previous file, never a torn one -------------------------------------
 
 def test_figures_images_and_q_files_are_written_atomically(tmp_path, monkeypatch):
     from matplotlib.figure import Figure

@@ -18,30 +18,23 @@ import eval as ev
 import metrics
 import train
 import weights
+from conftest import TINY_DETR, TINY_FINOLA, records
 
 ROOT = Path(__file__).resolve().parents[1]
-# 14 training rows (the 7 scikit-image photos x 2), 4 validation crops; a 2x2 FINOLA grid decoded to 32x32 by the
-# preset's linear upsampler (16x16 patches).
-TINY = ["--task", "finola", "--data", "photos", "--data-options", '{"crops_per_photo": 2, "with_wallpapers": false}',
-        "--encoder", "mf-tiny", "--channels", "16", "--grid", "2", "--image-size", "32", "--batch-size", "4", "--lr", "0.05", "--warmup-epochs", "0", "--log-every", "1",
-        "--pca-images", "0"]
 
 
 def run(tmp_path, *extra, name="run"):
     out = tmp_path / name
-    train.main(TINY + ["--out", str(out), *extra])
+    train.main(TINY_FINOLA + ["--out", str(out), *extra])
     return out
 
-
-def run_records(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_two_steps_then_rebuild_from_weights_alone(tmp_path):
     out = run(tmp_path, "--max-steps", "2", "--pca-images", "64")
     for name in ("model.safetensors", "metrics.jsonl", "args.json", "reconstructions.png", "state/trainer.json"):
         assert (out / name).exists(), name
-    rows = run_records(out)
+    rows = records(out)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     final = rows[-1]["final"]
     assert set(final) == {"psnr_db", "mean_colour_db", "bilinear_db", "pca_db", "pca_images", "pca_explained",
@@ -51,7 +44,7 @@ def test_two_steps_then_rebuild_from_weights_alone(tmp_path):
     meta = model.metadata
     assert meta["task"] == "finola" and meta["train"]["max_steps"] == 2 and meta["metrics"] == final
     # The checkpoint's weights, loaded into a model built from the flags, give the same outputs.
-    args = train.parse_args(TINY + ["--max-steps", "2"])
+    args = train.parse_args(TINY_FINOLA + ["--max-steps", "2"])
     fresh = train.TASKS["finola"].build(args)
     fresh.load_state_dict(load_file(out / "state" / "model.safetensors"))
     x = torch.rand(2, 3, 32, 32)
@@ -78,8 +71,8 @@ def test_resume_continues_at_the_saved_step_with_the_same_schedule(tmp_path, mon
     shutil.copytree(tmp_path / "step2", resumed / "state")
     train.main(["--task", "finola", "--resume", str(resumed)])
 
-    before = {r["step"]: r for r in run_records(full) if "loss" in r}
-    after = {r["step"]: r for r in run_records(resumed) if "loss" in r}
+    before = {r["step"]: r for r in records(full) if "loss" in r}
+    after = {r["step"]: r for r in records(resumed) if "loss" in r}
     assert sorted(after) == [3, 4, 5], "resumed at the saved step"
     for s in (3, 4, 5):
         assert after[s]["lr"] == before[s]["lr"]
@@ -108,7 +101,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
 
 def test_moving_average_run_reports_both_normalizations(tmp_path):
     out = run(tmp_path, "--max-steps", "2", "--norm", "moving-average")
-    final = run_records(out)[-1]["final"]
+    final = records(out)[-1]["final"]
     assert {"psnr_db", "psnr_layer_norm_db"} <= set(final)
     assert final["psnr_db"] != final["psnr_layer_norm_db"], "running statistics differ from per-position ones"
     model = weights.load_model(out / "model.safetensors")
@@ -148,7 +141,7 @@ def test_bad_flags_get_clear_errors(tmp_path):
         run(tmp_path, "--image-size", "33", "--upsampler", "linear")
     empty = tmp_path / "empty"  # a run folder with its args.json but no checkpoint yet
     empty.mkdir()
-    (empty / "args.json").write_text(json.dumps(vars(train.parse_args(TINY + ["--out", str(empty)]))))
+    (empty / "args.json").write_text(json.dumps(vars(train.parse_args(TINY_FINOLA + ["--out", str(empty)]))))
     with pytest.raises(FileNotFoundError, match=r"--resume '[^']*empty': .*no checkpoint"):
         train.main(["--task", "finola", "--resume", str(empty)])
 
@@ -158,11 +151,11 @@ def test_two_processes_stay_in_sync_and_cover_the_data_once(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"),
-           *TINY, "--epochs", "2", "--out", str(out)]
+           *TINY_FINOLA, "--epochs", "2", "--out", str(out)]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = run_records(out)
+    rows = records(out)
     epochs = [r for r in rows if "samples" in r]
     assert [r["epoch"] for r in epochs] == [0, 1]
     assert all(r["samples"] == r["dataset"] == 14 for r in epochs), epochs
@@ -184,28 +177,26 @@ def test_two_processes_take_the_same_steps_when_one_gets_a_batch_of_only_unreada
         if i in plan[0]:
             png.write_bytes(png.read_bytes()[:60])
     out = tmp_path / "ddp"
-    argv = [*TINY[:TINY.index("--data")], "--data", str(folder), *TINY[TINY.index("--data") + 4:], "--seed", "0",
+    argv = [*TINY_FINOLA[:TINY_FINOLA.index("--data")], "--data", str(folder), *TINY_FINOLA[TINY_FINOLA.index("--data") + 4:], "--seed", "0",
             "--epochs", "2", "--out", str(out)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"), *argv]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = run_records(out)
+    rows = records(out)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert [r["ranks_in_sync"] for r in rows if "ranks_in_sync" in r] == [True]
 
 
 # --- detection tasks -------------------------------------------------------------------------------------------
 
-DETR_TINY = ["--data", "shapes", "--data-options", '{"n": 8, "size": 32}', "--encoder", "mf-tiny", "--decoder",
-             "mf-dec-tiny", "--num-queries", "10", "--image-size", "32", "--batch-size", "4", "--log-every", "1"]
 
 
 def test_detr_probe_keeps_an_initialised_backbone_frozen(tmp_path, capsys):
     pre = run(tmp_path, "--max-steps", "1", name="pre")  # a FINOLA run whose encoder the probe starts from
     out = tmp_path / "probe"
-    train.main(["--task", "detr-probe", *DETR_TINY, "--max-steps", "2", "--init", str(pre / "model.safetensors"),
+    train.main(["--task", "detr-probe", *TINY_DETR, "--max-steps", "2", "--init", str(pre / "model.safetensors"),
                 "--out", str(out)])
     finola_sd = load_file(pre / "model.safetensors")
     detr_sd = load_file(out / "model.safetensors")
@@ -213,7 +204,7 @@ def test_detr_probe_keeps_an_initialised_backbone_frozen(tmp_path, capsys):
     assert backbone, "the detector keeps its backbone"
     for k, v in backbone.items():  # weights and BN running statistics: exactly the pre-trained encoder's
         assert torch.equal(v, finola_sd["encoder." + k]), k
-    final = run_records(out)[-1]["final"]
+    final = records(out)[-1]["final"]
     assert set(final) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "images"} and final["images"] == 8
     assert (out / "detections.png").exists()
 
@@ -239,7 +230,7 @@ def test_detr_finetune_trains_the_backbone(tmp_path, monkeypatch):
     out = tmp_path / "ft"
     threads = torch.get_num_threads()
     try:  # one thread: a second buys a tiny model nothing and, beside another busy process, costs it many times
-        train.main(["--task", "detr-finetune", *DETR_TINY, "--max-steps", "2", "--lr", "1e-3", "--threads", "1",
+        train.main(["--task", "detr-finetune", *TINY_DETR, "--max-steps", "2", "--lr", "1e-3", "--threads", "1",
                     "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
@@ -272,6 +263,6 @@ def test_a_short_run_learns_more_than_each_image_s_mean_colour(tmp_path):
     ds = data.load("photos", split="train", crops_per_photo=1, with_wallpapers=False)
     x = next(iter(data.loader(ds, batch_size=7, transform=data.eval_transform("classify", size=32, crop_ratio=1.0))))
     mean_colour_mse = (x["images"] - metrics.mean_colour(x["images"])).square().mean().item()
-    losses = [r["loss"] for r in run_records(out) if "loss" in r]
+    losses = [r["loss"] for r in records(out) if "loss" in r]
     assert losses[0] > mean_colour_mse, "it starts above the mean-colour error (a fresh model knows no image)"
     assert losses[-1] < 0.5 * mean_colour_mse, (losses, mean_colour_mse)

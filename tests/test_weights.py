@@ -74,7 +74,7 @@ V1 = ("mobileformer", "finola", "finola-linear", "masked-e", "masked-b", "classi
 @pytest.mark.parametrize("name", V1)
 def test_files_written_before_the_model_contract_still_load(name):
     """tests/data/weights-v1 was written by the code of commit 51b212b, before every model got ``from_config`` /
-    ``config_dict`` (issue 15): one small model of each architecture (configs with ``encoder_channels``, DETR's
+    ``config_dict``: one small model of each architecture (configs with ``encoder_channels``, DETR's
     encoder under ``backbone``), with its output on a fixed input. Each still loads and gives the same output."""
     root = Path(__file__).parent / "data" / "weights-v1"
     expected = load_file(root / "expected.safetensors")

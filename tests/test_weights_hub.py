@@ -1,4 +1,4 @@
-"""Weights from the hub (issue 17, item 2): ``hf:ORG/REPO[/FILE]`` resolves through huggingface_hub's cache, offline
+"""Weights from the hub: ``hf:ORG/REPO[/FILE]`` resolves through huggingface_hub's cache, offline
 from a pre-filled cache, with a clear error when the cache lacks it; ``eval.py export`` writes an uploadable folder."""
 import json
 from pathlib import Path

@@ -1,20 +1,20 @@
-"""--log-with: the metrics of metrics.jsonl (and the task's figure) reach Accelerate's trackers (issue 17, item 1), and
-`eval.py curves` draws them (item 4);
-tested offline with TensorBoard's event files (tensorboard is in requirements-dev.txt, an optional install otherwise)."""
+"""--log-with: the metrics of metrics.jsonl (and the task's figure) reach Accelerate's trackers, and `eval.py curves`
+draws them; tested offline with TensorBoard's event files (tensorboard is in requirements-dev.txt, for users an
+optional install)."""
 import importlib.util
 import json
 
 import pytest
 
 import train
-from test_resume import TINY
+from conftest import TINY_FINOLA
 
 
 def test_tensorboard_gets_the_same_figures_as_metrics_jsonl(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    train.main(TINY + ["--out", str(out), "--max-steps", "3", "--log-with", "tensorboard"])
+    train.main(TINY_FINOLA + ["--out", str(out), "--max-steps", "3", "--log-with", "tensorboard"])
     events = list((out / "run").glob("events.out.tfevents.*"))
     assert events, f"an event file under {out / 'run'}"
     acc = EventAccumulator(str(out / "run"), size_guidance={"images": 0, "scalars": 0}).Reload()
@@ -34,7 +34,7 @@ def test_a_tracker_that_is_not_installed_is_a_one_line_error(tmp_path, monkeypat
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(SystemExit) as e:
-        errors.run(train.main, TINY + ["--out", str(tmp_path / "run"), "--log-with", "wandb"])
+        errors.run(train.main, TINY_FINOLA + ["--out", str(tmp_path / "run"), "--log-with", "wandb"])
     assert e.value.code == 2
     assert "--log-with wandb: the 'wandb' package is not installed: pip install wandb" in capsys.readouterr().err
 
@@ -43,8 +43,8 @@ def test_curves_command_overlays_runs_and_ends_with_the_final_values(tmp_path, c
     import eval as ev
     import runs
     a, b = tmp_path / "a", tmp_path / "b"
-    train.main(TINY + ["--out", str(a), "--max-steps", "3"])
-    train.main(TINY + ["--out", str(b), "--max-steps", "2", "--lr", "0.01"])
+    train.main(TINY_FINOLA + ["--out", str(a), "--max-steps", "3"])
+    train.main(TINY_FINOLA + ["--out", str(b), "--max-steps", "2", "--lr", "0.01"])
     capsys.readouterr()
     result = ev.main(["curves", str(a), str(b / "metrics.jsonl"), "--labels", "lr 0.05", "lr 0.01",
                       "--out", str(tmp_path)])

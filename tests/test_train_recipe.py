@@ -1,4 +1,4 @@
-"""The training recipe as the paper and DETR run it (issue 13): --batch-size is the global batch, split over processes
+"""The training recipe as the paper and DETR run it: --batch-size is the global batch, split over processes
 and accumulation steps; gradient clipping (DETR's max-norm 0.1) in the detection presets; detr-finetune continues the
 probe's whole detector."""
 import json
@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import tasks
 import train
 import weights
+from conftest import TINY_DETR
 
 
 @pytest.mark.parametrize("batch, processes, accum, local", [
@@ -56,17 +57,15 @@ def test_clipping_bounds_the_update_of_a_run(tmp_path, monkeypatch):
     assert max(norms) <= 0.01 * (1 + 1e-5)
 
 
-DETR_TINY = ["--data", "shapes", "--data-options", '{"n": 8, "size": 32}', "--encoder", "mf-tiny", "--decoder",
-             "mf-dec-tiny", "--num-queries", "10", "--image-size", "32", "--batch-size", "4", "--log-every", "1"]
 
 
 def test_finetuning_from_a_probe_file_starts_at_the_probe(tmp_path):
     """App. C: COCO fine-tuning follows the decoder probe. From a DETR file, detr-finetune starts with all of the
     probe's weights (decoder, queries, heads, backbone) and its AP, and trains the backbone."""
     probe = tmp_path / "probe"
-    train.main(["--task", "detr-probe", *DETR_TINY, "--max-steps", "3", "--lr", "1e-3", "--out", str(probe)])
+    train.main(["--task", "detr-probe", *TINY_DETR, "--max-steps", "3", "--lr", "1e-3", "--out", str(probe)])
     probe_ap = [json.loads(line) for line in (probe / "metrics.jsonl").read_text().splitlines()][-1]["final"]
-    argv = ["--task", "detr-finetune", *DETR_TINY, "--init", str(probe / "model.safetensors"), "--max-steps", "2",
+    argv = ["--task", "detr-finetune", *TINY_DETR, "--init", str(probe / "model.safetensors"), "--max-steps", "2",
             "--lr", "1e-3", "--out", str(tmp_path / "ft")]
     start = train.TASKS["detr-finetune"].build(train.parse_args(argv))
     assert weights.arch_of(start) == "detr" and start.config_dict()["frozen"] is False and start.training
@@ -87,9 +86,9 @@ def test_finetuning_from_a_probe_file_starts_at_the_probe(tmp_path):
 
 def test_a_probe_file_of_other_classes_is_refused(tmp_path, monkeypatch):
     probe = tmp_path / "probe"
-    train.main(["--task", "detr-probe", *DETR_TINY, "--max-steps", "1", "--out", str(probe)])
+    train.main(["--task", "detr-probe", *TINY_DETR, "--max-steps", "1", "--out", str(probe)])
     import data
     monkeypatch.setattr(data, "categories", lambda ds: [0, 1, 2])  # data of 3 classes, not the shapes' 4
-    argv = ["--task", "detr-finetune", *DETR_TINY, "--init", str(probe / "model.safetensors")]
+    argv = ["--task", "detr-finetune", *TINY_DETR, "--init", str(probe / "model.safetensors")]
     with pytest.raises(ValueError, match="a detector of 4 classes, but --data 'shapes' has 3"):
         train.TASKS["detr-finetune"].build(train.parse_args(argv))

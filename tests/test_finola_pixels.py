@@ -1,4 +1,4 @@
-"""One input normalization for every model (issue 13, item 1): a frozen encoder sees bit-identical inputs, and so
+"""One input normalization for every model: a frozen encoder sees bit-identical inputs, and so
 gives bit-identical features, through DETR, the classifier, FINOLA and Masked-FINOLA."""
 
 import pytest

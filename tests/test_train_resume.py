@@ -1,4 +1,4 @@
-"""Crash and resume under fire (issue 14): a run killed at any moment and resumed ends bit-identical to one that was
+"""Crash and resume under fire: a run killed at any moment and resumed ends bit-identical to one that was
 never killed, logs each step once and never leaves a torn file; resume refuses flags that would change the run."""
 import json
 import os
@@ -17,13 +17,11 @@ from PIL import Image
 import errors
 import runs
 import train
+from conftest import TINY_FINOLA, records
 
 ROOT = Path(__file__).resolve().parents[1]
 # 14 training rows in batches of 4: 4 steps an epoch, 8 in all, a checkpoint every 2 steps.
-TINY = ["--task", "finola", "--data", "photos", "--data-options", '{"crops_per_photo": 2, "with_wallpapers": false}',
-        "--encoder", "mf-tiny", "--channels", "16", "--grid", "2", "--image-size", "32", "--widths", "16", "16", "16",
-        "16", "16", "--batch-size", "4", "--lr", "0.05", "--warmup-epochs", "0", "--log-every", "1",
-        "--pca-images", "0", "--epochs", "2", "--checkpoint-every", "2"]
+TINY = [*TINY_FINOLA, "--epochs", "2", "--checkpoint-every", "2"]
 # (kill point, the checkpoint step the resume starts from). The worst moments: mid-step (after the backward pass)
 # and each stage of save_checkpoint: state written but not yet marked complete, between the two renames (old
 # `state` moved away, the new one still `state.tmp`), after them; mid-epoch, end-of-epoch and final checkpoints.
@@ -32,10 +30,6 @@ KILL_POINTS = [("checkpoint-old@4", 4)] + [
     pytest.param(kill, at, marks=pytest.mark.slow) for kill, at in
     [("step@3", 2), ("checkpoint-written@4", 2), ("checkpoint-old@2", 2), ("checkpoint-new@6", 6), ("step@8", 6),
      ("checkpoint-old@8", 8)]]
-
-
-def metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def script(env: dict) -> str:
@@ -62,12 +56,12 @@ def assert_same_run(run, reference):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs from the uninterrupted run's"
-    steps = [r for r in metrics(run) if "loss" in r]
+    steps = [r for r in records(run) if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 9)), "each step logged once"
-    assert [r["loss"] for r in steps] == [r["loss"] for r in metrics(reference) if "loss" in r]
-    epochs = [r for r in metrics(run) if "samples" in r]
+    assert [r["loss"] for r in steps] == [r["loss"] for r in records(reference) if "loss" in r]
+    epochs = [r for r in records(run) if "samples" in r]
     assert [(r["epoch"], r["samples"]) for r in epochs] == [(0, 14), (1, 14)], "each epoch logged once, in full"
-    assert [r["final"] for r in metrics(run) if "final" in r] == [metrics(reference)[-1]["final"]]
+    assert [r["final"] for r in records(run) if "final" in r] == [records(reference)[-1]["final"]]
 
 
 @pytest.mark.parametrize("kill, resumed_at", KILL_POINTS)
@@ -80,7 +74,7 @@ def test_a_run_killed_at_each_stage_resumes_to_the_same_weights(tmp_path, refere
         assert not (out / "state").exists() and (out / "state.tmp" / "trainer.json").exists()
     train.main(["--resume", str(out)])
     assert_same_run(out, reference)
-    assert [r["resumed_at_step"] for r in metrics(out) if "resumed_at_step" in r] == [resumed_at]
+    assert [r["resumed_at_step"] for r in records(out) if "resumed_at_step" in r] == [resumed_at]
 
 
 @pytest.mark.slow
@@ -170,7 +164,7 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_says_to_start_again(
     lines = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(lines) == 1 and "no checkpoint yet" in lines[0] and "Start it again" in lines[0]
     train.main(TINY + ["--out", str(out), "--max-steps", "1"])
-    assert [r["step"] for r in metrics(out) if "loss" in r] == [1], "the dead run's log lines are gone"
+    assert [r["step"] for r in records(out) if "loss" in r] == [1], "the dead run's log lines are gone"
 
 
 @pytest.mark.slow
@@ -239,7 +233,7 @@ def test_a_streamed_run_killed_mid_epoch_resumes_on_the_same_samples(tmp_path, f
             "--epoch-size", "12", "--eval-split", "train"]
     full = tmp_path / "full"
     train.main(argv + ["--out", str(full)])
-    rows = metrics(full)
+    rows = records(full)
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7)), "2 epochs of 12 images in steps of 4"
     assert [(r["epoch"], r["samples"]) for r in rows if "samples" in r] == [(0, 12), (1, 12)]
 
@@ -249,8 +243,8 @@ def test_a_streamed_run_killed_mid_epoch_resumes_on_the_same_samples(tmp_path, f
     train.main(["--resume", str(out)])
     a, b = load_file(out / "model.safetensors"), load_file(full / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run saw the same samples"
-    assert [r["loss"] for r in metrics(out) if "loss" in r] == [r["loss"] for r in rows if "loss" in r]
-    assert [(r["epoch"], r["samples"]) for r in metrics(out) if "samples" in r] == [(0, 12), (1, 12)]
+    assert [r["loss"] for r in records(out) if "loss" in r] == [r["loss"] for r in rows if "loss" in r]
+    assert [(r["epoch"], r["samples"]) for r in records(out) if "samples" in r] == [(0, 12), (1, 12)]
 
 
 # --- the paper presets cannot rot ----------------------------------------------------------------------------------
@@ -293,7 +287,7 @@ def test_a_two_process_run_killed_and_resumed_matches_the_uninterrupted_one(tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = load_file(out / "model.safetensors"), load_file(full / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    rows = metrics(out)
+    rows = records(out)
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
     assert [(r["epoch"], r["samples"]) for r in rows if "samples" in r] == [(0, 14), (1, 14)]
     assert [r["ranks_in_sync"] for r in rows if "ranks_in_sync" in r] == [True]

@@ -1,4 +1,4 @@
-"""`accelerate launch --mixed_precision bf16 train.py ...` for every task family on CPU (issue 17, item 3): the loss is
+"""`accelerate launch --mixed_precision bf16 train.py ...` for every task family on CPU: the loss is
 finite and close to fp32's. Accelerate reads the precision from the environment it launches with
 (ACCELERATE_MIXED_PRECISION), so each run is its own process."""
 import json
