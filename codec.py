@@ -36,7 +36,7 @@ Q_FORMAT = "finola-q/1"
 def model_identity(model) -> str:
     """sha256 over the model's architecture record (``model.metadata["model"]``, set by weights.load_model) and
     every tensor of its state dict (name, dtype, shape, raw bytes), in name order: equal exactly when the weights
-    and architecture are. Independent of the device; one pass over the weights (about 0.3 s per GB here)."""
+    and architecture are. Independent of the device; one pass over the weights (its time: EXPERIMENTS.md, Speed)."""
     h = hashlib.sha256(json.dumps(getattr(model, "metadata", {}).get("model"), sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()

@@ -2,61 +2,17 @@
 
 FINOLA evaluates its encoders on COCO inside DETR (Carion et al., 2020) whose transformer encoder and decoder are
 replaced by a Mobile-Former decoder (Mobile-Former, Chen et al., CVPR 2022, §"end-to-end detector"): the 100 object
-queries are the decoder's global tokens, and the feature-map stream runs over three scales. This file holds the
-decoder and the detector; `detection.py` holds what it is trained and scored with (boxes, matcher, set criterion,
-post-processing). It imports torch and our `mobileformer` (whose bridges, Former and lite bottleneck it reuses).
+queries are the decoder's global tokens, and the feature-map stream runs over three scales, with M-F⁺ / M-F⁻ blocks
+(Table 11 caption): `mf-dec-522` / `mf-dec-211` (Tables 4/18) and our CPU-scale `mf-dec-tiny`. Table 11's body is
+missing from our copy of the paper: the layout we fitted and the other choices it leaves open are in
+PAPER_READING.md, DETR. This file holds the decoder and the detector; `detection.py` holds what it is trained and
+scored with (boxes, matcher, set criterion, post-processing). It imports torch and our `mobileformer` (whose
+bridges, Former and lite bottleneck it reuses).
 
-Decoder layout. Table 11's body is missing from our copy of the paper, and the Mobile-Former paper's detection section
-could not be retrieved (only its abstract), so the layout below rests on the sentences we have (cited) and on a fit to
-the paper's head sizes:
-  input : the backbone's final 1/16 map (C = 2880/1440/720 channels) and its stage-3 1/8 map (C/15 channels).
-  1/32  : down-conv = dw3×3 stride 2 + pw →256 ("down-conv ... 256 channels", Table 11 caption; "the decoder
-          incorporates a downsampling step to ... 1/32", App. B), then `depths[0]` M-F⁺ blocks.
-  1/16  : up-conv(1/32 map) = bilinear + dw3×3 + pw (Table 11 caption) + a pw lateral C→256 of the 1/16 map;
-          `depths[1]` M-F⁻ blocks.
-  1/8   : up-conv(1/16 map) + a pw lateral of the 1/8 map; `depths[2]` M-F⁻ blocks.
-  Each scale's map gets a fixed 2-D sine position encoding (DETR's frequencies, a whole copy in each attention head's
-  channels: ``position_layout``) added at its entry.
-  M-F⁺ : Mobile→Former, Former (the 100 queries), a transformer block over the pixels in place of the Mobile
-         sub-block, Former→Mobile ("M-F⁺ replaces the Mobile sub-block with a transformer block"). M-F⁻ : the same
-         with Mobile-Former's lite bottleneck (dw3×3 ×e → ReLU6 → pw, residual) in its place (Table 11 caption).
-  "522"/"211" are the blocks per scale, coarse to fine (5 + 2 + 2 = the "nine-layer" decoder of §5.1). M-F⁺ sits at
-  1/32 only: at 800×1333 a pixel transformer block costs 1.5 G there and ~160 G at 1/8.
-  The two laterals are inferred from the paper's numbers: the head grows by the same 0.8 M / 2.3 G from W1440 to W2880
-  (0.4 M / 1.2 G from W720) for both decoders, which these C-wide layers reproduce.
-  One expansion ratio, 6, for the Former FFN, the pixel transformer FFN and the lite bottleneck's depthwise multiplier
-  (Table 9's ×6), fitted to the head parameter counts of Tables 4/18 (4 gives 15.2 M, 8 gives 23.6 M for 522 on W2880).
-  Heads: DETR's (linear classifier with a no-object class; 3-layer MLP → sigmoid cx, cy, w, h), shared by all layers;
-  every block's queries give an output (auxiliary losses, as DETR). Dropout 0.1 (App. C) on the queries between
-  blocks; App. C does not say where.
-
-Check against the paper (`python bench.py detr-params`; head = decoder + class/box heads for 91 classes; MAdds =
-FLOPs/2 of convs, linears and attention at 800×1333 on the meta device; BN, softmax, element-wise ops not counted):
-
-| head        | W2880            | W1440            | W720             | paper (W2880 / W1440 / W720)               |
-|-------------|------------------|------------------|------------------|--------------------------------------------|
-| MF-Dec-522  | 19.38 M, 36.9 G  | 18.60 M, 34.6 G  | 18.21 M, 33.4 G  | 19.4 / 18.6 / 18.2 M, 34.6 / 32.3 / 31.1 G |
-| MF-Dec-211  |  9.54 M, 20.6 G  |  8.76 M, 18.3 G  |  8.37 M, 17.1 G  |  9.2 /  8.4 /  8.0 M, 15.7 / 13.4 / 12.2 G |
-
-Params fit within 5% (522 within 0.1%); 522's MAdds are 7% high, 211's 31-40% high. No layout that uses one block
-type per scale in both decoders fits both: 522 − 2×211 would then be a single 1/32 block of ≈ 2.9 M and ≈ 9 G,
-and 211's two such blocks would cost ≈ 18 G, twice its 9.6 G for all blocks (without the fixed layers). The two
-decoders must differ in block types or expansions in ways we cannot recover; we keep one structure, fit the params,
-and report the MAdds gap.
-
-Padded batches (DETR's images of different sizes, `augment.DetrResize`): `model(images, mask)` takes DETR's padding
-mask (B, H, W), True on padding. Boxes are normalized by each image's unpadded size, the sine positions by its unpadded
-extent (DETR's cumulative sum of the not-mask), attention never reads padded pixels, and every map is zero on its
-padding before a 3×3 conv (`mobileformer.masked`). The up-conv's bilinear ×2 is normalized by the upsampled mask
-(the padding gets no weight, so an image's border is read as its own border), then cropped to the finer map. So an
-image's predictions do not depend on the padding around it, up to float rounding (with BatchNorm in eval mode, as
-DETR's own frozen BatchNorm: `tests/test_detr.py`). DETR itself pads its backbone's input and lets the padding
-reach its convs; ours does not.
-
-Training remedies (ours, each off in the paper's recipe and on in the small one; EXPERIMENTS.md measures each):
-`reference_boxes` (a box per query that centres a Gaussian prior on its attention, embeds into its queries and is
-refined block by block: SMCA, DAB-DETR, Deformable DETR), `class_loss="focal"` (Deformable DETR) and `denoising`
-(DN-DETR's noised true boxes as extra training queries that no object query can see; none at inference).
+Padded batches (DETR's images of different sizes): `DETR`. Training remedies (ours, off in the paper's recipe, on
+in the small one; EXPERIMENTS.md measures each): `reference_boxes` (SMCA, DAB-DETR, Deformable DETR),
+`class_loss="focal"` (Deformable DETR) and `denoising` (DN-DETR's noised true boxes as extra training queries that no
+object query can see; none at inference).
 """
 from __future__ import annotations
 
@@ -243,8 +199,8 @@ class BilinearUpConv(nn.Module):
 
 
 class MobileFormerDecoder(nn.Module):
-    """The three-scale decoder (module docstring): from the backbone's final 1/16 map (`channels` wide) and its 1/8
-    map (`stride8_channels`) to the queries after every block, stacked (L, B, Q, D)."""
+    """The three-scale decoder (PAPER_READING.md, DETR): from the backbone's final 1/16 map (`channels` wide) and its
+    1/8 map (`stride8_channels`) to the queries after every block, stacked (L, B, Q, D)."""
 
     def __init__(self, config: DecoderConfig, *, channels: int, stride8_channels: int):
         super().__init__()
@@ -366,10 +322,17 @@ class DETR(finola.EncoderModel):
     """Encoder (a Mobile-Former, DETR's "backbone") + Mobile-Former decoder + DETR heads. `model(images, mask=None,
     targets=None)` → {"pred_logits": (B, Q, K+1) (K with class_loss "focal"), "pred_boxes": (B, Q, 4) cxcywh in
     [0, 1], "aux_outputs": [{...}] × (L − 1)}; in training with `denoising` and `targets`, also "dn_outputs" (one
-    {...} per layer) and "dn_targets" (``detection.noised_targets``). `images` are in [0, 1]; `mask` (B, H, W) is
-    True on the padding of a padded batch (module docstring), and boxes are relative to each image's unpadded size. The encoder sees images normalized as every encoder here is trained
-    (`PixelNorm`), unless `normalize_input=False`. Its tensors keep DETR's name, `backbone.*`; `model.encoder` is
-    the same module."""
+    {...} per layer) and "dn_targets" (``detection.noised_targets``). `images` are in [0, 1]. The encoder sees images
+    normalized as every encoder here is trained (`PixelNorm`), unless `normalize_input=False`. Its tensors keep DETR's
+    name, `backbone.*`; `model.encoder` is the same module.
+
+    Padded batches (`augment.DetrResize`): `mask` (B, H, W) is DETR's padding mask, True on padding. Boxes are
+    normalized by each image's unpadded size, the sine positions by its unpadded extent, attention never reads padded
+    pixels, every map is zero on its padding before a 3×3 conv (`mobileformer.masked`), and the up-conv's bilinear ×2
+    is normalized by the upsampled mask (`BilinearUpConv`). So an image's predictions do not depend on the padding
+    around it, up to float rounding (with BatchNorm in eval mode, as DETR's own frozen BatchNorm:
+    `tests/test_detr.py`). DETR itself pads its backbone's input and lets the padding reach its convs; ours does
+    not."""
 
     arch = "detr"  # its name in weights files (weights.architectures)
 

@@ -1,25 +1,18 @@
 """Metrics and evaluations of our checkpoints: ``python eval.py COMMAND --weights FILE ...``.
 
-Every command has one shape: it loads and checks its weights once, loads its data once (``--data``, default the data
-the weights were trained on), prints a rich table, writes its figures to ``--out`` (default: the weights' folder) and
-ends with exactly one line of JSON holding its figures. The evaluations are ``metrics.py``'s, the same that end a
-training run; the analyses are ``analysis.py``'s and ``codec.py``'s.
+Each command loads and checks its weights and its data once (``--data``, default the weights' training data), prints
+a table, writes its figures to ``--out`` (default: the weights' folder) and ends with one JSON line of its figures.
 
-    reconstruct   PSNR of FINOLA reconstructions next to three baselines (mean colour, bilinear, PCA with k = C),
-                  and a PNG grid (§4, Table 2)
-    detect        COCO AP of a DETR model through pycocotools' COCOeval, and a PNG of boxes (Tables 4, 18)
-    curvature     Gaussian curvature of the maps' critical channels, several checkpoints overlaid (Eq. 9, Fig. 5)
-    embedding     the space of q: its mean, interpolations, mirrors, Gaussian samples, PCA (App. E.2)
-    pde           Eq. 2's residuals on the maps and a numerical look at Eq. 4 (App. A)
-    encode        an image to a .q file (FINOLA as a codec);  decode: a .q file back to a PNG
-    rate-distortion  bytes per image and PSNR of q (float16, 8-bit) against JPEG at matched sizes
-    masked        PSNR of a masked FINOLA model's prediction of the masked region from the centred block (§3)
-    mae           MAE's loss on a fixed draw of removed patches, next to each patch's mean colour (Table 6's peer)
-    classify      top-1 / top-5 accuracy of a classifier (linear / tran-1 probes, fine-tuned, supervised; Tables 1, 3)
-    curves        loss, lr, img/s and final metrics of training runs against step, overlaid (``python eval.py curves
-                  RUN [RUN ...]``, runs.py)
-    export        a folder ready to upload to the hub: model.safetensors and a model card (README.md); every
-                  --weights / --init also takes hf:ORG/REPO[/FILE]
+The evaluations (``metrics.py``'s, the same that end a training run): ``reconstruct`` (PSNR next to mean colour,
+bilinear and PCA with k = C, and a PNG grid; §4, Table 2), ``detect`` (COCO AP of a DETR model, and a PNG of boxes;
+Tables 4, 18), ``masked`` (masked-region PSNR of a masked FINOLA model from the centred block; §3), ``mae`` (MAE's loss
+on a fixed draw of removed patches, next to each patch's mean colour; Table 6), ``classify`` (top-1 / top-5 of a
+classifier; Tables 1, 3). The analyses (``analysis.py``): ``curvature`` (Gaussian curvature of the maps' critical
+channels, checkpoints overlaid; Eq. 9, Fig. 5), ``embedding`` (the space of q: mean, interpolations, mirrors, Gaussian
+samples, PCA; App. E.2), ``pde`` (Eq. 2's residuals, Eq. 4 numerically; App. A). The codec (``codec.py``): ``encode`` /
+``decode`` (an image to a .q file and back to a PNG), ``rate-distortion`` (bytes and PSNR of q, float16 and 8-bit,
+against JPEG at matched sizes). ``curves``: loss, lr, img/s and final metrics of runs against step (runs.py).
+``export``: a hub-ready folder, model.safetensors and a model card. --weights / --init also take hf:ORG/REPO[/FILE].
 """
 from __future__ import annotations
 

@@ -4,29 +4,18 @@ finished step's raw result to OUT/results.jsonl and prints the markdown table th
     python experiments.py table1 [--minutes 25] [--seeds 0 1 2] [--out runs/table1]
     python experiments.py table4 --finola FILE [--table1 runs/table1] [--steps 3000] [--seeds 0 1 2]
 
-``table1`` (Tables 1 and 6, Fig. 5; issue 16) on Fashion-MNIST at 64² (the small masked presets' data): vanilla
-FINOLA, Masked-FINOLA-E, Masked-FINOLA-B (mf-tiny encoders) and MAE (MAE-Lite's ViT-Tiny) each pre-train for the same
---minutes of training steps on this machine; then every encoder, and a random mf-tiny, is probed by ``linprobe``,
-``tran1-probe`` as the paper runs it and with --feature-norm (their small presets; ``PROBES``) once per --seed;
-App. D's PSNR (the encoder frozen under a fresh pooling + FINOLA + conv upsampler, 300 steps) and Fig. 5's curvature
-(top-16 channels, 512 images) are measured where they apply; supervised training from scratch (mf-tiny + BN +
-linear, labels, end to end) for the same --minutes is the ceiling. The same wall-clock, not the same steps: each run's step count is the budget x the rate its own command
-trains at, measured by a short throw-away run (``calibrate``), so a model with a cheaper step sees more images; the
-table shows the minutes each run really trained.
+``table1`` (Tables 1 and 6, Fig. 5; Fashion-MNIST at 64²): vanilla FINOLA, Masked-FINOLA-E and -B (mf-tiny), MAE
+(MAE-Lite's ViT-Tiny) and the supervised ceiling each train for the same --minutes (``calibrate``); then every
+encoder, and a random mf-tiny, gets the ``PROBES`` per --seed, App. D's PSNR and Fig. 5's curvature where they
+apply. ``table4`` (Table 4's direction): the DETR probe (``detr-probe``'s small preset at --image-size 128 for
+--steps, ``QUERIES``) and the box probe (``box_probe``) on the frozen encoders of --table1 (FINOLA, supervised) and
+--finola and on random encoders of their presets, per --seed and --data (``shapes``, ``trees``). Protocols and
+results: EXPERIMENTS.md.
 
-``table4`` (Table 4's direction; issues 13, 26): the frozen-encoder DETR probe (``detr-probe``'s small preset, here
-for --steps at --image-size 128, with 10 queries on ``shapes`` and 100 on ``trees``) on table1's vanilla FINOLA and
-supervised encoders (--table1: the paper's comparison, one preset pre-trained on one data set for one budget), on the
-FINOLA encoder of the README's run (--finola) and on a random encoder of each of their presets, once per --seed, on
-``shapes`` and ``trees`` (x0.1 after 80 %, the paper's 400 of 500 epochs). Beside each, the box probe
-(``box_probe``): a linear classifier on each ground-truth box's features read off the same frozen maps, object
-classes plus background boxes, which answers in seconds what DETR's probe needs many epochs for.
-
-Every training run goes through ``train.py`` / ``eval.py`` in a subprocess (``--threads``: every core by default;
-run nothing else beside it); the box probes run in this process. A step already in results.jsonl is skipped and an
-interrupted training run is resumed, so running the same command again continues an interrupted study. ``table1``'s
-probes and evaluations use OUT/fmnist-5000: the full training split and the first 5,000 test images (the loader
-decodes the evaluation images one at a time).
+Training and evaluation run ``train.py`` / ``eval.py`` in subprocesses (``--threads``: every core by default; run
+nothing else beside them), the box probes in this process. The same command again continues a cut study: recorded
+steps are skipped, interrupted runs resumed. ``table1``'s probes and evaluations use OUT/fmnist-5000: the full
+training split and the first 5,000 test images.
 """
 from __future__ import annotations
 
@@ -141,8 +130,8 @@ def fashion_mnist(out: Path, images: int) -> Path:
 
 def calibrate(step: str, argv: list[str], minutes: float, *, out: Path, threads: int | None) -> tuple[int, float]:
     """(steps, img/s): the optimizer steps that ``minutes`` buy at the rate the run's own command trains at, measured
-    over steps 30-150 of a throw-away train.py run into OUT/calibrate (bench.py's step rate alone was ~30 % too
-    optimistic here: it leaves out the loop's loading, logging and bookkeeping)."""
+    over steps 30-150 of a throw-away train.py run into OUT/calibrate (not bench.py's step rate, which leaves out the
+    loop's loading, logging and bookkeeping: EXPERIMENTS.md, Tables 1 and 6)."""
     folder = out / "calibrate" / step
     if not (folder / "model.safetensors").exists():
         if folder.exists():

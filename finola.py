@@ -421,8 +421,8 @@ class LinearUpsampler(nn.Module):
 
 
 # Which of Table 10's upsamplers decodes the vanilla FINOLA map: "conv" (ConvUpsampler, the paper's) or "linear"
-# (LinearUpsampler, ours for the small preset: at 32^2 the whole model's step runs ~1.4x the images a second on a
-# CPU, and the same minutes reach a higher PSNR, EXPERIMENTS.md).
+# (LinearUpsampler, ours for the small preset: at 32^2 the whole model's step runs faster on a CPU, and the same
+# minutes reach a higher PSNR, EXPERIMENTS.md).
 UPSAMPLERS = ("conv", "linear")
 
 
@@ -435,8 +435,8 @@ OUTPUTS = ("pixels", "normalized")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The input convention: [0, 1] RGB images normalized by ImageNet's statistics (every model here feeds its encoder so; DETR,
-# the classifier and the masked models use this one)
+# The input convention: [0, 1] RGB images normalized by ImageNet's statistics (every model here feeds its encoder so;
+# DETR, the classifier and the masked models use this one)
 # ---------------------------------------------------------------------------------------------------------------
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -4,8 +4,7 @@ that the paper's Table 6 sets FINOLA against (its MAE-Lite ViT-Tiny: 23.3 % line
 The encoder (``ViT``): a p x p patch embedding (a conv of stride p), MAE's fixed 2-D sin-cos positions, a cls token,
 pre-norm transformer blocks (masked.TransformerBlock) and a final LayerNorm. ``vit(x)`` returns (the patch tokens as
 a map (B, C, H/p, W/p), the cls token (B, 1, C)), Mobile-Former's calling convention, so ``classify.Classifier``
-probes it unchanged: ``lin`` is BatchNorm + linear on the mean-pooled patch tokens (not the cls token), ``tran-1``
-reads the map's tokens.
+probes it unchanged (what its probes read: PAPER_READING.md, MAE).
 
 The pre-training model (``MAE``), per image: a random ``mask_ratio`` of the N patches is removed, exactly
 round(N * ratio) of them (the argsort of uniform noise, as MAE draws them); the encoder sees the rest and the cls
@@ -13,10 +12,8 @@ token; a light decoder (a linear map to its width, a learned mask token for each
 transformer blocks, LayerNorm, a linear map to p x p x 3) predicts every patch; the loss (``loss``) is the MSE over
 the removed patches only, against each patch normalized by its own mean and variance (MAE's ``norm_pix_loss``).
 
-Sizes. ``vit-tiny`` is MAE-Lite's ViT-Tiny (Wang et al. 2023; width 192, depth 12, 12 heads where DeiT has 3,
-MLP x4) with its decoder (width 96, 1 block, 3 heads); the patch side is the run's image size / --grid: 16 at 224^2
-(the paper preset) and 8 at the small preset's 64^2 (64 patches, 16 of them seen). Initialisation follows MAE:
-xavier-uniform linear layers and patch embedding, N(0, 0.02) cls and mask tokens, LayerNorm (1, 0).
+Sizes (``vit-tiny``: MAE-Lite's ViT-Tiny and decoder; the patch side): there too. Initialisation
+follows MAE: xavier-uniform linear layers and patch embedding, N(0, 0.02) cls and mask tokens, LayerNorm (1, 0).
 """
 from __future__ import annotations
 

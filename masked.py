@@ -10,42 +10,13 @@ MSE on the masked region only (§3, "Simple block masking"). Two variants (Fig. 
   its own partition of the map block-wise with Eq. 3; transformer blocks without positional embedding, then the linear
   patch layer, decode it (§3, Table 10, App. F).
 
-Geometry. The image is a grid of (gh, gw) patches of p x p pixels (16 x 16 patches of 16 px at 256^2, paper scale;
-4 x 4 patches of 16 px at 64^2, our CPU scale: the encoder's stride is 16, so a patch is 16 px wherever the block's
-feature map must tile the grid, as in Masked-B). A block is given by its top-left cell (row, col); it covers
-(gh/2, gw/2) cells. ``sample_blocks`` draws one block per image, uniformly among the (gh/2 + 1)(gw/2 + 1) positions
-on the patch grid; evaluation uses the centred block.
+Geometry. The image is a grid of (gh, gw) patches of p x p pixels. A block is given by its top-left cell (row, col);
+it covers (gh/2, gw/2) cells. ``sample_blocks`` draws one block per image, uniformly among the
+(gh/2 + 1)(gw/2 + 1) positions on the patch grid; evaluation uses the centred block.
 
-Interpretations of the terse text (each with the sentence it rests on):
-
-1. The block lies on the patch grid, and each image draws its own position. "Please note that the unmasked block
-   floats around the image randomly" (§3): the encoder's 1/16 features of a block at a patch boundary are then
-   exactly that block's cells of the full map (what Masked-B needs).
-2. Masked-E places q at the block's centre cell (row + gh/4, col + gw/4), not at the map's centre. "Masked-FINOLA-E
-   operates similarly to vanilla FINOLA, with the compressed vector q only observing the unmasked block instead of
-   the entire image" (§3): the encoder sees the crop alone, so only an anchor at the block tells the map where the
-   visible content was; for the centred block the anchor is vanilla FINOLA's (gh/2, gw/2).
-3. Masked-B's partition: the block's two centre lines cut the map into four partitions, one per corner quadrant
-   (sub-block, gh/4 x gw/4 cells) of the block. "(a) partitioning the image such that each partition contains an
-   unmasked corner quadrant" (§3). For the centred block each partition is exactly 2 x 2 quadrants: the unmasked one
-   at the corner that touches the map's centre and three masked ones.
-4. Block-wise prediction: a partition is tiled by blocks of the sub-block's size, aligned to the sub-block; the tile
-   at block offset (u, v) (u along x/columns, v along y/rows) is shift(params, sub-block, u, v), i.e. Eq. 3 applied
-   element-wise to the whole sub-block with one phi / psi step per block. "(b) conducting block-wise autoregression
-   for each partition from the unmasked quadrant to the other three masked quadrants" and "Block-wise prediction is
-   performed autoregressively using Equation 3 with block offsets u and v" (§3, Fig. 4's caption: "the block-wise
-   autoregression also follows Equation (3), where u and v represent block offsets"). For the centred block the
-   offsets are (u, v) in {0, +-1}^2; a floating block leaves larger partitions on one side, which take |u|, |v| up to 2
-   (tiles cut by the map's border keep their inside part).
-5. Directions as in Eq. 3 and finola.py: A for u > 0 (right), A_neg for u < 0, B for v > 0 (down), B_neg for v < 0;
-   a diagonal tile averages the two paths. So the top-left partition predicts with A_neg / B_neg only, the
-   bottom-right one with A / B only. The unmasked cells keep the encoder's features (offset (0, 0)).
-6. Masked-B's map has C = the encoder's output width by default ("utilizing the features of the unmasked block
-   directly, without compressing it", §3); a different ``channels`` adds a per-position linear projection.
-7. The upsamplers return pixels in the input's [0, 1] range (not normalized per patch), like vanilla FINOLA's MSE
-   over image pixels (§2); the paper does not mention MAE's per-patch normalized targets.
-
-This file imports torch, finola.py and the standard library only, so it can be copied with finola.py.
+The patch size and the choices the paper's terse text leaves open, numbered as the code cites them ("reading 2"):
+PAPER_READING.md, Masked FINOLA. This file imports torch, finola.py and the standard library only, so it can be
+copied with finola.py.
 """
 from __future__ import annotations
 
@@ -128,7 +99,7 @@ def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Masked-B's partitions and block offsets (interpretations 3-5)
+# Masked-B's partitions and block offsets (PAPER_READING.md, Masked FINOLA, readings 3-5)
 # ---------------------------------------------------------------------------------------------------------------------
 
 def offset_map(blocks: torch.Tensor, grid) -> dict[str, torch.Tensor]:
@@ -279,7 +250,7 @@ class MaskedEConfig:
 @dataclass(frozen=True, kw_only=True)
 class MaskedBConfig:
     """Masked-FINOLA-B (§3, Table 10 right column, Table 16). Paper: 256^2, 16 x 16 grid, 6 blocks of width 512."""
-    channels: int | None = None             # C of the map; None: the encoder's width, its features directly (interp. 6)
+    channels: int | None = None             # C of the map; None: the encoder's width, its features directly (reading 6)
     grid: tuple = (16, 16)
     patch: int = 16
     width: int = 512                        # transformer upsampler (Table 10)
@@ -353,7 +324,7 @@ class MaskedFinolaE(_Masked):
 
     def build_map(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """Expand q over a (2gh - 1) x (2gw - 1) canvas from its centre, then cut each image's (gh, gw) window so
-        that q lands on its block's centre cell (interpretation 2): every image in one ``expand``, at the price of
+        that q lands on its block's centre cell (reading 2): every image in one ``expand``, at the price of
         (2gh - 1)(2gw - 1) / (gh gw) ~ 3.8x the cells of the map itself (at 16 x 16)."""
         q = self.pool(self.encode_block(x, blocks))
         gh, gw = self.config.grid

@@ -1,70 +1,20 @@
 """Mobile-Former encoders of the FINOLA paper (App. B, Table 9).
 
 Every FINOLA experiment encodes images with Mobile-Former (Chen et al., CVPR 2022): a MobileNet-style stream of feature
-maps and a handful of learned global *tokens* that talk to each other through light cross-attention. The FINOLA paper
-gives the widths (Table 9) and leaves the block internals to Mobile-Former; we follow the authors' public code
-(AAboys/MobileFormer, `dna_blocks.py` / `mobile_former.py`), whose sizes match the Mobile-Former paper's. This file
-imports torch and the standard library only and can be copied alone.
+maps and a handful of learned global *tokens* that talk to each other through light cross-attention. A block (M-F)
+updates the pair (map x, tokens z) by Mobile→Former, Former, Mobile and Former→Mobile; M-F↓ is its stride-2 form and
+bneck-lite leaves the tokens alone. The network: learned tokens, a stem, the 12 blocks of Table 9 and a final 1×1
+conv; `num_classes > 0` adds Mobile-Former's classifier. Table 9 gives the widths; the block internals, which the
+paper leaves to Mobile-Former, and its other open choices: PAPER_READING.md, Mobile-Former.
 
-One Mobile-Former block (M-F) updates the pair (x, z) -- map x: B×C×H×W, tokens z: B×T×D -- in this order:
-  1. Mobile→Former: tokens query the *input* map (keys = values = raw pixels, 2 heads), dynamic gate, projection to D,
-     residual, post-LayerNorm.
-  2. Former: token self-attention (query projected, keys = values = the tokens, 4 heads), output projection, residual,
-     post-LayerNorm; FFN D→2D→D with GELU, residual, post-LayerNorm.
-  3. Mobile: inverted bottleneck 1×1 → dw3×3 → 1×1 (BN after each); the first two activations are dynamic ReLU whose
-     per-channel slopes come from the first updated token; identity residual when C_in = C_out.
-  4. Former→Mobile: pixels (raw, 2 heads) query the tokens (keys and values projected from the tokens); added to x.
-M-F↓ (stride 2) replaces the Mobile part by dw3×3/2 (channel multiplier) → 1×1 → [s] → dw3×3 (×e2) → 1×1, + s.
-bneck-lite is dw3×3 (×2) → ReLU6 → 1×1, identity residual; tokens pass through. The network is: learned tokens T×D,
-stem conv3×3/2 + BN + ReLU6, the 12 blocks of Table 9, and the final conv 1×1 + BN + ReLU6.
+Variants (`create(name)`): Table 9's `mf-w720`, `mf-w1440`, `mf-w2880`; Table 2b's wider `mf-w4320`, `mf-w5760`;
+ours for CPU runs, `mf-tiny` and `mf-small` (Table 9's 12 blocks, narrow) and `mf-nano` (the small FINOLA preset's:
+stem, bneck-lite and the three M-F↓ blocks, 4 tokens of 32; why: EXPERIMENTS.md, the encoder's depth). Their sizes
+against the paper's: EXPERIMENTS.md, Speed. Every variant accepts any H, W ≥ 32 (non-square too) and channels_last.
 
-Variants (`create(name)`); backbone params (no classifier) and MAdds at 800×1333 from `python bench.py params`:
-
-| name      | stem | output C | tokens | 1/8 map C | params  | MAdds   | paper (Tables 4 / 2b) |
-|-----------|------|----------|--------|-----------|---------|---------|-----------------------|
-| mf-w720   | 16   | 720      | 6×192  | 48        | 4.95 M  | 5.50 G  | 4.9 M, 5.6 G          |
-| mf-w1440  | 32   | 1440     | 6×256  | 96        | 11.80 M | 20.22 G | 11.7 M, 20.4 G        |
-| mf-w2880  | 64   | 2880     | 6×256  | 192       | 25.10 M | 77.40 G | 25.0 M, 77.5 G        |
-| mf-w4320  | 96   | 4320     | 6×256  | 288       | 44.63 M | 171.6 G | 43.5 M                |
-| mf-w5760  | 128  | 5760     | 6×256  | 384       | 70.38 M | 302.7 G | 67.6 M                |
-| mf-small  | 16   | 480      | 6×96   | 40        | 1.58 M  | 3.25 G  | ours, for CPU runs    |
-| mf-tiny   | 8    | 240      | 6×64   | 24        | 0.62 M  | 1.23 G  | ours, for CPU runs    |
-| mf-nano   | 16   | 384      | 4×32   | 40        | 0.14 M  | 1.33 G  | ours, FINOLA's small  |
-
-`mf-tiny` / `mf-small` are ours: the same 12 blocks (lite, ↓, M-F, ↓, M-F×2, ↓, M-F×5) with the same expansion pattern
-(lite ×2, ↓ ×6, M-F ×3 at 1/4 and 1/8, ×4 then ×6 at 1/16, final conv 6× the last width as 2880 = 6×480), narrow
-enough to train at 32-64 px on a 2-core CPU (`python bench.py train-speed`). Every variant accepts any H, W ≥ 32
-(non-square too) and channels_last inputs. Training speed measured here (batch 32, eager, SGD, channels_last, 2 threads,
-machine otherwise idle): mf-tiny 147 / 79 img/s at 64² / 128², mf-small 102 / 39, mf-w720 70 / 36. The cost is spread
-over many small kernels (3 attentions, 2 DyReLU generators and 4-6 convs per block), not over the pixels: halving the
-input side saves only ~30%.
-`mf-nano` keeps only the stem, bneck-lite and the three M-F↓ blocks (no stride-1 M-F block), with 4 tokens of 32: 4
-blocks instead of 12, so a FINOLA training step at 32² costs ~0.4× mf-tiny's, and each step teaches more (a shallow
-net fits faster). It is the small FINOLA preset's encoder: 22.27 dB against 20.09 dB for mf-tiny on held-out photos
-after the same 2.5 minutes of `ladder.py` (EXPERIMENTS.md, the encoder's depth).
-
-Interpretations (choices the paper leaves open), each checked against the paper's counts where it matters:
-- Block internals, heads (2 in the bridges, 4 in the Former), FFN ratio 2, DyReLU reduction 4 and its slopes
-  k1 = 2a ∈ [0, 2], k2 = 2b − 1 ∈ [−1, 1] without intercepts, post-norms, no positional encoding, the dynamic gate
-  2·hsigmoid(Linear(z)) in Mobile→Former, and the initialisation: as in the authors' code (their model configs set
-  the gate on). Removing the gate would lower the counts by 0.14/0.37/0.74 M; both fit the paper within rounding.
-- Table 9's first stage-2 row prints "M-F⁺"; the resolution halves there and #exp = 6·C_in, so it is an M-F↓.
-- M-F↓'s second expansion e2 (not in Table 9) is 4, as in every original config; it fits the MAdds best.
-- W1440 row 7 is printed 288/96, which cannot feed row 8 (704 = 4×176) and breaks the ×½ pattern of W2880: we use
-  576/176 (it also fits the paper's counts better). W720's irregular ratios (240 = 5×48, 480 ≈ 5.45×88) are literal.
-- The final 1×1 conv is followed by BN + ReLU6, as Mobile-Former's own last 1×1 conv (in its classifier) is.
-- W4320/W5760 multiply every channel count of W2880 (stem, #exp, #out, final conv) by 1.5 / 2, tokens unchanged
-  (6×256). They land 2.6% / 4.1% above Table 2b: the convs grow with the square of the factor, and the paper does
-  not say how it rounded or which widths it scaled. We keep the literal "channels ×1.5 / ×2".
-- Mobile-Former's classifier (optional, `num_classes > 0`) keeps its own last token-only Mobile→Former on the last
-  block's map; it is part of the head, not of the backbone (the paper's backbone counts leave it out).
-- Dynamic ReLU is evaluated as x·(min(k1, k2) + |k1 − k2|·[x > 0]), the same function as max(k1·x, k2·x), with a
-  hand-written backward (tested against autograd of the max form, which trains mf-tiny ~20% slower on a CPU).
-- Counts: MAdds = FLOPs/2 of convs, linears and attention matmuls (BN, softmax, element-wise ops not counted).
-
-Multi-scale outputs: `model(x, maps=True)` (or `model.forward_features(x)`) returns a dict with
-"stride8" (the stage-3 output at ⌈H/8⌉×⌈W/8⌉, C/15 channels for the Table 9 widths), "stride16" (the last block's
-output before the final conv), "features" (the final 1/16 map) and "tokens"; `model.map_channels` gives their widths.
+Multi-scale outputs: `model(x, maps=True)` or `model.forward_features(x)`, a dict of the 1/8, 1/16 and final maps
+and the tokens; `model.map_channels` gives their widths. This file imports torch and the standard library only and
+can be copied alone.
 """
 from __future__ import annotations
 
@@ -214,7 +164,7 @@ def key_mask(keep: torch.Tensor | None) -> torch.Tensor | None:
 
 class _TwoSlopes(torch.autograd.Function):
     """y = x · (neg + diff·[x > 0]) with per-(image, channel) slopes neg, diff ≥ 0. Fewer element-wise passes than
-    autograd of the max-based form, and no boolean kernels (slow on CPUs)."""
+    autograd of the max-based form (against which it is tested), and no boolean kernels (slow on CPUs)."""
 
     @staticmethod
     def forward(ctx, x, neg, diff):
@@ -409,7 +359,7 @@ class ClassifierHead(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 class MobileFormer(nn.Module):
     """Mobile-Former encoder. `model(x)` → (features (B, C_out, ⌈H/16⌉, ⌈W/16⌉), tokens (B, T, D)); with a classifier
-    (`num_classes > 0`) → logits (B, num_classes); `model(x, maps=True)` → dict (see the module docstring)."""
+    (`num_classes > 0`) → logits (B, num_classes); `model(x, maps=True)` → dict (``forward_features``)."""
 
     arch = "mobileformer"  # its name in weights files (weights.architectures)
 
@@ -465,8 +415,7 @@ class MobileFormer(nn.Module):
         tokens N(0, 1) (nn.Embedding's default), LayerNorm (1, 0). With ``zero_init_residual`` (ours; Goyal et al.'s
         trick for deep residual nets), the BN closing each residual branch (bneck-lite and M-F with C_in = C_out,
         M-F↓'s second branch) starts at γ = 0, so every such block starts as the identity and the stem's picture of
-        the image reaches the last block intact: at 32² it lifts held-out reconstruction by 2 dB after 300 steps
-        (EXPERIMENTS.md, the reconstruction ladder)."""
+        the image reaches the last block intact (what it gains: EXPERIMENTS.md, the reconstruction ladder)."""
         nn.init.normal_(self.tokens)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -508,7 +457,8 @@ class MobileFormer(nn.Module):
             raise ValueError(f"x: image {tuple(x.shape[2:])} is smaller than {self.min_size}×{self.min_size}")
 
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """{"stride8": stage-3 output, "stride16": last block's output, "features": final 1/16 map, "tokens"}.
+        """{"stride8": stage-3 output (⌈H/8⌉×⌈W/8⌉, C/15 channels for the Table 9 widths), "stride16": last block's
+        output before the final conv, "features": final 1/16 map, "tokens"}.
         ``mask`` (B, H, W), True on padding (DETR's batches of images of different sizes): the maps are zero on
         their padding (``halve``), and each image's outputs are those it gets alone (BatchNorm in eval mode)."""
         self._check_input(x)

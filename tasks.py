@@ -83,8 +83,8 @@ FINOLA_PAPER = dict(data="hf:ILSVRC/imagenet-1k", streaming=True, epoch_size=1_2
                     batch_size=128,
                     epochs=100, warmup_epochs=10, lr=1.5e-4, weight_decay=0.1, betas=[0.9, 0.95], checkpoint_every=2000)
 # Ours: the 7 photos + 42 wallpapers at 32², a 4x4 grid of 8 px patches, mf-nano (Mobile-Former cut to its three M-F↓
-# blocks: at this size a step of the 12-block mf-tiny costs 2.4x as much and teaches less, EXPERIMENTS.md), 60 epochs
-# (8 minutes here, leaving room for a slower machine), colour jitter against the few photos.
+# blocks: at this size a step of the 12-block mf-tiny costs more and teaches less, EXPERIMENTS.md), 60 epochs
+# (leaving room for a slower machine; EXPERIMENTS.md), colour jitter against the few photos.
 FINOLA_SMALL = dict(data="photos", encoder="mf-nano", zero_init_residual=True, channels=256, grid=4, image_size=32,
                     upsampler="linear", colour_jitter=0.3, batch_size=32, epochs=60, warmup_epochs=0.5, lr=2.4e-2,
                     weight_decay=0.1, betas=[0.9, 0.95], checkpoint_every=500)
@@ -125,10 +125,11 @@ DETR_PAPER = dict(data="hf:detection-datasets/coco", encoder="mf-w2880", decoder
                   weight_decay=1e-4, warmup_epochs=0, checkpoint_every=5000)
 DETR_FT_PAPER = dict(DETR_PAPER, epochs=200, lr=1e-5, lr_drop_epoch=150)
 # Ours: shapes at 128 (shorter sides 77..128 in training), 10 queries (at most 3 objects an image), and three remedies
-# for DETR's slow start that change training, not the detector's inference (EXPERIMENTS.md, the detection recipe):
+# for DETR's slow start that change training, not the detector's inference (EXPERIMENTS.md, Detectors that detect):
 # reference boxes (a box per query that steers its attention, refined block by block), the sigmoid focal loss (which
-# measured worse than softmax CE at 3,000 steps: --class-loss ce; EXPERIMENTS.md) and 5 groups of denoising queries. The probe: 60 epochs (7,500 steps, 10.6 min here), x0.1 after 48. The fine-tune starts
-# from a FINOLA file's encoder and a fresh decoder (or continues a probe): 30 epochs at the probe's lr, x0.1 after 24.
+# measured worse than softmax CE at 3,000 steps: --class-loss ce; EXPERIMENTS.md) and 5 groups of denoising queries.
+# The probe: 60 epochs (7,500 steps), x0.1 after 48. The fine-tune starts from a FINOLA file's encoder and a fresh
+# decoder (or continues a probe): 30 epochs at the probe's lr, x0.1 after 24.
 DETR_SMALL = dict(data="shapes", encoder="mf-tiny", decoder="mf-dec-tiny", image_size=128, num_queries=10,
                   reference_boxes=True, class_loss="focal", denoising=5, batch_size=16, clip_grad=0.1, epochs=60,
                   lr=5e-4, schedule="step", lr_drop_epoch=48, scale_lr=False, weight_decay=1e-4, warmup_epochs=0,
@@ -248,7 +249,7 @@ CLASSIFY_SMALL = dict(data="fashion-mnist", augment=False, encoder="mf-tiny", im
                       batch_size=128, epochs=1, max_steps=300, warmup_epochs=0.05, checkpoint_every=500)
 LINPROBE_SMALL = dict(CLASSIFY_SMALL, head="lin", optimizer="sgd", lr=0.1, weight_decay=0.0)
 # --feature-norm (ours): the map's channels standardized before tran-1's embedding, as the linear probe's BatchNorm
-# does; without it a random mf-tiny's tokens hold 50x more of what every image shares than of what differs between
+# does; without it a random mf-tiny's tokens hold far more of what every image shares than of what differs between
 # images, and tran-1 stays near chance (EXPERIMENTS.md, tran-1 that learns).
 TRAN1_SMALL = dict(CLASSIFY_SMALL, head="tran-1", lr=2e-3, weight_decay=0.1, label_smoothing=0.1, feature_norm=True)
 FINETUNE_SMALL = dict(TRAN1_SMALL, lr=1e-3, weight_decay=0.05)
