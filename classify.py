@@ -25,8 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import finola
-from masked import TransformerBlock, init_vit
+import layers
 
 DECODERS = {"lin": 0, "tran-1": 1, "tran-4": 4}  # decoder name -> its transformer blocks
 
@@ -47,17 +46,17 @@ class ClassifierConfig:
     dropout: float | None = None            # before the classifier (and in the blocks' MLP) of tran-N
     frozen: bool = False                    # probing: the encoder is fixed
     feature_norm: bool = False              # tran-N: BatchNorm (no affine) on the map's channels first (ours, below)
-    mean: tuple = finola.IMAGENET_MEAN  # input normalization of [0, 1] images for the encoder (PixelNorm)
-    std: tuple = finola.IMAGENET_STD
+    mean: tuple = layers.IMAGENET_MEAN  # input normalization of [0, 1] images for the encoder (PixelNorm)
+    std: tuple = layers.IMAGENET_STD
 
     def __post_init__(self):
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder: expected one of {sorted(DECODERS)}, got {self.decoder!r}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes: expected at least 2, got {self.num_classes}")
-        finola.frozen_fields(self, mean=tuple(self.mean), std=tuple(self.std))
+        layers.frozen_fields(self, mean=tuple(self.mean), std=tuple(self.std))
         if self.decoder == "lin" and self.dropout is None:
-            finola.frozen_fields(self, dropout=0.0)
+            layers.frozen_fields(self, dropout=0.0)
 
     def for_encoder(self, name: str | None) -> "ClassifierConfig":
         """This config with tran-N's width, dropout and heads filled in: ``WIDTHS[name]`` where not given."""
@@ -73,20 +72,20 @@ class ClassifierConfig:
         return dataclasses.replace(self, width=width, dropout=dropout, heads=self.heads or max(2, width // 64))
 
 
-class Classifier(finola.EncoderModel):
+class Classifier(layers.EncoderModel):
     """Encoder -> decoder -> logits. ``model(x)`` takes images in [0, 1] (B, 3, H, W); ``encoder(x)`` must return
     ``(feature_map, tokens)`` (a Mobile-Former without classifier head)."""
 
     arch = "classifier"  # its name in weights files (weights.architectures)
 
     Config = ClassifierConfig
-    RENAMED = {**finola.EncoderModel.RENAMED, "head": "decoder"}  # files before the contract
+    RENAMED = {**layers.EncoderModel.RENAMED, "head": "decoder"}  # files before the contract
 
     def __init__(self, encoder: nn.Module, config: ClassifierConfig):
         super().__init__()
         self.config = config = config.for_encoder(getattr(encoder.config, "name", None))
         self.encoder = encoder
-        self.pixels = finola.PixelNorm(config.mean, config.std)
+        self.pixels = layers.PixelNorm(config.mean, config.std)
         C, K = encoder.out_channels, config.num_classes
         if config.decoder == "lin":
             self.norm = nn.BatchNorm1d(C, affine=False, eps=1e-6)
@@ -97,12 +96,12 @@ class Classifier(finola.EncoderModel):
             d = config.width
             self.feature_norm = nn.BatchNorm2d(C, affine=False, eps=1e-6) if config.feature_norm else nn.Identity()
             self.embed = nn.Linear(C, d)
-            self.blocks = nn.Sequential(*(TransformerBlock(d, heads=config.heads, dropout=config.dropout)
+            self.blocks = nn.Sequential(*(layers.TransformerBlock(d, heads=config.heads, dropout=config.dropout)
                                           for _ in range(DECODERS[config.decoder])))
             self.norm = nn.LayerNorm(d, eps=1e-6)
             self.dropout = nn.Dropout(config.dropout)
             self.classifier = nn.Linear(d, K)
-            init_vit(nn.ModuleList([self.embed, self.blocks, self.classifier]))
+            layers.init_vit(nn.ModuleList([self.embed, self.blocks, self.classifier]))
         if config.frozen:
             encoder.freeze()
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import detection
-import finola
+import layers
 import mobileformer
 from mobileformer import Former, FormerToMobile, LiteBottleneck, MobileToFormer, conv_bn, halve, key_mask, masked
 
@@ -318,7 +318,7 @@ class DETRConfig:
                              "decoder's reference_boxes (denoising queries are noised boxes)")
 
 
-class DETR(finola.EncoderModel):
+class DETR(layers.EncoderModel):
     """Encoder (a Mobile-Former, DETR's "backbone") + Mobile-Former decoder + DETR heads. `model(images, mask=None,
     targets=None)` → {"pred_logits": (B, Q, K+1) (K with class_loss "focal"), "pred_boxes": (B, Q, 4) cxcywh in
     [0, 1], "aux_outputs": [{...}] × (L − 1)}; in training with `denoising` and `targets`, also "dn_outputs" (one
@@ -345,7 +345,7 @@ class DETR(finola.EncoderModel):
             raise ValueError("encoder: need a multi-scale encoder with forward_features() and map_channels "
                              f"(a mobileformer.MobileFormer), got {type(encoder).__name__}")
         self.config = config
-        self.pixels = finola.PixelNorm()
+        self.pixels = layers.PixelNorm()
         self.backbone = encoder
         ch, dim = encoder.map_channels, config.decoder.dim
         self.decoder = MobileFormerDecoder(config.decoder, channels=ch["features"], stride8_channels=ch["stride8"])

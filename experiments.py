@@ -34,7 +34,7 @@ import torch
 
 import detection
 import data
-import finola
+import layers
 import mobileformer
 import tasks
 import weights
@@ -277,7 +277,7 @@ def box_features(encoder, dataset, *, size: int, background: bool, seed: int = 0
     1/16 maps (images resized as DETR's evaluation, shorter side ``size``): per map the mean and the max over the
     box's cells and the cell at its centre. ``background``: every object adds a box of its size elsewhere
     (``background_boxes``), labelled K (the number of classes)."""
-    generator, norm = torch.Generator().manual_seed(seed), finola.PixelNorm()
+    generator, norm = torch.Generator().manual_seed(seed), layers.PixelNorm()
     k = max(data.categories(dataset)) + 1
     encoder.eval()
     feats, labels = [], []

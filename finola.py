@@ -12,13 +12,12 @@ Conventions (fixed; other modules rely on them): maps are (B, C, H, W), indexed 
 (width) axis, y the row axis; A steps +x (right), A_neg -x (left), B +y (down), B_neg -y (up). The parameters are a
 plain dict {"A", "B", "A_neg", "B_neg"} of (C, C) tensors; a step in batched row form is z + z_n @ W.T.
 
-This file imports torch and the standard library only, so it can be copied alone.
+This file imports torch and the standard library only, so it can be copied alone; ``autoencoder.Finola`` is the
+network of Fig. 1 around it.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -316,7 +315,7 @@ def pde_residual(params: dict, z: torch.Tensor, *, eps: float = 1e-6,
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The encoder-FINOLA-upsampler network (§2, App. B, Table 10)
+# FINOLA's parts around the recurrence: pooling q from a map, and the upsamplers (App. B, Table 10)
 # ---------------------------------------------------------------------------------------------------------------------
 
 Q_POSITIONS = ("center", "top-left", "top-right", "bottom-left", "bottom-right")
@@ -418,190 +417,3 @@ class LinearUpsampler(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return fold_patches(self.patches(z), z.shape[-2:], self.patch)
-
-
-# Which of Table 10's upsamplers decodes the vanilla FINOLA map: "conv" (ConvUpsampler, the paper's) or "linear"
-# (LinearUpsampler, ours for the small preset: at 32^2 the whole model's step runs faster on a CPU, and the same
-# minutes reach a higher PSNR, EXPERIMENTS.md).
-UPSAMPLERS = ("conv", "linear")
-
-
-# What the upsampler's last conv predicts. The paper says only "follow VQGAN", whose decoder predicts images scaled
-# to [-1, 1]. "normalized": the image as the encoder sees it, (x - mean) / std, mapped back to [0, 1] by a fixed
-# affine map, so a fresh network starts at the data's mean colour; "pixels": the image in [0, 1] directly, which
-# starts ~0.45 away from the target and, with AdamW's ~lr-sized steps, spends hundreds of steps moving the last
-# conv's bias there (EXPERIMENTS.md, the reconstruction ladder). The loss is pixel MSE either way.
-OUTPUTS = ("pixels", "normalized")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The input convention: [0, 1] RGB images normalized by ImageNet's statistics (every model here feeds its encoder so;
-# DETR, the classifier and the masked models use this one)
-# ---------------------------------------------------------------------------------------------------------------
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class PixelNorm(nn.Module):
-    """``(x - mean) / std`` per channel of (B, C, H, W) images in [0, 1]; ``inverse`` maps back. The one place where
-    FINOLA, the masked models, the classifier, DETR and MAE normalize what their encoder sees; its buffers are not saved
-    (the statistics live in each model's config)."""
-
-    def __init__(self, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD):
-        super().__init__()
-        if len(mean) != len(std) or min(std) <= 0:
-            raise ValueError(f"std: expected {len(mean)} positive values to go with mean={tuple(mean)}, got {tuple(std)}")
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-
-    def check(self, x: torch.Tensor, size: tuple | None = None) -> torch.Tensor:
-        """``x`` itself, or a clear error when it is not (B, C, H, W) images (of ``size`` (H, W) when given)."""
-        c = self.mean.shape[1]
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != c or (
-                size is not None and tuple(x.shape[-2:]) != tuple(size)):
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            want = f"{size[0]}, {size[1]}" if size is not None else "H, W"
-            raise ValueError(f"x: expected images (B, {c}, {want}), got {shape}")
-        return x
-
-    def forward(self, x: torch.Tensor, *, size: tuple | None = None) -> torch.Tensor:
-        return (self.check(x, size) - self.mean) / self.std
-
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return y * self.std + self.mean
-
-
-class EncoderModel(nn.Module):
-    """The contract of every model built on an encoder (FINOLA, Masked-FINOLA-E/B, the classifier, DETR):
-
-    ``Model(encoder, config)`` builds it from an encoder (``encoder(x)`` -> (map, tokens), ``encoder.out_channels``)
-    and its frozen keyword-only ``Model.Config``; ``model.config_dict()`` is that config as a plain JSON-able dict with
-    the encoder's own config under "encoder" (a weights file adds the encoder's arch, "encoder_arch");
-    ``Model.from_config(d, encoder=...)`` is its inverse on an encoder rebuilt from ``split(d)`` (weights.build does
-    both). Keys of files written before this contract are read through ``RENAMED`` (old key -> new key, or None:
-    dropped)."""
-
-    Config: type
-    RENAMED: dict = {"encoder_channels": None}  # the encoder's width: its own config says it
-
-    def config_dict(self) -> dict:
-        return {**asdict(self.config), "encoder": self.encoder.config_dict()}
-
-    @classmethod
-    def split(cls, config: dict) -> tuple[dict, dict, str]:
-        """(the model's own fields, the encoder's config, the encoder's arch: a file without one holds a
-        Mobile-Former) of a saved config."""
-        fields = {cls.RENAMED.get(key, key): value for key, value in config.items()}
-        fields.pop(None, None)
-        encoder_config, encoder_arch = fields.pop("encoder"), fields.pop("encoder_arch", "mobileformer")
-        return fields, encoder_config, encoder_arch
-
-    @classmethod
-    def from_config(cls, config: dict, *, encoder: nn.Module) -> "EncoderModel":
-        return cls(encoder, cls.Config(**cls.split(config)[0]))
-
-
-def frozen_fields(config, **values):
-    """Set fields of a frozen dataclass in its ``__post_init__`` (JSON lists back to tuples, defaults resolved)."""
-    for name, value in values.items():
-        object.__setattr__(config, name, value)
-
-
-@dataclass(frozen=True, kw_only=True)
-class FinolaConfig:
-    """The vanilla FINOLA network (§2, Tables 2, 10, 12). Paper defaults: 256^2 images, MF-W2880, C = 3072."""
-    channels: int = 3072                    # C: the latent channels of q and of the FINOLA map (Table 2a)
-    grid: tuple = (16, 16)                  # FINOLA map size
-    q_position: str = "center"              # App. E.1
-    norm: str = "layer"                     # "layer" (Eq. 1) or "moving-average" (§4's ablation)
-    momentum: float = 0.1                   # of the running statistics, for norm="moving-average"
-    heads: int = 8                          # of the attentional pooler
-    upsampler: str = "conv"                 # see UPSAMPLERS (Table 10)
-    widths: tuple = (512, 256, 256, 128, 128)  # Table 10, upsampler="conv"
-    patch: int = 16                         # Table 10, upsampler="linear": each cell's patch side
-    mean: tuple = IMAGENET_MEAN  # input normalization of [0, 1] images for the encoder (PixelNorm)
-    std: tuple = IMAGENET_STD
-    output: str = "pixels"                  # what the upsampler predicts: see OUTPUTS ("pixels": files before it)
-
-    def __post_init__(self):
-        if self.norm not in ("layer", "moving-average"):
-            raise ValueError(f"norm: expected 'layer' or 'moving-average', got {self.norm!r}")
-        if self.upsampler not in UPSAMPLERS:
-            raise ValueError(f"upsampler: expected one of {list(UPSAMPLERS)}, got {self.upsampler!r}")
-        if self.output not in OUTPUTS:
-            raise ValueError(f"output: expected one of {sorted(OUTPUTS)}, got {self.output!r}")
-        q_origin(self.q_position, self.grid)
-        frozen_fields(self, **{k: tuple(getattr(self, k)) for k in ("grid", "widths", "mean", "std")})
-
-
-class Finola(EncoderModel):
-    """Encoder -> attentional pooling -> q -> ``expand`` -> upsampler -> image (Fig. 1), trained with pixel MSE.
-
-    Takes images in [0, 1] (B, 3, H, W) with H = W = grid * upsampler scale and returns the reconstruction in the
-    same range (not clamped). ``encoder(x)`` must return ``(feature_map, tokens)``. The FINOLA matrices live in
-    ``self.finola`` and go through this file's pure functions.
-    """
-
-    arch = "finola"  # its name in weights files (weights.architectures)
-
-    Config = FinolaConfig
-
-    def __init__(self, encoder: nn.Module, config: FinolaConfig):
-        super().__init__()
-        self.config = config
-        self.encoder = encoder
-        self.pool = AttentionPool(encoder.out_channels, config.channels, heads=config.heads)
-        self.finola = nn.ParameterDict({k: nn.Parameter(v) for k, v in init(config.channels).items()})
-        self.upsampler = (ConvUpsampler(config.channels, config.widths) if config.upsampler == "conv"
-                          else LinearUpsampler(config.channels, patch=config.patch))
-        self.origin = q_origin(config.q_position, config.grid)
-        self.image_size = tuple(g * self.upsampler.scale for g in config.grid)
-        self.pixels = PixelNorm(config.mean, config.std)
-        if config.norm == "moving-average":
-            self.register_buffer("running_mean", torch.zeros(()))
-            self.register_buffer("running_var", torch.ones(()))
-            self.use_running_stats = True  # at inference; False normalizes per position as in training (§4)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """q (B, C) of images x in [0, 1]."""
-        fmap, _ = self.encoder(self.pixels(x, size=self.image_size))
-        return self.pool(fmap)
-
-    @contextlib.contextmanager
-    def per_position_norm(self):
-        """Within the block, a norm="moving-average" model normalizes per position at inference too, as it does in
-        training (§4's "Is normalization necessary?"); the previous setting comes back however the block ends."""
-        before = getattr(self, "use_running_stats", False)
-        self.use_running_stats = False
-        try:
-            yield self
-        finally:
-            self.use_running_stats = before
-
-    def expand(self, q: torch.Tensor) -> torch.Tensor:
-        """The FINOLA map (B, C, *grid) of q; with norm="moving-average", running statistics at inference."""
-        params = dict(self.finola)
-        if self.config.norm == "layer":
-            return expand(params, q, size=self.config.grid, origin=self.origin)
-        if not self.training and self.use_running_stats:
-            stats = {"mean": self.running_mean, "var": self.running_var}
-            return expand(params, q, size=self.config.grid, origin=self.origin, stats=stats)
-        z = expand(params, q, size=self.config.grid, origin=self.origin)
-        if not self.training:
-            return z
-        new = running_stats(z, {"mean": self.running_mean, "var": self.running_var}, momentum=self.config.momentum)
-        self.running_mean.copy_(new["mean"])
-        self.running_var.copy_(new["var"])
-        return z
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """The image in [0, 1] (not clamped) of a map z (B, C, *grid)."""
-        y = self.upsampler(z)
-        return self.pixels.inverse(y) if self.config.output == "normalized" else y
-
-    def maps(self, x: torch.Tensor) -> torch.Tensor:
-        """The FINOLA map (B, C, *grid) the model builds for images x (what the analyses of eval.py look at)."""
-        return self.expand(self.encode(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.expand(self.encode(x)))

@@ -3,7 +3,7 @@ preset, one component at a time, each trained for the same wall-clock on the sam
 
     python ladder.py [--minutes 3] [--rungs linear/linear/normalized mf/table10/normalized ...] [--data photos]
 
-A rung is ENCODER/DECODER/OUTPUT, always around the same FINOLA recurrence (``finola.Finola``, q at the centre of a
+A rung is ENCODER/DECODER/OUTPUT, always around the same FINOLA recurrence (``autoencoder.Finola``, q at the centre of a
 ``--grid`` map):
   encoder  ``linear``: one linear layer on the normalized pixels, seen by the attentional pooler as a 1x1 map (a
            pooler over one position is linear, so the whole encoder is linear); ``mf``: ``--encoder`` (mf-tiny) and
@@ -11,7 +11,7 @@ A rung is ENCODER/DECODER/OUTPUT, always around the same FINOLA recurrence (``fi
            branches zero-initialised (``--zero-init-residual``, the small preset).
   decoder  ``linear``: Table 10's linear layer (each cell's C channels to its patch, ``finola.LinearUpsampler``);
            ``table10``: Table 10's conv upsampler with ``--widths``.
-  output   what the decoder predicts (``finola.OUTPUTS``): ``pixels`` or ``normalized``.
+  output   what the decoder predicts (``autoencoder.OUTPUTS``): ``pixels`` or ``normalized``.
 Training crops are drawn once by the task's training transform (``data.train_transform("crop")``) and cached, so
 every rung spends its minutes on the model; held-out PSNR is on the evaluation split, next to the mean colour.
 Ends with one JSON line.
@@ -30,8 +30,8 @@ from rich.progress import Progress
 from rich.table import Table
 from torch import nn
 
+import autoencoder
 import data
-import finola
 import metrics
 import mobileformer
 
@@ -52,14 +52,14 @@ class LinearEncoder(nn.Module):
         return self.linear(x.flatten(1))[:, :, None, None], None
 
 
-def build(rung: str, args) -> finola.Finola:
+def build(rung: str, args) -> autoencoder.Finola:
     encoder_kind, decoder_kind, output = rung.split("/")
     encoder = (LinearEncoder(args.image_size, args.channels) if encoder_kind == "linear"
                else mobileformer.create(args.encoder, zero_init_residual=encoder_kind == "mf0"))
-    config = finola.FinolaConfig(channels=args.channels, grid=(args.grid, args.grid),
+    config = autoencoder.FinolaConfig(channels=args.channels, grid=(args.grid, args.grid),
                                  upsampler="linear" if decoder_kind == "linear" else "conv",
                                  widths=tuple(args.widths), patch=args.image_size // args.grid, output=output)
-    return finola.Finola(encoder, config).to(memory_format=torch.channels_last)
+    return autoencoder.Finola(encoder, config).to(memory_format=torch.channels_last)
 
 
 def crops(args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,9 +138,9 @@ def main(argv=None) -> dict:
     for rung in args.rungs:
         parts = rung.split("/")
         if len(parts) != 3 or parts[0] not in ("linear", "mf", "mf0") or parts[1] not in ("linear", "table10") \
-                or parts[2] not in finola.OUTPUTS:
+                or parts[2] not in autoencoder.OUTPUTS:
             p.error(f"--rungs: {rung!r} is not ENCODER/DECODER/OUTPUT with ENCODER in linear|mf|mf0, DECODER in "
-                    f"linear|table10, OUTPUT in {'|'.join(finola.OUTPUTS)}")
+                    f"linear|table10, OUTPUT in {'|'.join(autoencoder.OUTPUTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     x_train, x_val = crops(args)

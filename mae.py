@@ -2,7 +2,7 @@
 that the paper's Table 6 sets FINOLA against (its MAE-Lite ViT-Tiny: 23.3 % linear probe), on a ViT encoder.
 
 The encoder (``ViT``): a p x p patch embedding (a conv of stride p), MAE's fixed 2-D sin-cos positions, a cls token,
-pre-norm transformer blocks (masked.TransformerBlock) and a final LayerNorm. ``vit(x)`` returns (the patch tokens as
+pre-norm transformer blocks (layers.TransformerBlock) and a final LayerNorm. ``vit(x)`` returns (the patch tokens as
 a map (B, C, H/p, W/p), the cls token (B, 1, C)), Mobile-Former's calling convention, so ``classify.Classifier``
 probes it unchanged (what its probes read: PAPER_READING.md, MAE).
 
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import finola
-from masked import TransformerBlock
+import layers
 
 
 def sincos_positions(h: int, w: int, dim: int, *, device=None) -> torch.Tensor:
@@ -89,7 +89,7 @@ class ViT(nn.Module):
         c = config.width
         self.patch_embed = nn.Conv2d(config.in_channels, c, config.patch, stride=config.patch)
         self.cls = nn.Parameter(torch.zeros(1, 1, c))
-        self.blocks = nn.Sequential(*(TransformerBlock(c, heads=config.heads, mlp_ratio=config.mlp_ratio)
+        self.blocks = nn.Sequential(*(layers.TransformerBlock(c, heads=config.heads, mlp_ratio=config.mlp_ratio)
                                       for _ in range(config.depth)))
         self.norm = nn.LayerNorm(c, eps=1e-6)
         _init(self)
@@ -158,8 +158,8 @@ class MAEConfig:
     decoder_depth: int = 1
     decoder_heads: int = 3
     norm_pixels: bool = True                # the target: each patch normalized by its mean and variance
-    mean: tuple = finola.IMAGENET_MEAN  # input normalization of [0, 1] images for the encoder (PixelNorm)
-    std: tuple = finola.IMAGENET_STD
+    mean: tuple = layers.IMAGENET_MEAN  # input normalization of [0, 1] images for the encoder (PixelNorm)
+    std: tuple = layers.IMAGENET_STD
 
     def __post_init__(self):
         if not 0 < self.mask_ratio < 1:
@@ -167,10 +167,10 @@ class MAEConfig:
         if self.decoder_width % self.decoder_heads or self.decoder_width % 4:
             raise ValueError(f"decoder_width: {self.decoder_width} must divide by decoder_heads="
                              f"{self.decoder_heads} and by 4")
-        finola.frozen_fields(self, mean=tuple(self.mean), std=tuple(self.std))
+        layers.frozen_fields(self, mean=tuple(self.mean), std=tuple(self.std))
 
 
-class MAE(finola.EncoderModel):
+class MAE(layers.EncoderModel):
     """``model(x, generator=None)`` on images in [0, 1] -> (prediction, target, mask): every patch predicted (B, N,
     3 p p), the patches as the loss sees them (normalized per patch with ``norm_pixels``), and True where a patch
     was removed (B, N). The removed patches are drawn from ``generator`` (the global RNG without one)."""
@@ -183,11 +183,11 @@ class MAE(finola.EncoderModel):
         super().__init__()
         self.config = config
         self.encoder = encoder
-        self.pixels = finola.PixelNorm(config.mean, config.std)
+        self.pixels = layers.PixelNorm(config.mean, config.std)
         d, p = config.decoder_width, encoder.config.patch
         self.decoder_embed = nn.Linear(encoder.out_channels, d)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.decoder = nn.Sequential(*(TransformerBlock(d, heads=config.decoder_heads)
+        self.decoder = nn.Sequential(*(layers.TransformerBlock(d, heads=config.decoder_heads)
                                        for _ in range(config.decoder_depth)))
         self.decoder_norm = nn.LayerNorm(d, eps=1e-6)
         self.predict = nn.Linear(d, 3 * p * p)

@@ -24,10 +24,10 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import finola
+import layers
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -176,37 +176,6 @@ def blockwise_map(params: dict, features: torch.Tensor, blocks: torch.Tensor, gr
 # (finola.LinearUpsampler)
 # ---------------------------------------------------------------------------------------------------------------------
 
-class TransformerBlock(nn.Module):
-    """A pre-norm ViT block: x + MHSA(LN(x)), then x + MLP(LN(x)) with a 4x GELU MLP. No positional embedding
-    anywhere, so it is equivariant to any permutation of the tokens."""
-
-    def __init__(self, dim: int, *, heads: int, mlp_ratio: int = 4, dropout: float = 0.0):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"heads: {heads} must divide the width {dim}")
-        self.heads, self.dropout = heads, dropout
-        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(mlp_ratio * dim, dim), nn.Dropout(dropout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, D = x.shape
-        q, k, v = self.qkv(self.norm1(x)).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        x = x + self.proj(a.transpose(1, 2).reshape(B, N, D))
-        return x + self.mlp(self.norm2(x))
-
-
-def init_vit(module: nn.Module):
-    """ViT / MAE initialisation: Linear weights trunc-normal(0.02) (xavier for MAE's decoder is close), zero bias."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
-
-
 class TransformerUpsampler(nn.Module):
     """Table 10, Masked-FINOLA-B: project each token to ``width``, ``depth`` transformer blocks (6 x 512 in the paper;
     Table 16 varies the depth) with no positional embedding, LayerNorm, then the linear p x p x 3 patch layer."""
@@ -215,10 +184,10 @@ class TransformerUpsampler(nn.Module):
         super().__init__()
         self.patch = patch
         self.embed = nn.Linear(channels, width)
-        self.blocks = nn.Sequential(*(TransformerBlock(width, heads=heads) for _ in range(depth)))
+        self.blocks = nn.Sequential(*(layers.TransformerBlock(width, heads=heads) for _ in range(depth)))
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.linear = nn.Linear(width, 3 * patch * patch)
-        init_vit(self)
+        layers.init_vit(self)
 
     def patches(self, z: torch.Tensor) -> torch.Tensor:
         """(B, H W, 3 p p): one patch per token, token order = row-major positions of z."""
@@ -239,11 +208,11 @@ class MaskedEConfig:
     grid: tuple = (16, 16)
     patch: int = 16                         # pixels per grid cell: the linear layer outputs p x p x 3
     heads: int = 8                          # of the attentional pooler (App. B)
-    mean: tuple = finola.IMAGENET_MEAN  # input normalization of [0, 1] images for the encoder (PixelNorm)
-    std: tuple = finola.IMAGENET_STD
+    mean: tuple = layers.IMAGENET_MEAN  # input normalization of [0, 1] images for the encoder (PixelNorm)
+    std: tuple = layers.IMAGENET_STD
 
     def __post_init__(self):
-        finola.frozen_fields(self, grid=tuple(self.grid), mean=tuple(self.mean), std=tuple(self.std))
+        layers.frozen_fields(self, grid=tuple(self.grid), mean=tuple(self.mean), std=tuple(self.std))
         block_cells(self.grid)
 
 
@@ -256,17 +225,17 @@ class MaskedBConfig:
     width: int = 512                        # transformer upsampler (Table 10)
     depth: int = 6                          # its blocks (Table 16 ablates the depth)
     heads: int = 8
-    mean: tuple = finola.IMAGENET_MEAN
-    std: tuple = finola.IMAGENET_STD
+    mean: tuple = layers.IMAGENET_MEAN
+    std: tuple = layers.IMAGENET_STD
 
     def __post_init__(self):
-        finola.frozen_fields(self, grid=tuple(self.grid), mean=tuple(self.mean), std=tuple(self.std))
+        layers.frozen_fields(self, grid=tuple(self.grid), mean=tuple(self.mean), std=tuple(self.std))
         if self.grid[0] % 4 or self.grid[1] % 4:
             raise ValueError(f"grid: Masked-B needs sides divisible by 4 (quadrants of a half-size block), "
                              f"got {self.grid}")
 
 
-class _Masked(finola.EncoderModel):
+class _Masked(layers.EncoderModel):
     """What both variants share: input normalization, the block crop, the loss mask and the calling convention.
 
     ``model(x, blocks=None)`` takes images in [0, 1] (B, 3, gh p, gw p) and returns (prediction (B, 3, H, W),
@@ -280,7 +249,7 @@ class _Masked(finola.EncoderModel):
         self.encoder = encoder
         self.finola = nn.ParameterDict({k: nn.Parameter(v) for k, v in finola.init(config.channels).items()})
         self.image_size = tuple(g * config.patch for g in config.grid)
-        self.pixels = finola.PixelNorm(config.mean, config.std)
+        self.pixels = layers.PixelNorm(config.mean, config.std)
 
     def _check(self, x: torch.Tensor):
         self.pixels.check(x, self.image_size)

@@ -12,11 +12,11 @@ from typing import Callable
 
 import torch.nn.functional as F
 
+import autoencoder
 import classify
 import data
 import detection
 import detr
-import finola
 import mae
 import masked
 import metrics
@@ -61,11 +61,11 @@ def build_finola(args):
     if args.upsampler == "linear" and args.image_size % args.grid:
         raise ValueError(f"--image-size {args.image_size} must be a multiple of --grid {args.grid} for --upsampler "
                          "linear (each cell decodes a patch of image size / grid pixels)")
-    config = finola.FinolaConfig(
+    config = autoencoder.FinolaConfig(
         channels=args.channels, grid=(args.grid, args.grid), q_position=args.q_position, norm=args.norm,
         upsampler=args.upsampler, widths=tuple(args.widths), patch=args.image_size // args.grid, output=args.output)
     # App. D (--freeze-encoder): a pre-trained encoder, frozen; pooling, FINOLA and a fresh upsampler are trained
-    model = finola.Finola(encoder.freeze(args.freeze_encoder), config)
+    model = autoencoder.Finola(encoder.freeze(args.freeze_encoder), config)
     if model.image_size != (args.image_size, args.image_size):
         raise ValueError(f"--image-size {args.image_size} must equal --grid {args.grid} x 2^(len(--widths) - 1) "
                          f"= {model.image_size[0]}")

@@ -31,6 +31,7 @@ from accelerate.utils import set_seed
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+import autoencoder
 import detection
 import data
 import detr
@@ -116,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--grid", type=POSITIVE, help="side of the FINOLA map (16 in the paper)")
     m.add_argument("--image-size", type=POSITIVE, help="training image side (detection: the evaluation shorter side, "
                    "800 in DETR; its training sizes scale with it)")
-    m.add_argument("--upsampler", choices=finola.UPSAMPLERS,
+    m.add_argument("--upsampler", choices=autoencoder.UPSAMPLERS,
                    help="finola: Table 10's conv upsampler (the paper's) or its linear one, each cell's C channels to "
                         "its (image size / grid)^2 patch (ours for the small preset: faster on a CPU)")
     m.add_argument("--widths", type=POSITIVE, nargs="+", help="res-conv widths of the conv upsampler (Table 10)")
@@ -127,8 +128,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="wrap the model in torch.compile (off by default; costs and gains on a CPU: EXPERIMENTS.md, Speed)")
     m.add_argument("--q-position", choices=finola.Q_POSITIONS, help="where q sits in the map (App. E.1)")
     m.add_argument("--norm", choices=["layer", "moving-average"], help="FINOLA normalization (§4's ablation)")
-    m.add_argument("--output", choices=finola.OUTPUTS, help="finola: what the upsampler predicts, the image in [0, 1] "
-                                                          "or normalized as the encoder sees it (finola.OUTPUTS)")
+    m.add_argument("--output", choices=autoencoder.OUTPUTS, help="finola: what the upsampler predicts, the image in [0, 1] "
+                                                          "or normalized as the encoder sees it (autoencoder.OUTPUTS)")
     m.add_argument("--decoder", choices=sorted(detr.PRESETS), help="DETR's Mobile-Former decoder (Tables 4, 18)")
     m.add_argument("--num-queries", type=POSITIVE, help="DETR object queries (100 in the paper)")
     m.add_argument("--position-layout", choices=detr.POSITION_LAYOUTS,

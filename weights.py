@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 FORMAT = "finola-weights/1"
 
-MODEL_MODULES = ("mobileformer", "mae", "finola", "masked", "classify", "detr")  # where our architectures live
+MODEL_MODULES = ("mobileformer", "mae", "autoencoder", "masked", "classify", "detr")  # where our architectures live
 
 
 @functools.cache

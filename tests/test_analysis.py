@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from torch.testing import assert_close
 
 import analysis
+import autoencoder
 import codec
 import eval as ev
 import metrics
@@ -160,8 +161,8 @@ def test_jpeg_sweep_sizes_and_quality():
 def _tiny(folder, seed):
     torch.manual_seed(seed)
     encoder = mobileformer.create("mf-tiny")
-    config = finola.FinolaConfig(channels=16, grid=(4, 4), widths=(8, 8, 8, 8))
-    model = finola.Finola(encoder, config)
+    config = autoencoder.FinolaConfig(channels=16, grid=(4, 4), widths=(8, 8, 8, 8))
+    model = autoencoder.Finola(encoder, config)
     return weights.save_model(folder / "model.safetensors", model, task="finola", data="photos",
                               train={"data_options": {"crops_per_photo": 2}})  # 4 validation images of 32 px
 

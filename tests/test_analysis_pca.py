@@ -8,8 +8,8 @@ from torch.testing import assert_close
 
 import analysis
 import eval as ev
+import autoencoder
 import metrics
-import finola
 import mobileformer
 import weights
 
@@ -108,8 +108,8 @@ def tiny(tmp_path_factory):
     """A tiny FINOLA model (C = 16, 32 x 32 images: D = 3072) saved as trained on 2 crops per photo."""
     torch.manual_seed(0)
     encoder = mobileformer.create("mf-tiny")
-    config = finola.FinolaConfig(channels=16, grid=(4, 4), widths=(8, 8, 8, 8))
-    model = finola.Finola(encoder, config).eval()
+    config = autoencoder.FinolaConfig(channels=16, grid=(4, 4), widths=(8, 8, 8, 8))
+    model = autoencoder.Finola(encoder, config).eval()
     # 14 training rows, 4 validation images
     path = weights.save_model(tmp_path_factory.mktemp("tiny") / "model.safetensors", model, task="finola",
                               data="photos", train={"data_options": {"crops_per_photo": 2, "with_wallpapers": False}})

@@ -14,12 +14,12 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import autoencoder
 import codec
 import data
 import embedded
 import errors
 import eval as ev
-import finola
 import mobileformer
 import weights
 
@@ -31,8 +31,8 @@ def tiny(tmp_path_factory) -> Path:
     """A FINOLA weights file (mf-tiny, C = 16, 4x4 grid, 32 px)."""
     torch.manual_seed(0)
     encoder = mobileformer.create("mf-tiny")
-    config = finola.FinolaConfig(channels=16, grid=(4, 4), widths=(8, 8, 8, 8))
-    model = finola.Finola(encoder, config)
+    config = autoencoder.FinolaConfig(channels=16, grid=(4, 4), widths=(8, 8, 8, 8))
+    model = autoencoder.Finola(encoder, config)
     return weights.save_model(tmp_path_factory.mktemp("tiny") / "model.safetensors", model, task="finola",
                               data="photos")
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+import autoencoder
 import data
 import detection
 import experiments
-import finola
+import layers
 import mobileformer
 import weights
 
@@ -115,7 +116,7 @@ def test_box_features_read_each_box_off_the_encoder_maps():
     x0, y0, w, h = ds[0]["objects"]["bbox"][0]
     image = torch.from_numpy(np.array(data.decode(ds[0]["image"]))).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():  # a 64² image at size 64: the resize keeps it as it is
-        f = encoder.forward_features(finola.PixelNorm()(image))["stride8"][0]
+        f = encoder.forward_features(layers.PixelNorm()(image))["stride8"][0]
     c0, r0, c1, r1 = int(x0 / 8), int(y0 / 8), math.ceil((x0 + w) / 8), math.ceil((y0 + h) / 8)
     cells = f[:, r0:r1, c0:c1]
     centre = f[:, int((y0 + h / 2) / 8), int((x0 + w / 2) / 8)]
@@ -130,9 +131,9 @@ def test_box_features_read_each_box_off_the_encoder_maps():
 def test_table4_rows_are_table1s_pair_the_readme_run_and_a_random_twin_of_each_preset(tmp_path):
     """Table 4's random rows are fresh encoders of the files' presets (mf-tiny for table1's, mf-nano for the README's
     run); a missing file and a file whose encoder is no preset get clear errors."""
-    config = finola.FinolaConfig(channels=16, grid=(2, 2), upsampler="linear", patch=16)
+    config = autoencoder.FinolaConfig(channels=16, grid=(2, 2), upsampler="linear", patch=16)
     save = lambda path, name: weights.save_model(  # noqa: E731
-        path, finola.Finola(mobileformer.create(name), config), task="finola", data="photos")
+        path, autoencoder.Finola(mobileformer.create(name), config), task="finola", data="photos")
     for name in ("finola", "supervised"):
         (tmp_path / "t1" / "pretrain" / name).mkdir(parents=True)
         save(tmp_path / "t1" / "pretrain" / name / "model.safetensors", "mf-tiny")
@@ -149,7 +150,7 @@ def test_table4_rows_are_table1s_pair_the_readme_run_and_a_random_twin_of_each_p
     with pytest.raises(FileNotFoundError, match="finola-t1.*experiments.py table1"):
         experiments.table4_rows(argparse.Namespace(table1=tmp_path / "none", finola=readme))
     custom = mobileformer.MobileFormer(dataclasses.replace(mobileformer.PRESETS["mf-nano"], name="custom"))
-    path = weights.save_model(tmp_path / "custom.safetensors", finola.Finola(custom, config), task="finola",
+    path = weights.save_model(tmp_path / "custom.safetensors", autoencoder.Finola(custom, config), task="finola",
                               data="photos")
     with pytest.raises(ValueError, match="not one of the Mobile-Former presets"):
         experiments.encoder_preset(path)

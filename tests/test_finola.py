@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+import autoencoder
 import finola
 
 
@@ -295,9 +296,9 @@ class StubEncoder(torch.nn.Module):
 
 def tiny_model(**overrides):
     torch.manual_seed(0)
-    config = finola.FinolaConfig(channels=16, grid=(4, 4), widths=(16, 8, 8), heads=4,
+    config = autoencoder.FinolaConfig(channels=16, grid=(4, 4), widths=(16, 8, 8), heads=4,
                                  **overrides)
-    return finola.Finola(StubEncoder(), config)
+    return autoencoder.Finola(StubEncoder(), config)
 
 
 def test_upsampler_scale_and_shape():
@@ -332,7 +333,7 @@ def test_model_puts_q_where_asked(position, origin):
     assert model(x).shape == x.shape
 
 
-@pytest.mark.parametrize("output", finola.OUTPUTS)
+@pytest.mark.parametrize("output", autoencoder.OUTPUTS)
 def test_output_parameterisation_is_a_fixed_affine_map_of_the_upsampler(output):
     model = tiny_model(output=output).eval()
     z = torch.randn(2, 16, 4, 4)

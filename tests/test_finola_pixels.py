@@ -5,9 +5,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+import autoencoder
 import classify
 import detr
-import finola
+import layers
 import masked
 import mobileformer
 import weights
@@ -30,7 +31,7 @@ def test_a_frozen_encoder_gives_identical_features_through_every_model():
     detector(x)
     classifier = classify.Classifier(encoder, classify.ClassifierConfig(num_classes=3, frozen=True)).eval()
     classifier(x)
-    fin = finola.Finola(encoder, finola.FinolaConfig(channels=16, grid=(2, 2), widths=(8,) * 5)).eval()
+    fin = autoencoder.Finola(encoder, autoencoder.FinolaConfig(channels=16, grid=(2, 2), widths=(8,) * 5)).eval()
     fin.encode(x)
     masked_b = masked.MaskedFinolaB(encoder, masked.MaskedBConfig(
         channels=encoder.out_channels, grid=(4, 4), patch=16)).eval()
@@ -44,8 +45,8 @@ def test_a_frozen_encoder_gives_identical_features_through_every_model():
             assert_close(maps, seen["maps"][0], rtol=1e-5, atol=1e-6, msg=name)
         else:
             assert torch.equal(maps, seen["maps"][0]), name
-    expected = (x - torch.tensor(finola.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
-        finola.IMAGENET_STD).view(1, 3, 1, 1)
+    expected = (x - torch.tensor(layers.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        layers.IMAGENET_STD).view(1, 3, 1, 1)
     assert_close(seen["inputs"][0], expected, rtol=0, atol=1e-6, msg="ImageNet's statistics, per channel")
 
 
@@ -69,6 +70,6 @@ def test_detr_files_written_before_the_fix_keep_raw_pixels(tmp_path):
 
 @pytest.mark.parametrize("shape", [(3, 32, 32), (2, 1, 32, 32), (2, 3, 32, 31)])
 def test_bad_image_shapes_get_one_message(shape):
-    norm = finola.PixelNorm()
+    norm = layers.PixelNorm()
     with pytest.raises(ValueError, match=r"x: expected images \(B, 3, 32, 32\), got"):
         norm(torch.rand(shape), size=(32, 32))

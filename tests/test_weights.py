@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
-import finola
+import autoencoder
 import mobileformer
 import weights
 
@@ -27,14 +27,14 @@ def test_round_trip_rebuilds_the_model_from_the_file_alone(tmp_path):
     assert not list(tmp_path.glob(".*tmp")), "the temporary file is renamed into place"
 
 
-@pytest.mark.parametrize("upsampler", finola.UPSAMPLERS)
+@pytest.mark.parametrize("upsampler", autoencoder.UPSAMPLERS)
 def test_finola_file_rebuilds_its_upsampler(tmp_path, upsampler):
     """Either of Table 10's upsamplers comes back from the file's config (a file without the field: "conv")."""
     torch.manual_seed(0)
     encoder = mobileformer.create("mf-tiny")
-    config = finola.FinolaConfig(channels=16, grid=(4, 4), heads=4,
+    config = autoencoder.FinolaConfig(channels=16, grid=(4, 4), heads=4,
                                  upsampler=upsampler, widths=(16, 8, 8, 8), patch=8)
-    model = finola.Finola(encoder, config).eval()
+    model = autoencoder.Finola(encoder, config).eval()
     saved = model.config_dict()
     if upsampler == "conv":
         del saved["upsampler"], saved["patch"]  # as files written before the linear upsampler

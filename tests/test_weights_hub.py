@@ -8,7 +8,7 @@ import torch
 from huggingface_hub import constants
 
 import eval as ev
-import finola
+import autoencoder
 import mobileformer
 import weights
 
@@ -17,8 +17,8 @@ import weights
 def tiny_file(tmp_path_factory):
     torch.manual_seed(0)
     encoder = mobileformer.create("mf-tiny")
-    config = finola.FinolaConfig(channels=16, grid=(2, 2), widths=(8,) * 5)
-    model = finola.Finola(encoder, config)
+    config = autoencoder.FinolaConfig(channels=16, grid=(2, 2), widths=(8,) * 5)
+    model = autoencoder.Finola(encoder, config)
     return weights.save_model(tmp_path_factory.mktemp("w") / "model.safetensors", model, task="finola",
                               data="photos", train={"lr": 0.008, "batch_size": 32}, metrics={"psnr_db": 20.84})
 

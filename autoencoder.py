@@ -1,0 +1,127 @@
+"""Vanilla FINOLA's network (§2, Fig. 1, App. B, Table 10): an encoder, attentional pooling to q, ``finola.expand``
+to a map, an upsampler back to the image; trained with pixel MSE. The recurrence and its parts are ``finola.py``'s.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from finola import AttentionPool, ConvUpsampler, LinearUpsampler, expand, init, q_origin, running_stats
+from layers import IMAGENET_MEAN, IMAGENET_STD, EncoderModel, PixelNorm, frozen_fields
+
+
+# Which of Table 10's upsamplers decodes the vanilla FINOLA map: "conv" (ConvUpsampler, the paper's) or "linear"
+# (LinearUpsampler, ours for the small preset: at 32^2 the whole model's step runs faster on a CPU, and the same
+# minutes reach a higher PSNR, EXPERIMENTS.md).
+UPSAMPLERS = ("conv", "linear")
+
+
+# What the upsampler's last conv predicts. The paper says only "follow VQGAN", whose decoder predicts images scaled
+# to [-1, 1]. "normalized": the image as the encoder sees it, (x - mean) / std, mapped back to [0, 1] by a fixed
+# affine map, so a fresh network starts at the data's mean colour; "pixels": the image in [0, 1] directly, which
+# starts ~0.45 away from the target and, with AdamW's ~lr-sized steps, spends hundreds of steps moving the last
+# conv's bias there (EXPERIMENTS.md, the reconstruction ladder). The loss is pixel MSE either way.
+OUTPUTS = ("pixels", "normalized")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinolaConfig:
+    """The vanilla FINOLA network (§2, Tables 2, 10, 12). Paper defaults: 256^2 images, MF-W2880, C = 3072."""
+    channels: int = 3072                    # C: the latent channels of q and of the FINOLA map (Table 2a)
+    grid: tuple = (16, 16)                  # FINOLA map size
+    q_position: str = "center"              # App. E.1
+    norm: str = "layer"                     # "layer" (Eq. 1) or "moving-average" (§4's ablation)
+    momentum: float = 0.1                   # of the running statistics, for norm="moving-average"
+    heads: int = 8                          # of the attentional pooler
+    upsampler: str = "conv"                 # see UPSAMPLERS (Table 10)
+    widths: tuple = (512, 256, 256, 128, 128)  # Table 10, upsampler="conv"
+    patch: int = 16                         # Table 10, upsampler="linear": each cell's patch side
+    mean: tuple = IMAGENET_MEAN  # input normalization of [0, 1] images for the encoder (PixelNorm)
+    std: tuple = IMAGENET_STD
+    output: str = "pixels"                  # what the upsampler predicts: see OUTPUTS ("pixels": files before it)
+
+    def __post_init__(self):
+        if self.norm not in ("layer", "moving-average"):
+            raise ValueError(f"norm: expected 'layer' or 'moving-average', got {self.norm!r}")
+        if self.upsampler not in UPSAMPLERS:
+            raise ValueError(f"upsampler: expected one of {list(UPSAMPLERS)}, got {self.upsampler!r}")
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output: expected one of {sorted(OUTPUTS)}, got {self.output!r}")
+        q_origin(self.q_position, self.grid)
+        frozen_fields(self, **{k: tuple(getattr(self, k)) for k in ("grid", "widths", "mean", "std")})
+
+
+class Finola(EncoderModel):
+    """Encoder -> attentional pooling -> q -> ``expand`` -> upsampler -> image (Fig. 1), trained with pixel MSE.
+
+    Takes images in [0, 1] (B, 3, H, W) with H = W = grid * upsampler scale and returns the reconstruction in the
+    same range (not clamped). ``encoder(x)`` must return ``(feature_map, tokens)``. The FINOLA matrices live in
+    ``self.finola`` and go through this file's pure functions.
+    """
+
+    arch = "finola"  # its name in weights files (weights.architectures)
+
+    Config = FinolaConfig
+
+    def __init__(self, encoder: nn.Module, config: FinolaConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.pool = AttentionPool(encoder.out_channels, config.channels, heads=config.heads)
+        self.finola = nn.ParameterDict({k: nn.Parameter(v) for k, v in init(config.channels).items()})
+        self.upsampler = (ConvUpsampler(config.channels, config.widths) if config.upsampler == "conv"
+                          else LinearUpsampler(config.channels, patch=config.patch))
+        self.origin = q_origin(config.q_position, config.grid)
+        self.image_size = tuple(g * self.upsampler.scale for g in config.grid)
+        self.pixels = PixelNorm(config.mean, config.std)
+        if config.norm == "moving-average":
+            self.register_buffer("running_mean", torch.zeros(()))
+            self.register_buffer("running_var", torch.ones(()))
+            self.use_running_stats = True  # at inference; False normalizes per position as in training (§4)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """q (B, C) of images x in [0, 1]."""
+        fmap, _ = self.encoder(self.pixels(x, size=self.image_size))
+        return self.pool(fmap)
+
+    @contextlib.contextmanager
+    def per_position_norm(self):
+        """Within the block, a norm="moving-average" model normalizes per position at inference too, as it does in
+        training (§4's "Is normalization necessary?"); the previous setting comes back however the block ends."""
+        before = getattr(self, "use_running_stats", False)
+        self.use_running_stats = False
+        try:
+            yield self
+        finally:
+            self.use_running_stats = before
+
+    def expand(self, q: torch.Tensor) -> torch.Tensor:
+        """The FINOLA map (B, C, *grid) of q; with norm="moving-average", running statistics at inference."""
+        params = dict(self.finola)
+        if self.config.norm == "layer":
+            return expand(params, q, size=self.config.grid, origin=self.origin)
+        if not self.training and self.use_running_stats:
+            stats = {"mean": self.running_mean, "var": self.running_var}
+            return expand(params, q, size=self.config.grid, origin=self.origin, stats=stats)
+        z = expand(params, q, size=self.config.grid, origin=self.origin)
+        if not self.training:
+            return z
+        new = running_stats(z, {"mean": self.running_mean, "var": self.running_var}, momentum=self.config.momentum)
+        self.running_mean.copy_(new["mean"])
+        self.running_var.copy_(new["var"])
+        return z
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The image in [0, 1] (not clamped) of a map z (B, C, *grid)."""
+        y = self.upsampler(z)
+        return self.pixels.inverse(y) if self.config.output == "normalized" else y
+
+    def maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The FINOLA map (B, C, *grid) the model builds for images x (what the analyses of eval.py look at)."""
+        return self.expand(self.encode(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.expand(self.encode(x)))
