@@ -40,7 +40,7 @@ class ClassifierConfig:
     """An encoder and a classification decoder. ``width`` / ``dropout`` of tran-N default from ``WIDTHS`` by the
     encoder's name (``for_encoder``, which ``Classifier`` applies)."""
     num_classes: int = 1000
-    decoder: str = "lin"                    # one of DECODERS (train.py --head)
+    decoder: str = "lin"                    # one of DECODERS (train.py --decoder)
     width: int | None = None                # transformer decoder width
     heads: int | None = None                # attention heads (width / 64, at least 2)
     dropout: float | None = None            # before the classifier (and in the blocks' MLP) of tran-N

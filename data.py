@@ -44,7 +44,7 @@ FORMS = ("accepted sources: 'hf:NAME' (a HuggingFace hub dataset); a local path:
 # Bad data: skipped, counted, reported at the end of a run
 # ----------------------------------------------------------------------------------------------------------------
 class BadImages:
-    """Counts images that could not be decoded; ``report()`` is the line a run prints at its end. Each loader has
+    """Counts images that could not be decoded; ``summary()`` is what a run prints at its end. Each loader has
     one (``loader.bad``, or one shared by several loaders through ``data.loader(..., bad=...)``)."""
 
     def __init__(self):
@@ -56,7 +56,7 @@ class BadImages:
     def total(self) -> int:
         return sum(self.skipped.values())
 
-    def report(self) -> str:
+    def summary(self) -> str:
         if not self.skipped:
             return "bad images: none"
         lines = [f"  {n}× {what}" for what, n in self.skipped.most_common(20)]

@@ -27,7 +27,8 @@ from torch import nn
 import detection
 import layers
 import mobileformer
-from mobileformer import Former, FormerToMobile, LiteBottleneck, MobileToFormer, conv_bn, halve, key_mask, masked
+from mobileformer import (Former, FormerToMobile, LiteBottleneck, MobileToFormer, conv_bn, halve, key_mask,
+                          zero_padding)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ class DecoderBlock(nn.Module):
         bias = None if prior is None else prior.transpose(2, 3)
         if writers is not None:
             bias = writers if bias is None else bias.masked_fill(~writers, float("-inf"))
-        return masked(self.former_to_mobile(x, z, bias=bias), keep), z
+        return zero_padding(self.former_to_mobile(x, z, bias=bias), keep), z
 
 
 class BilinearUpConv(nn.Module):
@@ -195,7 +196,7 @@ class BilinearUpConv(nn.Module):
                 fine: torch.Tensor | None = None) -> torch.Tensor:
         up = lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False)  # noqa: E731
         x = up(x) if keep is None else up(x * keep) / up(keep).clamp(min=1e-6)
-        return self.pw(self.dw(masked(x[..., :size[0], :size[1]], fine)))
+        return self.pw(self.dw(zero_padding(x[..., :size[0], :size[1]], fine)))
 
 
 class MobileFormerDecoder(nn.Module):
@@ -236,7 +237,7 @@ class MobileFormerDecoder(nn.Module):
         seeing the queries and its own group, none writing into the map (``DecoderBlock``)."""
         keeps = [halve(keep, k) for k in (5, 4, 3)]                            # at 1/32, 1/16, 1/8
         b = features.shape[0]
-        x, z = masked(self.down(features), keeps[0]), self.queries.expand(b, -1, -1)
+        x, z = zero_padding(self.down(features), keeps[0]), self.queries.expand(b, -1, -1)
         refs = self.anchors.sigmoid().expand(b, -1, -1) if self.config.reference_boxes else None
         if refs is not None and box_head is None:
             raise ValueError("box_head: reference boxes need the detector's box head")
@@ -254,7 +255,7 @@ class MobileFormerDecoder(nn.Module):
                      + self.laterals[scale - 1](skip))
             pe = sine_position_encoding(*x.shape[2:], self.config.dim, keep=keeps[scale],
                                         groups=self.config.position_groups, device=x.device, dtype=x.dtype)
-            x = masked(x + pe, keeps[scale])
+            x = zero_padding(x + pe, keeps[scale])
             centres = pixel_centres(*x.shape[2:], keeps[scale], device=x.device) if refs is not None else None
             for block in blocks:
                 z = self.dropout(z) if states else z                           # dropout between blocks (App. C)
@@ -328,7 +329,7 @@ class DETR(layers.EncoderModel):
 
     Padded batches (`augment.DetrResize`): `mask` (B, H, W) is DETR's padding mask, True on padding. Boxes are
     normalized by each image's unpadded size, the sine positions by its unpadded extent, attention never reads padded
-    pixels, every map is zero on its padding before a 3×3 conv (`mobileformer.masked`), and the up-conv's bilinear ×2
+    pixels, every map is zero on its padding before a 3×3 conv (`mobileformer.zero_padding`), and the up-conv's bilinear ×2
     is normalized by the upsampled mask (`BilinearUpConv`). So an image's predictions do not depend on the padding
     around it, up to float rounding (with BatchNorm in eval mode, as DETR's own frozen BatchNorm:
     `tests/test_detr.py`). DETR itself pads its backbone's input and lets the padding reach its convs; ours does

@@ -103,7 +103,7 @@ def _row(title: str, row: dict) -> None:
     console.print(table)
 
 
-def _report(title: str, result: dict) -> None:
+def _figures(title: str, result: dict) -> None:
     """A command's many figures as a two-column table (numbers to 4 significant digits)."""
     table = Table(title=escape(title))
     table.add_column("figure")
@@ -182,7 +182,7 @@ def cmd_curvature(args) -> dict:
     figure = analysis.plot_curvature(stats, _out(args, "curvature.png"))
     result = {label: analysis.curvature_summary(s) for label, s in stats.items()}
     for label, summary in result.items():
-        _report(f"Gaussian curvature of {label}'s top channels on {loaders[0].source} [{args.split}]", summary)
+        _figures(f"Gaussian curvature of {label}'s top channels on {loaders[0].source} [{args.split}]", summary)
     return {"checkpoints": result, "figure": str(figure)}
 
 
@@ -191,7 +191,7 @@ def _study(args, command: str, study, title: str) -> dict:
     model = load_checked(args.weights, command)
     loader = _loader(args, model)
     result = study(model, loader, limit=args.max_images, out=_out(args))
-    _report(f"{title.format(source=loader.source)} [{args.split}]", result)
+    _figures(f"{title.format(source=loader.source)} [{args.split}]", result)
     return result
 
 
@@ -223,7 +223,7 @@ def cmd_encode(args) -> dict:
                         weights=args.weights)
     result = {"q_file": str(path), "file_bytes": path.stat().st_size, "payload_bytes": 2 * q.shape[1],
               "psnr_db": psnr(x, codec.decode(model, q)).item()}
-    _report(f"{args.image} encoded", result)
+    _figures(f"{args.image} encoded", result)
     return result
 
 
@@ -233,12 +233,12 @@ def cmd_decode(args) -> dict:
     path = args.output or args.qfile.with_suffix(".png")
     analysis.save_image(codec.to_pil(codec.decode(model, q[None])[0]), path)
     result = {"image": str(path), "size": list(model.image_size)}
-    _report(f"{args.qfile} decoded", result)
+    _figures(f"{args.qfile} decoded", result)
     return result
 
 
 def cmd_curves(args) -> dict:
-    return runs.report(args.runs, labels=args.labels, out=args.out and args.out / "curves.png", console=console)
+    return runs.compare(args.runs, labels=args.labels, out=args.out and args.out / "curves.png", console=console)
 
 
 def cmd_export(args) -> dict:
@@ -306,7 +306,7 @@ def main(argv=None) -> dict:
     args.bad = data.BadImages()  # every loader of the command counts its unreadable images here
     result = COMMANDS[args.command](args)
     if args.bad.total():
-        console.print(args.bad.report())
+        console.print(args.bad.summary())
     print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}))
     return result
 

@@ -51,7 +51,7 @@ PRETRAIN = {
     "masked-b": ["--task", "masked-b", "--encoder", "mf-tiny", "--grid", "4", "--upsampler-width", "128",
                  "--upsampler-depth", "2"],
     "mae": ["--task", "mae", "--encoder", "vit-tiny", "--grid", "8"],
-    "supervised": ["--task", "supervised", "--encoder", "mf-tiny", "--head", "lin", "--crop-ratio", "1"],
+    "supervised": ["--task", "supervised", "--encoder", "mf-tiny", "--decoder", "lin", "--crop-ratio", "1"],
 }
 FINOLA_FAMILY = ("finola", "masked-e", "masked-b")
 ENCODERS = ("random", "finola", "masked-e", "masked-b", "mae")  # what the probes read

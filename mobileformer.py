@@ -146,7 +146,7 @@ def keep_mask(mask: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     return (~mask)[:, None].to(dtype)
 
 
-def masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+def zero_padding(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """``x`` with its padding zeroed, as a 3×3 conv's zero padding sees an unpadded image's border."""
     return x if keep is None else x * keep
 
@@ -273,7 +273,7 @@ class Bottleneck(nn.Module):
         self.residual = c_in == c_out
 
     def forward(self, x: torch.Tensor, z0: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.project(self.act2(self.dw(masked(self.act1(self.expand(x), z0), keep)), z0))
+        y = self.project(self.act2(self.dw(zero_padding(self.act1(self.expand(x), z0), keep)), z0))
         return x + y if self.residual else y
 
 
@@ -294,7 +294,7 @@ class DownBottleneck(nn.Module):
         self.project2 = conv_bn(hidden2, c_out, 1)
 
     def forward(self, x: torch.Tensor, z0: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        s = masked(self.project1(self.act1(self.dw1(x), z0)), halve(keep))
+        s = zero_padding(self.project1(self.act1(self.dw1(x), z0)), halve(keep))
         return s + self.project2(self.act2(self.dw2(s), z0))
 
 
@@ -316,7 +316,7 @@ class MobileFormerBlock(nn.Module):
         M-F↓)."""
         z = self.former(self.mobile_to_former(x, z, keep))
         x = self.former_to_mobile(self.mobile(x, z[:, 0], keep), z)
-        return masked(x, halve(keep) if self.stride == 2 else keep), z
+        return zero_padding(x, halve(keep) if self.stride == 2 else keep), z
 
 
 class LiteBottleneck(nn.Module):
@@ -333,7 +333,7 @@ class LiteBottleneck(nn.Module):
     def forward(self, x: torch.Tensor, z: torch.Tensor,
                 keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         y = self.project(F.relu6(self.dw(x)))
-        return masked(x + y if self.residual else y, keep), z
+        return zero_padding(x + y if self.residual else y, keep), z
 
 
 class ClassifierHead(nn.Module):
@@ -468,10 +468,10 @@ class MobileFormer(nn.Module):
                 raise ValueError(f"mask: expected a bool (B, H, W) = {(x.shape[0], *x.shape[2:])} padding mask, "
                                  f"got {mask.dtype} {tuple(mask.shape)}")
             keep = keep_mask(mask, x.dtype)
-            x = masked(x, keep)
+            x = zero_padding(x, keep)
         z = self.tokens.expand(x.shape[0], -1, -1)
         keep = halve(keep)
-        x = masked(self.stem(x), keep)
+        x = zero_padding(self.stem(x), keep)
         maps = {}
         for i, block in enumerate(self.blocks):
             x, z = block(x, z, keep)
@@ -479,7 +479,7 @@ class MobileFormer(nn.Module):
             if i == self._stride8_index:
                 maps["stride8"] = x
         maps["stride16"] = x
-        maps["features"] = masked(self.final(x), keep)
+        maps["features"] = zero_padding(self.final(x), keep)
         maps["tokens"] = z
         return maps
 

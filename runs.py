@@ -95,7 +95,7 @@ def draw(runs: dict[str, dict], path) -> Path:
     return path
 
 
-def report(paths: list, *, labels: list[str] | None = None, out=None, console=None) -> dict:
+def compare(paths: list, *, labels: list[str] | None = None, out=None, console=None) -> dict:
     """``eval.py curves``: the runs' curves drawn to ``out`` (default: ``curves.png`` in the first run's folder), their
     last values as a rich table; returns ``{"runs": {label: last values}, "figure": path}``."""
     from rich.markup import escape

@@ -90,6 +90,13 @@ FINOLA_SMALL = dict(data="photos", encoder="mf-nano", zero_init_residual=True, c
                     weight_decay=0.1, betas=[0.9, 0.95], checkpoint_every=500)
 
 
+def decoder_of(args, choices) -> str:
+    """--decoder, which must be one of ``choices`` (the decoders this task puts on its encoder)."""
+    if args.decoder not in choices:
+        raise ValueError(f"--decoder {args.decoder}: --task {args.task} takes one of {sorted(choices)}")
+    return args.decoder
+
+
 def build_detr(args):
     """DETR with a Mobile-Former decoder on a backbone from --init (any of our files) or a fresh --encoder. From a
     DETR file the whole detector continues (App. C: fine-tuning follows the decoder probe), its backbone trainable
@@ -102,9 +109,9 @@ def build_detr(args):
             raise ValueError(f"--init {args.init!r}: a detector of {model.config.num_classes} classes, but --data "
                              f"{args.data!r} has {num_classes}")
         return model.freeze_encoder(frozen).train()
-    return detr.create(encoder_of(args), decoder=args.decoder, num_classes=num_classes, num_queries=args.num_queries,
-                       frozen=frozen, position_layout=args.position_layout, reference_boxes=args.reference_boxes,
-                       class_loss=args.class_loss, denoising=args.denoising)
+    return detr.create(encoder_of(args), decoder=decoder_of(args, detr.PRESETS), num_classes=num_classes,
+                       num_queries=args.num_queries, frozen=frozen, position_layout=args.position_layout,
+                       reference_boxes=args.reference_boxes, class_loss=args.class_loss, denoising=args.denoising)
 
 
 def detr_loss(model, batch, args):
@@ -179,12 +186,12 @@ MASKED_B_SMALL = dict(MASKED_E_SMALL, channels=None, upsampler_width=128, upsamp
 
 def build_mae(args):
     """MAE on a fresh ViT --encoder (patches of --image-size / --grid pixels) or the ViT of --init; its decoder is
-    --upsampler-width wide (width / 32 heads, as MAE's 512 / 16 and MAE-Lite's 96 / 3) and --upsampler-depth deep."""
+    --decoder-width wide (width / 32 heads, as MAE's 512 / 16 and MAE-Lite's 96 / 3) and --decoder-depth deep."""
     encoder = encoder_of(args)
     if not isinstance(encoder, mae.ViT):
         raise ValueError(f"--encoder: MAE pre-trains a ViT ({sorted(mae.PRESETS)}), got {type(encoder).__name__}")
-    config = mae.MAEConfig(mask_ratio=args.mask_ratio, decoder_width=args.upsampler_width,
-                           decoder_depth=args.upsampler_depth, decoder_heads=max(1, args.upsampler_width // 32))
+    config = mae.MAEConfig(mask_ratio=args.mask_ratio, decoder_width=args.decoder_width,
+                           decoder_depth=args.decoder_depth, decoder_heads=max(1, args.decoder_width // 32))
     return mae.MAE(encoder, config)
 
 
@@ -196,23 +203,24 @@ def mae_loss(model, batch, args):
 # MAE-Lite's ViT-Tiny recipe (MAE leaves tiny models open): 224^2, patch 16, 75 % masked, AdamW (0.9, 0.95) wd 0.05,
 # lr 1.5e-4 x batch / 256 at batch 4096, 400 epochs with 40 of warm-up, RandomResizedCrop (0.08, 1) + flip.
 MAE_PAPER = dict(data="hf:ILSVRC/imagenet-1k", streaming=True, epoch_size=1_281_167, encoder="vit-tiny", grid=14,
-                 image_size=224, mask_ratio=0.75, upsampler_width=96, upsampler_depth=1, batch_size=4096, epochs=400,
+                 image_size=224, mask_ratio=0.75, decoder_width=96, decoder_depth=1, batch_size=4096, epochs=400,
                  warmup_epochs=40, lr=1.5e-4, weight_decay=0.05, betas=[0.9, 0.95], checkpoint_every=1000)
 # Ours: the masked FINOLA small presets' data, budget and optimiser, on 8 x 8 patches of 64^2 (16 of 64 seen).
-MAE_SMALL = dict(MASKED_E_SMALL, encoder="vit-tiny", grid=8, mask_ratio=0.75, upsampler_width=96, upsampler_depth=1)
+MAE_SMALL = dict(MASKED_E_SMALL, encoder="vit-tiny", grid=8, mask_ratio=0.75, decoder_width=96, decoder_depth=1)
 
 
 # --- Classification: probing, fine-tuning and the supervised baseline (App. B, Tables 13-14) -------------------------
 
 def build_classifier(args):
-    """An encoder from --init (random when absent; from scratch for ``supervised``) and a --head decoder. finetune
-    from a classifier file with the same --head also starts its decoder there (App. C: from the tran-1 probe)."""
+    """An encoder from --init (random when absent; from scratch for ``supervised``) and a --decoder (lin, tran-1,
+    tran-4). finetune from a classifier file with the same --decoder also starts its decoder there (App. C: from the
+    tran-1 probe)."""
     if args.task == "supervised" and args.init:
         raise ValueError("--init: the supervised baseline trains its encoder from scratch; use --task finetune")
     ds = data.load(args.data, split="train", streaming=args.streaming, **args.data_options)
     encoder = encoder_of(args)
-    config = classify.ClassifierConfig(num_classes=max(data.categories(ds)) + 1, decoder=args.head,
-                                       dropout=args.dropout, frozen=TASKS[args.task].frozen,
+    config = classify.ClassifierConfig(num_classes=max(data.categories(ds)) + 1,
+                                       decoder=decoder_of(args, classify.DECODERS), dropout=args.dropout, frozen=TASKS[args.task].frozen,
                                        feature_norm=args.feature_norm)
     model = classify.Classifier(encoder, config)
     if args.task == "finetune" and args.init:
@@ -234,24 +242,24 @@ IMAGENET = dict(data="hf:ILSVRC/imagenet-1k", streaming=True, epoch_size=1_281_1
                 image_size=224, checkpoint_every=2000)
 # Table 13. SGD's momentum is 0.9 (not stated; MAE's linear probe uses LARS with it). Dropout comes per width
 # (classify.WIDTHS); random erasing is 0.25 for the default MF-W2880 (0 for W720 / W1440: pass --random-erase 0).
-LINPROBE_PAPER = dict(IMAGENET, head="lin", optimizer="sgd", lr=0.1, weight_decay=0.0, batch_size=4096, epochs=90,
+LINPROBE_PAPER = dict(IMAGENET, decoder="lin", optimizer="sgd", lr=0.1, weight_decay=0.0, batch_size=4096, epochs=90,
                       warmup_epochs=10)
-TRAN1_PAPER = dict(IMAGENET, head="tran-1", lr=5e-4, weight_decay=0.1, batch_size=4096, epochs=200, warmup_epochs=10,
+TRAN1_PAPER = dict(IMAGENET, decoder="tran-1", lr=5e-4, weight_decay=0.1, batch_size=4096, epochs=200, warmup_epochs=10,
                    label_smoothing=0.1, random_erase=0.25)
 # Table 14's body is missing from our copy of the paper; what it does not give follows MAE's fine-tuning recipe
 # (AdamW 5e-4 x batch / 256, wd 0.05, batch 1024, 100 epochs, 5 warm-up, RandAug(9, 0.5), label smoothing 0.1,
 # random erasing 0.25 as the paper's row for MF-W2880); dropout per width as Table 13.
-FINETUNE_PAPER = dict(IMAGENET, head="tran-1", lr=5e-4, weight_decay=0.05, batch_size=1024, epochs=100,
+FINETUNE_PAPER = dict(IMAGENET, decoder="tran-1", lr=5e-4, weight_decay=0.05, batch_size=1024, epochs=100,
                       warmup_epochs=5, label_smoothing=0.1, random_erase=0.25)
 SUPERVISED_PAPER = dict(FINETUNE_PAPER, epochs=300, warmup_epochs=20)  # not in the paper: DeiT's length
 # Ours: fashion-mnist at 64^2, mf-tiny, no augmentation (under one epoch), the labels of the 60k training images.
 CLASSIFY_SMALL = dict(data="fashion-mnist", augment=False, encoder="mf-tiny", image_size=64, crop_ratio=1.0,
                       batch_size=128, epochs=1, max_steps=300, warmup_epochs=0.05, checkpoint_every=500)
-LINPROBE_SMALL = dict(CLASSIFY_SMALL, head="lin", optimizer="sgd", lr=0.1, weight_decay=0.0)
+LINPROBE_SMALL = dict(CLASSIFY_SMALL, decoder="lin", optimizer="sgd", lr=0.1, weight_decay=0.0)
 # --feature-norm (ours): the map's channels standardized before tran-1's embedding, as the linear probe's BatchNorm
 # does; without it a random mf-tiny's tokens hold far more of what every image shares than of what differs between
 # images, and tran-1 stays near chance (EXPERIMENTS.md, tran-1 that learns).
-TRAN1_SMALL = dict(CLASSIFY_SMALL, head="tran-1", lr=2e-3, weight_decay=0.1, label_smoothing=0.1, feature_norm=True)
+TRAN1_SMALL = dict(CLASSIFY_SMALL, decoder="tran-1", lr=2e-3, weight_decay=0.1, label_smoothing=0.1, feature_norm=True)
 FINETUNE_SMALL = dict(TRAN1_SMALL, lr=1e-3, weight_decay=0.05)
 SUPERVISED_SMALL = dict(FINETUNE_SMALL, lr=4e-3, max_steps=600)
 

@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import autoencoder
+import classify
 import detection
 import data
 import detr
@@ -56,7 +57,8 @@ DEFAULTS = dict(preset="small", data=None, streaming=False, augment=True, epoch_
                 batch_size=32, epochs=1, max_steps=None, warmup_epochs=0.0, lr=1.5e-4, scale_lr=True,
                 schedule="cosine", lr_drop_epoch=None, betas=[0.9, 0.999], weight_decay=0.1, grad_accum=1, seed=0, num_workers=0,
                 out=None, resume=None, checkpoint_every=500, log_every=10, freeze_encoder=False,
-                upsampler_width=512, upsampler_depth=6, mask_ratio=0.75, head="lin", dropout=None, optimizer="adamw",
+                upsampler_width=512, upsampler_depth=6, decoder_width=96, decoder_depth=1, mask_ratio=0.75, dropout=None,
+                optimizer="adamw",
                 label_smoothing=0.0, random_erase=0.0, crop_ratio=0.875, threads=None, pca_images=20000,
                 output="normalized", zero_init_residual=False, colour_jitter=0.0, clip_grad=0.0, compile=False)
 
@@ -114,7 +116,8 @@ def _parser() -> argparse.ArgumentParser:
                         "/ --grid)")
     m.add_argument("--channels", type=POSITIVE, help="latent channels C of q and the FINOLA map (Table 2a; masked-b: "
                                                 "default the encoder's width, its features used directly)")
-    m.add_argument("--grid", type=POSITIVE, help="side of the FINOLA map (16 in the paper)")
+    m.add_argument("--grid", type=POSITIVE, help="cells per image side: the FINOLA map's side (16 in the paper); "
+                   "masked FINOLA's and a ViT's patches per side (each image size / grid pixels)")
     m.add_argument("--image-size", type=POSITIVE, help="training image side (detection: the evaluation shorter side, "
                    "800 in DETR; its training sizes scale with it)")
     m.add_argument("--upsampler", choices=autoencoder.UPSAMPLERS,
@@ -130,7 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--norm", choices=["layer", "moving-average"], help="FINOLA normalization (§4's ablation)")
     m.add_argument("--output", choices=autoencoder.OUTPUTS, help="finola: what the upsampler predicts, the image in [0, 1] "
                                                           "or normalized as the encoder sees it (autoencoder.OUTPUTS)")
-    m.add_argument("--decoder", choices=sorted(detr.PRESETS), help="DETR's Mobile-Former decoder (Tables 4, 18)")
+    m.add_argument("--decoder", choices=[*sorted(detr.PRESETS), *classify.DECODERS],
+                   help="the decoder on the encoder: DETR's Mobile-Former decoder (Tables 4, 18), or the classifier's "
+                        "(lin: BN + linear; tran-1 / tran-4: 1 / 4 transformer blocks + linear; App. B)")
     m.add_argument("--num-queries", type=POSITIVE, help="DETR object queries (100 in the paper)")
     m.add_argument("--position-layout", choices=detr.POSITION_LAYOUTS,
                    help="DETR decoder: a whole sine encoding in each attention head's channels (heads), or DETR's "
@@ -147,16 +152,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="DETR: softmax cross-entropy with no-object (ce, the paper's) or Deformable DETR's sigmoid "
                         "focal loss (focal)")
     m.add_argument("--init", help="start the encoder from any of our .safetensors files (default: random init); "
-                                  "finetune from a classifier file with the same --head also starts its decoder there")
+                                  "finetune from a classifier file with the same --decoder also starts its decoder there")
     m.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction,
                    help="finola: keep the encoder fixed, train pooling + FINOLA + upsampler (App. D, with --init)")
     m.add_argument("--upsampler-width", type=POSITIVE, help="masked-b: width of the transformer upsampler (Table 10: "
-                                                          "512); mae: of its decoder (MAE-Lite: 96)")
-    m.add_argument("--upsampler-depth", type=POSITIVE, help="masked-b: its transformer blocks (Table 10: 6; Table 16); "
-                                                          "mae: its decoder's (MAE-Lite: 1)")
+                                                          "512)")
+    m.add_argument("--upsampler-depth", type=POSITIVE, help="masked-b: its transformer blocks (Table 10: 6; Table 16)")
+    m.add_argument("--decoder-width", type=POSITIVE, help="mae: width of MAE's decoder (MAE-Lite: 96)")
+    m.add_argument("--decoder-depth", type=POSITIVE, help="mae: its transformer blocks (MAE-Lite: 1)")
     m.add_argument("--mask-ratio", type=AMOUNT, help="mae: the fraction of patches removed (MAE: 0.75)")
-    m.add_argument("--head", choices=["lin", "tran-1", "tran-4"],
-                   help="classification decoder: BN + linear, or 1 / 4 transformer blocks + linear (App. B)")
+    m.add_argument("--head", choices=list(classify.DECODERS), help=argparse.SUPPRESS)  # the old --decoder of a
+    # classifier; works for one release with a warning (see RENAMED_FLAGS)
     m.add_argument("--feature-norm", action=argparse.BooleanOptionalAction,
                    help="tran-N decoders: standardize the encoder map's channels first (BatchNorm without affine, as "
                         "the linear probe's; ours, off in the paper's recipe)")
@@ -201,7 +207,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The run's flags: the command line, then the preset, then ``DEFAULTS``; with ``--resume``, the run's saved
     flags, of which only ``RESUMABLE`` may be changed (others given with a different value are refused)."""
     p = _parser()
-    args = p.parse_args(argv)
+    args = renamed_flags(p.parse_args(argv))
     given = {k for k, v in vars(args).items() if v is not None}
     if args.resume:
         return _resumed(p, args, given)
@@ -219,6 +225,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def renamed_flags(args: argparse.Namespace, *, warn: bool = True) -> argparse.Namespace:
+    """Flags renamed for one meaning per name, read from their old spelling for one release (with a warning): a
+    classifier's --head is --decoder; MAE's --upsampler-width / --upsampler-depth are --decoder-width / -depth.
+    Also applied, silently, to the flags of runs saved before (args.json)."""
+    flags, task = vars(args), vars(args).get("task")
+    moves = [("head", "decoder")] if task in TASKS and TASKS[task].evaluation == "classify" else []
+    moves += [("upsampler_width", "decoder_width"), ("upsampler_depth", "decoder_depth")] if task == "mae" else []
+    for before, after in moves:
+        unset = flags.get(after) is None or (after == "decoder" and flags[after] not in classify.DECODERS)
+        if flags.get(before) is not None and unset:
+            if warn:
+                warnings.warn(f"--{before.replace('_', '-')} is now --{after.replace('_', '-')} for --task {task}; "
+                              "the old name goes in the next release", FutureWarning)
+            flags[after] = flags[before]
+    flags.pop("head", None)
+    return args
+
+
 def _resumed(p: argparse.ArgumentParser, args: argparse.Namespace, given: set[str]) -> argparse.Namespace:
     run = Path(args.resume)
     if not run.is_dir():
@@ -232,6 +256,7 @@ def _resumed(p: argparse.ArgumentParser, args: argparse.Namespace, given: set[st
                          f"recovered from it") from None
     if not isinstance(saved, dict) or saved.get("task") not in TASKS:
         raise ValueError(f"--resume {str(run)!r}: args.json does not describe a train.py run (no known 'task')")
+    saved = vars(renamed_flags(argparse.Namespace(**saved), warn=False))
     refused = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved.get(k)})"
                for k in sorted(given - {"resume", *RESUMABLE}) if getattr(args, k) != saved.get(k)]
     if refused:
@@ -503,14 +528,14 @@ def restore_or_start(accelerator, state: Path | None, out: Path, args, log: "Met
 
 def finish(accelerator, model, task, args, out: Path, *, log: "MetricsLog", step: int, bad: data.BadImages):
     """The end of a run: ranks checked in sync, then on the main process the task's evaluation, the weights with
-    their metadata, the report and the logged images; the trackers finished on every process."""
+    their metadata, the summary printed and the logged images; the trackers finished on every process."""
     log.write(step=step, ranks_in_sync=ranks_in_sync(accelerator, model))
     if accelerator.is_main_process:
         metrics = tasks.evaluate(task, model.eval(), args, out, bad=bad)
         log.write(step=step, final=metrics)
         weights.save_model(out / "model.safetensors", model, task=args.task, train=vars(args), data=args.data,
                            metrics=metrics)
-        report(out, metrics, task.evaluation, bad)
+        print_done(out, metrics, task.evaluation, bad)
         log.images(out, step=step)
     accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:  # not accelerator.end_training(): main() tears the process group down
@@ -581,14 +606,15 @@ class MetricsLog:
         self.write(resumed_at_step=step)
 
 
-def report(out: Path, metrics: dict, eval_command: str, bad: data.BadImages):
+def print_done(out: Path, metrics: dict, eval_command: str, bad: data.BadImages):
+    """Where the run left its weights, records and figures, its final figures, and how to evaluate it again."""
     console.print(f"[green]done[/green]: weights {out / 'model.safetensors'}, metrics {out / 'metrics.jsonl'}")
     for name in sorted(p.name for p in out.glob("*.png")):
         console.print(f"  figure {out / name}")
     console.print("  final: " + json.dumps(metrics))
     console.print(f"  evaluate again: python eval.py {eval_command} --weights {out / 'model.safetensors'}")
     if bad.total():
-        console.print(bad.report())
+        console.print(bad.summary())
 
 
 def main(argv=None):

@@ -40,7 +40,7 @@ def test_class_folders_grey_cmyk_and_a_corrupt_jpeg(tmp_path):
     assert batches[0]["images"].shape == (4, 3, 16, 16) and batches[0]["images"].dtype == torch.float32
     assert 0 <= batches[0]["images"].min() and batches[0]["images"].max() <= 1
     assert sorted(batches[0]["labels"].tolist()) == [0, 0, 1, 1]
-    assert dl.bad.total() == 1 and "bad.jpg" in dl.bad.report()
+    assert dl.bad.total() == 1 and "bad.jpg" in dl.bad.summary()
 
 
 def test_unlabelled_folder_and_split_subfolders(tmp_path):
@@ -446,7 +446,7 @@ def test_the_cache_decodes_each_distinct_image_once_and_still_counts_bad_rows(mo
         labels = [label for batch in dl for label in batch["labels"].tolist()]
         assert sorted(labels) == sorted(list(range(5)) * 4)  # every good row, once
     assert len(opened) == 6 and dl.cache.decodes == 6  # 5 images + the corrupt one, read once in two epochs
-    assert dl.bad.total() == 8 and "8× bad.png" in dl.bad.report()  # its 4 rows in each of 2 epochs
+    assert dl.bad.total() == 8 and "8× bad.png" in dl.bad.summary()  # its 4 rows in each of 2 epochs
     shared = data.BadImages()  # loaders may share one count
     small = data.loader(ds, batch_size=5, transform=transform, cache_bytes=0, bad=shared)  # no room: nothing stays
     opened.clear()

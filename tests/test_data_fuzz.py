@@ -129,8 +129,8 @@ def test_a_folder_with_bad_files_delivers_every_good_image_once(tmp_path, stream
     arrived = match(torch.cat(colours), good)
     assert sorted(arrived) == sorted(good), "every good image, exactly once"
     assert labels == [good[name][0] for name in arrived], "each with its own label"
-    assert loader.bad.total() == len(BAD), loader.bad.report()
-    report = loader.bad.report()
+    assert loader.bad.total() == len(BAD), loader.bad.summary()
+    report = loader.bad.summary()
     for name in BAD:
         assert name.split("/")[1] in report, report
     assert "DecompressionBombError" in report and "README" not in report
@@ -254,7 +254,7 @@ def test_a_coco_json_with_broken_boxes(tmp_path):
     assert boxes <= 3, "c.jpg's box lies outside the real image: dropped by the transform"
     assert loader.bad.total() == 3
     for name in ("text.png", "zero.png", "missing.png"):
-        assert name in loader.bad.report()
+        assert name in loader.bad.summary()
     gt = data.coco(ds)  # the ground truth leaves the unreadable images out instead of failing on them
     assert sorted(gt.imgs) == [1, 2, 3] and gt.imgs[3] == {"id": 3, "width": 30, "height": 30}
 

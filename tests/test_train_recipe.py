@@ -1,12 +1,14 @@
 """The training recipe as the paper and DETR run it: --batch-size is the global batch, split over processes
 and accumulation steps; gradient clipping (DETR's max-norm 0.1) in the detection presets; detr-finetune continues the
 probe's whole detector."""
+import argparse
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import classify
 import tasks
 import train
 import weights
@@ -92,3 +94,29 @@ def test_a_probe_file_of_other_classes_is_refused(tmp_path, monkeypatch):
     argv = ["--task", "detr-finetune", *TINY_DETR, "--init", str(probe / "model.safetensors")]
     with pytest.raises(ValueError, match="a detector of 4 classes, but --data 'shapes' has 3"):
         train.TASKS["detr-finetune"].build(train.parse_args(argv))
+
+
+@pytest.mark.parametrize("task, old, new, value", [("linprobe", "--head", "decoder", "tran-1"),
+                                                   ("mae", "--upsampler-width", "decoder_width", 32),
+                                                   ("mae", "--upsampler-depth", "decoder_depth", 2)])
+def test_renamed_flags_keep_working_for_a_release_with_a_warning(task, old, new, value):
+    with pytest.warns(FutureWarning, match=f"{old} is now --{new.replace('_', '-')} for --task {task}"):
+        args = train.parse_args(["--task", task, old, str(value)])
+    assert getattr(args, new) == value and not hasattr(args, "head")
+
+
+def test_a_run_saved_with_the_old_flag_names_resumes_with_the_new_ones():
+    """args.json of a classifier run before the rename: its decoder under "head", DETR's default under "decoder";
+    of an MAE run: its decoder's width and depth under "upsampler_*"."""
+    saved = vars(train.parse_args(["--task", "linprobe"])) | {"head": "tran-1", "decoder": "mf-dec-tiny"}
+    assert train.renamed_flags(argparse.Namespace(**saved), warn=False).decoder == "tran-1"
+    saved = {k: v for k, v in vars(train.parse_args(["--task", "mae"])).items() if not k.startswith("decoder_")}
+    mae = train.renamed_flags(argparse.Namespace(**saved | {"upsampler_width": 48, "upsampler_depth": 3}), warn=False)
+    assert (mae.decoder_width, mae.decoder_depth) == (48, 3)
+    detr = vars(train.parse_args(["--task", "detr-probe"])) | {"head": "lin"}  # not a classifier: head is dropped
+    assert train.renamed_flags(argparse.Namespace(**detr), warn=False).decoder == "mf-dec-tiny"
+
+
+def test_a_decoder_of_the_other_kind_gets_a_clear_error():
+    with pytest.raises(ValueError, match=r"--decoder mf-dec-tiny: --task linprobe takes one of \['lin'"):
+        tasks.decoder_of(train.parse_args(["--task", "linprobe", "--decoder", "mf-dec-tiny"]), classify.DECODERS)
