@@ -204,7 +204,7 @@ def _loader_rate(ds, transform, args, *, batches: int, warmup: int) -> tuple[flo
     ``--num-workers 0``), shuffled, epoch after epoch, timed after ``warmup`` batches."""
     import data
 
-    loader = data.loader(ds, batch_size=args.batch_size, transform=transform, shuffle=True, seed=args.seed,
+    loader = data.Loader(ds, batch_size=args.batch_size, transform=transform, shuffle=True, seed=args.seed,
                          num_workers=args.num_workers)
 
     def forever():
@@ -250,6 +250,7 @@ def bench_pipeline(args):
     import os
 
     import data
+    import tasks
     from tasks import TASKS
 
     if args.threads:
@@ -266,15 +267,16 @@ def bench_pipeline(args):
     for name in args.tasks:
         task, a = TASKS[name], _preset_args(name)
         ds = data.load(a.data, split="train", streaming=a.streaming, **a.data_options)
-        made = task.transform if a.augment else task.unaugmented  # as train.py: --no-augment presets
-        transforms = [(made.__name__, made(a))]
+        # as train.py: the --no-augment presets read their images through the evaluation's transform
+        transforms = [(task.transform.__name__, task.transform(a)) if a.augment else
+                      (f"{task.evaluation}'s evaluation", tasks.unaugmented(task, a))]
         if not a.augment and args.augmented:
             transforms.append((task.transform.__name__ + " +augment", task.transform(a)))
         step = None
         for label, transform in transforms:
             rate, decoded = _loader_rate(ds, transform, a, batches=args.batches, warmup=args.warmup)
             if step is None:
-                batch = next(iter(data.loader(ds, batch_size=a.batch_size, transform=transform, shuffle=True)))
+                batch = next(iter(data.Loader(ds, batch_size=a.batch_size, transform=transform, shuffle=True)))
                 step = _step_rate(task, a, batch, steps=args.steps)
             share = (1 / rate) / (1 / rate + 1 / step)
             rows.append({"task": name, "data": a.data, "batch": a.batch_size, "size": a.image_size,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+import augment
 import data
 import detection
 import layers
@@ -42,7 +43,7 @@ def box_features(encoder, dataset, *, size: int, background: bool, seed: int = 0
     k = max(data.categories(dataset)) + 1
     encoder.eval()
     feats, labels = [], []
-    for batch in data.loader(dataset, batch_size=batch_size, transform=data.eval_transform("detect", size=size)):
+    for batch in data.Loader(dataset, batch_size=batch_size, transform=augment.eval_transform("detect", size=size)):
         with torch.no_grad():
             maps = encoder.forward_features(norm(batch["images"]), batch.get("mask"))
         for i, t in enumerate(batch["targets"]):

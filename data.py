@@ -7,8 +7,8 @@ conventions, absolute pixels; COCO json sources add each object's ``area`` and `
 The loader decodes each image once into a per-process cache (:class:`ImageCache`) and transforms batches whole with
 ``transform.batch``. The transforms (the paper's augmentations, Tables 12-14, and the evaluation resizes) live in
 augment.py: every sample's RandomResizedCrop box and flip drawn at once (:func:`crop_boxes`), all crops resized in a
-few batched ops (:func:`resized_crops`), detection boxes moved with them. They are re-exported here
-(``data.train_transform``, ``data.eval_transform``, ``data.Decoded``, …).
+few batched ops (:func:`resized_crops`), detection boxes moved with them (``augment.train_transform``,
+``augment.eval_transform``).
 """
 from __future__ import annotations
 
@@ -29,9 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-# the transforms live in augment.py; re-exported so that data.train_transform, data.Decoded, … keep working
-from augment import (Crops, Decoded, DetrResize, Transform, _RandAugment, _taps, centre_boxes,  # noqa: F401
-                     crop_boxes, eval_transform, move_boxes, resized_crops, resized_size, train_transform)
+from augment import Decoded, Transform
 from embedded import EMBEDDED, detection_features
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -45,7 +43,7 @@ FORMS = ("accepted sources: 'hf:NAME' (a HuggingFace hub dataset); a local path:
 # ----------------------------------------------------------------------------------------------------------------
 class BadImages:
     """Counts images that could not be decoded; ``summary()`` is what a run prints at its end. Each loader has
-    one (``loader.bad``, or one shared by several loaders through ``data.loader(..., bad=...)``)."""
+    one (``loader.bad``, or one shared by several loaders through ``data.Loader(..., bad=...)``)."""
 
     def __init__(self):
         self.skipped: Counter[str] = Counter()
@@ -346,8 +344,8 @@ def _batch(rows: list[dict], images: list, transform: Transform | None) -> dict:
         boxes = [torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], 1) for b in boxes]
     if transform is None:
         if len({image.size for image in images}) > 1:
-            raise ValueError("images of different sizes in one batch: pass transform= (data.train_transform or "
-                             "data.eval_transform) to loader()")
+            raise ValueError("images of different sizes in one batch: pass transform= (augment.train_transform or "
+                             "augment.eval_transform) to data.Loader")
         x = torch.stack([image.rgb() for image in images]).float() / 255
         sizes = torch.tensor([x.shape[2:]] * len(images))
         keep = None if boxes is None else [torch.ones(len(b), dtype=torch.bool) for b in boxes]
@@ -492,12 +490,23 @@ class Loader:
     Undecodable images are skipped and counted in ``self.bad``; a batch with none left is dropped, or with
     ``replace_unreadable`` (training) replaced by the batch before it (the first such batches by the next readable
     one), so that every rank yields as many batches as it was dealt and takes as many steps (``self.replaced``
-    counts them). A map-style dataset's decoded images are cached (``cache_bytes`` in all, split over the worker
-    processes, which persist across epochs with their caches)."""
+    counts them).
 
-    def __init__(self, dataset, *, batch_size: int, transform, shuffle: bool, num_workers: int, seed: int,
-                 rank: int, world_size: int, device, buffer_size: int, cache_bytes: int = CACHE_BYTES,
-                 bad: BadImages | None = None, replace_unreadable: bool = False):
+    This process's share: with an ``accelerator``, its process index, count and device (do not pass the loader to
+    ``accelerator.prepare``: it is sharded already); otherwise ``rank`` and ``world_size``. Map-style datasets are
+    dealt by :func:`rank_batches` and keep up to ``cache_bytes`` of decoded images (:class:`ImageCache`, split evenly
+    over ``num_workers``, which persist across epochs), so repeated rows and later epochs decode nothing while they
+    fit; streams are split by ``split_dataset_by_node``, then shuffled in a buffer of ``buffer_size``."""
+
+    def __init__(self, dataset, *, batch_size: int, transform: Transform | None = None, shuffle: bool = False,
+                 num_workers: int = 0, seed: int = 0, accelerator=None, rank: int = 0, world_size: int = 1,
+                 buffer_size: int = 1000, cache_bytes: int = CACHE_BYTES, bad: BadImages | None = None,
+                 replace_unreadable: bool = False):
+        if accelerator is not None:
+            rank, world_size = accelerator.process_index, accelerator.num_processes
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank}, world_size={world_size}: expected 0 <= rank < world_size")
+        device = accelerator.device if accelerator is not None else None
         self.stream = isinstance(dataset, datasets.IterableDataset)
         dataset = dataset.cast_column("image", datasets.Image(decode=False))
         if self.stream:
@@ -566,24 +575,3 @@ class Loader:
 
 def _identity(batch):
     return batch
-
-
-def loader(dataset, *, batch_size: int, transform: Transform | None = None, shuffle: bool = False,
-           num_workers: int = 0, seed: int = 0, accelerator=None, rank: int = 0, world_size: int = 1,
-           buffer_size: int = 1000, cache_bytes: int = CACHE_BYTES, bad: BadImages | None = None,
-           replace_unreadable: bool = False) -> Loader:
-    """A :class:`Loader` over ``dataset`` for this process: with an ``accelerator``, its process index, count and
-    device (do not pass the result to ``accelerator.prepare``: it is sharded already); otherwise ``rank`` and
-    ``world_size``. Map-style datasets are dealt by :func:`rank_batches`; streams by
-    ``split_dataset_by_node`` (then a shuffle buffer of ``buffer_size`` when ``shuffle``). Map-style datasets keep
-    up to ``cache_bytes`` of decoded images (:class:`ImageCache`; split evenly over ``num_workers``), so repeated
-    rows and later epochs decode nothing while they fit. Unreadable images are counted in ``bad`` (a fresh
-    :class:`BadImages` by default; the loader's ``.bad``); ``replace_unreadable``: see :class:`Loader`."""
-    if accelerator is not None:
-        rank, world_size = accelerator.process_index, accelerator.num_processes
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank}, world_size={world_size}: expected 0 <= rank < world_size")
-    return Loader(dataset, batch_size=batch_size, transform=transform, shuffle=shuffle, num_workers=num_workers,
-                  seed=seed, rank=rank, world_size=world_size,
-                  device=accelerator.device if accelerator is not None else None, buffer_size=buffer_size,
-                  cache_bytes=cache_bytes, bad=bad, replace_unreadable=replace_unreadable)

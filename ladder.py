@@ -12,7 +12,7 @@ A rung is ENCODER/DECODER/OUTPUT, always around the same FINOLA recurrence (``au
   decoder  ``linear``: Table 10's linear layer (each cell's C channels to its patch, ``finola.LinearUpsampler``);
            ``table10``: Table 10's conv upsampler with ``--widths``.
   output   what the decoder predicts (``autoencoder.OUTPUTS``): ``pixels`` or ``normalized``.
-Training crops are drawn once by the task's training transform (``data.train_transform("crop")``) and cached, so
+Training crops are drawn once by the task's training transform (``augment.train_transform("crop")``) and cached, so
 every rung spends its minutes on the model; held-out PSNR is on the evaluation split, next to the mean colour.
 Ends with one JSON line.
 """
@@ -30,6 +30,7 @@ from rich.progress import Progress
 from rich.table import Table
 from torch import nn
 
+import augment
 import autoencoder
 import data
 import metrics
@@ -64,8 +65,8 @@ def build(rung: str, args) -> autoencoder.Finola:
 
 def crops(args) -> tuple[torch.Tensor, torch.Tensor]:
     """``--crops`` training crops drawn by the training transform (seed 0) and the evaluation images, as uint8."""
-    train = data.loader(data.load(args.data, split="train"), batch_size=256, shuffle=True, seed=0,
-                        transform=data.train_transform("crop", size=args.image_size))
+    train = data.Loader(data.load(args.data, split="train"), batch_size=256, shuffle=True, seed=0,
+                        transform=augment.train_transform("crop", size=args.image_size))
     out, epoch = [], 0
     with Progress(console=console) as progress:
         task = progress.add_task("drawing training crops", total=args.crops)
@@ -80,8 +81,8 @@ def crops(args) -> tuple[torch.Tensor, torch.Tensor]:
             if sum(map(len, out)) == before:  # every image unreadable: more epochs would never end
                 raise ValueError(f"--data {args.data!r}: the training split gave no readable images")
             epoch += 1
-    val = data.loader(data.load(args.data, split="validation"), batch_size=256,
-                      transform=data.eval_transform("classify", size=args.image_size, crop_ratio=1.0))
+    val = data.Loader(data.load(args.data, split="validation"), batch_size=256,
+                      transform=augment.eval_transform("classify", size=args.image_size, crop_ratio=1.0))
     val = [b["images"] for b in val]
     if not val:
         raise ValueError(f"--data {args.data!r}: the validation split gave no readable images")

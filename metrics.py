@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import analysis
+import augment
 import data
 import detection
 import mae
@@ -82,7 +83,7 @@ def pca_baseline(model, train_source: str, options: dict, *, n: int = 20000, see
     size, k = model.image_size[0], model.config.channels
     analysis.check_pca_size(3 * size * size, k)
     ds = data.load(train_source, split="train", **options)
-    loader = data.loader(ds, batch_size=batch_size, transform=data.train_transform("crop", size=size), shuffle=True,
+    loader = data.Loader(ds, batch_size=batch_size, transform=augment.train_transform("crop", size=size), shuffle=True,
                          seed=seed, bad=bad)
     return analysis.fit_pca(_crops(loader, n), k, max_images=n)
 
@@ -287,18 +288,18 @@ def classify(model, loader) -> dict:
 def whole(model, train: dict, image_size: int | None = None):
     """The whole (centre square of the) image at the model's input size, or ``image_size`` / the training size."""
     size = image_size or getattr(model, "image_size", (None,))[0] or train.get("image_size", 224)
-    return data.eval_transform("classify", size=size, crop_ratio=1.0)
+    return augment.eval_transform("classify", size=size, crop_ratio=1.0)
 
 
 def centre(model, train: dict, image_size: int | None = None):
     """ImageNet's evaluation crop: shorter side to size / crop_ratio, centre size² (the run's crop_ratio, 0.875)."""
-    return data.eval_transform("classify", size=image_size or train.get("image_size", 224),
+    return augment.eval_transform("classify", size=image_size or train.get("image_size", 224),
                                crop_ratio=train.get("crop_ratio", 0.875))
 
 
 def resize(model, train: dict, image_size: int | None = None):
     """DETR's evaluation resize: shorter side to the run's image size (800 in the paper)."""
-    return data.eval_transform("detect", size=image_size or train.get("image_size", 800))
+    return augment.eval_transform("detect", size=image_size or train.get("image_size", 800))
 
 
 def measure_reconstruct(model, loader, *, figure, train: dict, bad) -> dict:
@@ -349,7 +350,7 @@ def evaluation_loader(name: str, model, *, source: str, split: str, options: dic
     """The images ``EVALUATIONS[name]`` measures: ``source``'s ``split`` prepared for ``model`` as the run with
     flags ``train`` was; ``.dataset`` and ``.source`` come with it."""
     ds = data.load(source, split=split, **options)
-    loader = data.loader(ds, batch_size=batch_size, transform=EVALUATIONS[name].transform(model, train, image_size),
+    loader = data.Loader(ds, batch_size=batch_size, transform=EVALUATIONS[name].transform(model, train, image_size),
                          bad=bad)
     loader.source = source
     return loader

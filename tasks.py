@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch.nn.functional as F
 
+import augment
 import autoencoder
 import classify
 import data
@@ -28,11 +29,15 @@ import weights
 class Task:
     build: Callable      # args -> model (one of weights.architectures())
     loss: Callable       # (model, batch, args) -> scalar loss
-    transform: Callable  # args -> training transform (data.train_transform kind)
-    unaugmented: Callable  # args -> the training transform without augmentation (--no-augment)
+    transform: Callable  # args -> training transform (augment.train_transform kind)
     evaluation: str      # its final evaluation (metrics.EVALUATIONS), also ``eval.py``'s command for its weights
     presets: dict        # preset name -> flag defaults
     frozen: bool = False  # the encoder stays frozen (the probes)
+
+
+def unaugmented(task: Task, args):
+    """The training transform without augmentation (--no-augment): the task's evaluation transform."""
+    return metrics.EVALUATIONS[task.evaluation].transform(None, vars(args))
 
 
 def evaluate(task: Task, model, args, out: Path, *, bad: data.BadImages | None = None) -> dict:
@@ -265,36 +270,24 @@ SUPERVISED_SMALL = dict(FINETUNE_SMALL, lr=4e-3, max_steps=600)
 
 
 def train_crops(args):
-    return data.train_transform("crop", size=args.image_size, colour=args.colour_jitter)
-
-
-def eval_whole(args):
-    return data.eval_transform("classify", size=args.image_size, crop_ratio=1.0)
+    return augment.train_transform("crop", size=args.image_size, colour=args.colour_jitter)
 
 
 def train_randaug(args):
-    return data.train_transform("randaug", size=args.image_size, erase=args.random_erase)
-
-
-def eval_centre(args):
-    return data.eval_transform("classify", size=args.image_size, crop_ratio=args.crop_ratio)
+    return augment.train_transform("randaug", size=args.image_size, erase=args.random_erase)
 
 
 def train_detect(args):
-    return data.train_transform("detect", size=args.image_size)
+    return augment.train_transform("detect", size=args.image_size)
 
 
-def eval_resize(args):
-    return data.eval_transform("detect", size=args.image_size)
-
-
-# what the tasks of one family share: build, loss, transform, its unaugmented form, evaluation
-FINOLA = (build_finola, finola_loss, train_crops, eval_whole, "reconstruct")
-DETR = (build_detr, detr_loss, train_detect, eval_resize, "detect")
-MASKED = (build_masked, masked_loss, train_crops, eval_whole, "masked")
-MAE = (build_mae, mae_loss, train_crops, eval_whole, "mae")
-CLASSIFY = (build_classifier, classify_loss, train_randaug, eval_centre, "classify")
-LINEAR = (build_classifier, classify_loss, train_crops, eval_centre, "classify")  # Table 13: crops, no RandAug
+# what the tasks of one family share: build, loss, training transform, evaluation
+FINOLA = (build_finola, finola_loss, train_crops, "reconstruct")
+DETR = (build_detr, detr_loss, train_detect, "detect")
+MASKED = (build_masked, masked_loss, train_crops, "masked")
+MAE = (build_mae, mae_loss, train_crops, "mae")
+CLASSIFY = (build_classifier, classify_loss, train_randaug, "classify")
+LINEAR = (build_classifier, classify_loss, train_crops, "classify")  # Table 13: crops, no RandAug
 
 TASKS: dict[str, Task] = {
     "finola": Task(*FINOLA, {"small": FINOLA_SMALL, "paper": FINOLA_PAPER}),

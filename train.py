@@ -96,6 +96,12 @@ def _parser() -> argparse.ArgumentParser:
             for n, d in task.presets.items()))
     p.add_argument("--task", choices=sorted(TASKS), help="the experiment (required unless --resume)")
     p.add_argument("--preset", choices=["small", "paper"], help="defaults for every unset flag (default: small)")
+    for flags in (_data_flags, _model_flags, _optimisation_flags, _run_flags):
+        flags(p)
+    return p
+
+
+def _data_flags(p: argparse.ArgumentParser):
     g = p.add_argument_group("data")
     g.add_argument("--data", help="source for data.load: an embedded name (photos, fashion-mnist, trees, shapes), "
                                   "a local path or hf:NAME")
@@ -110,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
                                                       "saturation jitter of this strength (ours; 0 in the paper)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="the task's training augmentation (--no-augment: evaluation's resize only, e.g. to overfit)")
+
+
+def _model_flags(p: argparse.ArgumentParser):
     m = p.add_argument_group("model")
     m.add_argument("--encoder", choices=sorted(mobileformer.PRESETS) + sorted(mae.PRESETS),
                    help="Mobile-Former variant (Table 9), or a ViT (mae: MAE-Lite's vit-tiny, patches of --image-size "
@@ -167,6 +176,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="tran-N decoders: standardize the encoder map's channels first (BatchNorm without affine, as "
                         "the linear probe's; ours, off in the paper's recipe)")
     m.add_argument("--dropout", type=AMOUNT, help="tran-N decoders (Table 13: 0.1 for MF-W720, 0.2 for W1440/W2880)")
+
+
+def _optimisation_flags(p: argparse.ArgumentParser):
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=POSITIVE, help="the global batch: images per optimizer step over all processes "
                                                        "and --grad-accum micro-steps (the paper's batch sizes)")
@@ -188,6 +200,9 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--random-erase", type=AMOUNT, help="RandomErasing probability with RandAug (0.25 for MF-W2880)")
     o.add_argument("--crop-ratio", type=RATE, help="classification: evaluation resizes to size / ratio and centre-"
                                                     "crops (0.875; 1 keeps small images whole)")
+
+
+def _run_flags(p: argparse.ArgumentParser):
     r = p.add_argument_group("run")
     r.add_argument("--threads", type=POSITIVE, help="CPU threads per process (default: every core for a single CPU "
                                                "process, as accelerate leaves each process one)")
@@ -200,7 +215,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="also log the metrics (and the task's figure) to these trackers through Accelerate, under the "
                         "run folder; optional installs (pip install tensorboard, wandb, ...). metrics.jsonl is always "
                         "written")
-    return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -411,9 +425,9 @@ class Steps:
         if accelerator.is_main_process:
             console.print(f"batch {args.batch_size} = {local} a process x {accelerator.num_processes} process(es) x "
                           f"{args.grad_accum} accumulation step(s)")
-        transform = task.transform(args) if args.augment else task.unaugmented(args)
+        transform = task.transform(args) if args.augment else tasks.unaugmented(task, args)
         # a batch of unreadable images is replaced, so that every process takes the same steps
-        self.loader = data.loader(self.dataset, batch_size=local, transform=transform, shuffle=True,
+        self.loader = data.Loader(self.dataset, batch_size=local, transform=transform, shuffle=True,
                                   num_workers=args.num_workers, seed=args.seed, accelerator=accelerator,
                                   replace_unreadable=True)
         self.per_epoch = (args.epoch_size // args.batch_size if args.streaming

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import augment
 import data
 import embedded
 
@@ -35,7 +36,7 @@ def test_class_folders_grey_cmyk_and_a_corrupt_jpeg(tmp_path):
     ds = data.load(str(tmp_path))
     assert data.categories(ds) == {0: "ant", 1: "zebra"}  # sorted folder names
     assert sorted(ds["label"]) == [0, 0, 0, 1, 1]
-    dl = data.loader(ds, batch_size=8, transform=data.eval_transform(size=16))
+    dl = data.Loader(ds, batch_size=8, transform=augment.eval_transform(size=16))
     batches = list(dl)
     assert batches[0]["images"].shape == (4, 3, 16, 16) and batches[0]["images"].dtype == torch.float32
     assert 0 <= batches[0]["images"].min() and batches[0]["images"].max() <= 1
@@ -103,7 +104,7 @@ def test_coco_crowd_regions_are_ignored_at_evaluation_and_left_out_of_training(t
         ev.summarize()
     assert ev.stats[1] == pytest.approx(1.0), "AP50: the crowd detection is not a false positive"
 
-    batch = next(iter(data.loader(ds, batch_size=1, transform=data.eval_transform("detect", size=64))))
+    batch = next(iter(data.Loader(ds, batch_size=1, transform=augment.eval_transform("detect", size=64))))
     assert batch["targets"][0]["labels"].tolist() == [1], "the crowd region is no training target"
 
 
@@ -181,7 +182,7 @@ def test_fashion_mnist_test_split():
     _fashion_or_skip()
     ds = data.load("fashion-mnist", split="test")
     assert len(ds) == 10_000 and ds[0]["image"].size == (28, 28) and len(data.categories(ds)) == 10
-    batch = next(iter(data.loader(ds, batch_size=8)))
+    batch = next(iter(data.Loader(ds, batch_size=8)))
     assert batch["images"].shape == (8, 3, 28, 28)  # grey becomes RGB
 
 
@@ -214,7 +215,7 @@ def test_two_simulated_ranks_see_every_sample_once():
     for epoch in (0, 1):
         seen = []
         for rank in (0, 1):
-            dl = data.loader(ds, batch_size=4, shuffle=True, seed=5, rank=rank, world_size=2)
+            dl = data.Loader(ds, batch_size=4, shuffle=True, seed=5, rank=rank, world_size=2)
             dl.set_epoch(epoch)
             seen += [label for b in dl for label in b["labels"].tolist()]
         assert sorted(seen) == list(range(23))
@@ -225,15 +226,15 @@ def test_two_simulated_ranks_see_every_sample_once():
 def test_two_simulated_ranks_on_a_stream():
     stream = _indexed(23).to_iterable_dataset(num_shards=4)
     seen = [label for rank in (0, 1)
-            for b in data.loader(stream, batch_size=4, shuffle=True, rank=rank, world_size=2, buffer_size=8)
+            for b in data.Loader(stream, batch_size=4, shuffle=True, rank=rank, world_size=2, buffer_size=8)
             for label in b["labels"].tolist()]
     assert sorted(seen) == list(range(23))
 
 
 def test_augmentations_repeat_with_the_seed_whatever_the_workers():
     ds = data.load("photos", crops_per_photo=2, with_wallpapers=False)
-    transform = data.train_transform("randaug", size=24, erase=0.25)
-    runs = [torch.cat([b["images"] for b in data.loader(ds, batch_size=4, transform=transform, shuffle=True,
+    transform = augment.train_transform("randaug", size=24, erase=0.25)
+    runs = [torch.cat([b["images"] for b in data.Loader(ds, batch_size=4, transform=transform, shuffle=True,
                                                          seed=7, num_workers=w)]) for w in (0, 2)]
     assert runs[0].shape == (len(ds), 3, 24, 24) and torch.equal(runs[0], runs[1])
 
@@ -252,12 +253,12 @@ def _squares(n: int) -> datasets.Dataset:
     return datasets.Dataset.from_list(rows)
 
 
-@pytest.mark.parametrize("transform", [data.train_transform("detect", size=64), data.eval_transform("detect", size=64)])
+@pytest.mark.parametrize("transform", [augment.train_transform("detect", size=64), augment.eval_transform("detect", size=64)])
 def test_boxes_stay_inside_the_image_and_on_their_objects(transform):
     """DETR's resizes, crops and flips move the boxes with the squares; each image sits top-left in a zero-padded
     batch whose mask is True exactly off it, and its boxes are normalized by its own size."""
     sizes = set()
-    for batch in data.loader(_squares(12), batch_size=6, transform=transform, shuffle=True, seed=1):
+    for batch in data.Loader(_squares(12), batch_size=6, transform=transform, shuffle=True, seed=1):
         for image, mask, target in zip(batch["images"], batch["mask"], batch["targets"]):
             h, w = int((~mask).sum(0).max()), int((~mask).sum(1).max())
             assert (~mask[:h, :w]).all() and int((~mask).sum()) == h * w, "the image is one top-left rectangle"
@@ -277,7 +278,7 @@ def test_boxes_stay_inside_the_image_and_on_their_objects(transform):
             # by the 1 px rule; antialiasing can still show them in the border pixels)
             assert not (white & ~covered)[1:-1, 1:-1].any()
             assert target["orig_size"] == (60, 90) and target["size"] == (h, w)
-    if isinstance(transform, data.DetrResize) and not transform.train:
+    if isinstance(transform, augment.DetrResize) and not transform.train:
         assert sizes == {(64, 96)}, "evaluation: the shorter side to size, the aspect ratio kept"
     else:
         assert len(sizes) > 4
@@ -285,10 +286,10 @@ def test_boxes_stay_inside_the_image_and_on_their_objects(transform):
 
 # --- the batched training pipeline: decode once, crop and resize whole batches ----------------------------------
 
-def _coordinates(h: int = 192, w: int = 256) -> data.Decoded:
+def _coordinates(h: int = 192, w: int = 256) -> augment.Decoded:
     """Red = the pixel's column, green = its row (exact in uint8 for w <= 256): a crop's box reads back."""
     yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    return data.Decoded(torch.stack([xx, yy, torch.zeros_like(xx)]).to(torch.uint8))
+    return augment.Decoded(torch.stack([xx, yy, torch.zeros_like(xx)]).to(torch.uint8))
 
 
 def _read_back(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -307,12 +308,12 @@ def test_batched_crops_have_random_resized_crop_statistics():
     import kornia.augmentation as K
 
     n, size, (H, W) = 4000, 32, (192, 256)
-    image, transform = _coordinates(H, W), data.train_transform("crop", size=size)
+    image, transform = _coordinates(H, W), augment.train_transform("crop", size=size)
     x = torch.cat([transform.batch([image] * 500, generator=torch.Generator().manual_seed(i)) for i in range(8)])
     drawn, flips = [], []
     for i in range(8):  # the same draws again: the transform takes its boxes, then its flips, from the generator
         g = torch.Generator().manual_seed(i)
-        drawn.append(data.crop_boxes(torch.tensor([[H, W]] * 500), generator=g))
+        drawn.append(augment.crop_boxes(torch.tensor([[H, W]] * 500), generator=g))
         flips.append(torch.rand(500, generator=g) < 0.5)
     drawn, flips = torch.cat(drawn), torch.cat(flips)
     w, h, flipped = _read_back(x)
@@ -346,18 +347,18 @@ def test_batched_crops_have_random_resized_crop_statistics():
 
 def test_crop_boxes_fall_back_to_the_centre_crop():
     """No try fits an image far outside the ratio range: torchvision's fallback, the largest centred box."""
-    boxes = data.crop_boxes(torch.tensor([[10, 400], [400, 10], [100, 100]]), scale=(1.0, 1.0),
+    boxes = augment.crop_boxes(torch.tensor([[10, 400], [400, 10], [100, 100]]), scale=(1.0, 1.0),
                             ratio=(0.9, 1.1), generator=torch.Generator().manual_seed(0))
     assert boxes[0].tolist() == [194, 0, 11, 10] and boxes[1].tolist() == [0, 194, 10, 11]  # ratio 1.1 / 0.9
     assert boxes[2].tolist() == [0, 0, 100, 100]
 
 
-def _smooth(h: int, w: int) -> data.Decoded:
+def _smooth(h: int, w: int) -> augment.Decoded:
     yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
                             indexing="ij")
     rgb = [128 + 100 * torch.sin(xx / 23 + yy / 31), 128 + 100 * torch.cos(xx / 17 - yy / 29),
            128 + 80 * torch.sin((xx + yy) / 40)]
-    return data.Decoded(torch.stack(rgb).round().clamp(0, 255).to(torch.uint8))
+    return augment.Decoded(torch.stack(rgb).round().clamp(0, 255).to(torch.uint8))
 
 
 def test_batched_crop_and_resize_equals_interpolate_of_the_crop():
@@ -369,7 +370,7 @@ def test_batched_crop_and_resize_equals_interpolate_of_the_crop():
     boxes = torch.tensor([[10, 20, 50, 40], [100, 50, 33, 61], [3, 3, 16, 16], [7, 9, 12, 30],  # level 0
                           [0, 0, 260, 180], [5, 7, 200, 150], [60, 2, 130, 170]])               # pyramid
     flip = torch.tensor([False, True, False, True, False, True, False])
-    out = data.resized_crops([image] * len(boxes), boxes.float(), 32, flip)
+    out = augment.resized_crops([image] * len(boxes), boxes.float(), 32, flip)
     assert out.shape == (7, 3, 32, 32) and out.dtype == torch.float32
     for i, (x0, y0, w, h) in enumerate(boxes.tolist()):
         ref = F.interpolate(image.pixels[None, :, y0:y0 + h, x0:x0 + w].float() / 255, size=(32, 32),
@@ -382,7 +383,7 @@ def test_batched_crop_and_resize_equals_interpolate_of_the_crop():
             assert error.max() < 0.03 and error.mean() < 0.005, i
     assert torch.equal(image.level(2), F.avg_pool2d(image.pixels[None].float(), 4)[0].round().to(torch.uint8))
     sizes = torch.tensor([[32, 20], [17, 40], [40, 40], [9, 33], [24, 34], [32, 48], [48, 32]])  # (h, w) each
-    padded = data.resized_crops([image] * len(boxes), boxes.float(), sizes, flip)
+    padded = augment.resized_crops([image] * len(boxes), boxes.float(), sizes, flip)
     assert padded.shape == (7, 3, 48, 48)
     for i, (x0, y0, w, h) in enumerate(boxes.tolist()):
         out_h, out_w = sizes[i].tolist()
@@ -395,9 +396,9 @@ def test_batched_crop_and_resize_equals_interpolate_of_the_crop():
         else:
             assert error.max() < 0.03 and error.mean() < 0.005, i
         assert padded[i, :, out_h:].abs().sum() == 0 and padded[i, :, :, out_w:].abs().sum() == 0, "zero padding"
-    grey = data.Decoded(image.pixels[:1].clone())  # a grey image is its one channel three times
-    assert torch.equal(data.resized_crops([grey], boxes[:1].float(), 32)[0],
-                       data.resized_crops([data.Decoded(grey.rgb().contiguous())], boxes[:1].float(), 32)[0])
+    grey = augment.Decoded(image.pixels[:1].clone())  # a grey image is its one channel three times
+    assert torch.equal(augment.resized_crops([grey], boxes[:1].float(), 32)[0],
+                       augment.resized_crops([augment.Decoded(grey.rgb().contiguous())], boxes[:1].float(), 32)[0])
 
 
 def test_centre_crop_equals_resize_then_crop():
@@ -409,14 +410,14 @@ def test_centre_crop_equals_resize_then_crop():
     short = round(size / ratio)
     for (h, w), tolerance in (((60, 80), 1e-5), ((80, 60), 1e-5), ((150, 200), 0.03)):
         image = _smooth(h, w)
-        out = data.eval_transform("classify", size=size, crop_ratio=ratio).batch([image])[0]
+        out = augment.eval_transform("classify", size=size, crop_ratio=ratio).batch([image])[0]
         resized = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
         full = F.interpolate(image.pixels[None].float() / 255, size=resized, mode="bilinear", antialias=True,
                              align_corners=False)[0]
         top, left = round((resized[0] - size) / 2), round((resized[1] - size) / 2)
         assert (out - full[:, top:top + size, left:left + size]).abs().max() < tolerance, (h, w)
     square = _smooth(32, 32)  # crop_ratio 1 keeps an image of the output size (to float rounding)
-    same = data.eval_transform(size=32, crop_ratio=1.0).batch([square])[0]
+    same = augment.eval_transform(size=32, crop_ratio=1.0).batch([square])[0]
     assert (same - square.pixels.float() / 255).abs().max() < 1e-6
 
 
@@ -439,8 +440,8 @@ def test_the_cache_decodes_each_distinct_image_once_and_still_counts_bad_rows(mo
     opened = []
     real_open = data._open
     monkeypatch.setattr(data, "_open", lambda cell: opened.append(1) or real_open(cell))
-    ds, transform = _repeated(), data.train_transform("crop", size=16)
-    dl = data.loader(ds, batch_size=5, transform=transform, shuffle=True, seed=3)
+    ds, transform = _repeated(), augment.train_transform("crop", size=16)
+    dl = data.Loader(ds, batch_size=5, transform=transform, shuffle=True, seed=3)
     for epoch in (0, 1):
         dl.set_epoch(epoch)
         labels = [label for batch in dl for label in batch["labels"].tolist()]
@@ -448,7 +449,7 @@ def test_the_cache_decodes_each_distinct_image_once_and_still_counts_bad_rows(mo
     assert len(opened) == 6 and dl.cache.decodes == 6  # 5 images + the corrupt one, read once in two epochs
     assert dl.bad.total() == 8 and "8× bad.png" in dl.bad.summary()  # its 4 rows in each of 2 epochs
     shared = data.BadImages()  # loaders may share one count
-    small = data.loader(ds, batch_size=5, transform=transform, cache_bytes=0, bad=shared)  # no room: nothing stays
+    small = data.Loader(ds, batch_size=5, transform=transform, cache_bytes=0, bad=shared)  # no room: nothing stays
     opened.clear()
     assert sum(len(b["images"]) for b in small) == 20
     assert len(opened) == 9  # in order, batches of 5 over rows 0000 1111 2222 3333 4444 5555: 2+2+2+2+1 images
@@ -457,7 +458,7 @@ def test_the_cache_decodes_each_distinct_image_once_and_still_counts_bad_rows(mo
 
 def test_the_cache_keeps_the_most_recently_used_within_its_budget():
     cache = data.ImageCache(budget=3 * (300 * 4 // 3 + 64))  # three 10x10 RGB images
-    images = [data.Decoded(torch.zeros(3, 10, 10, dtype=torch.uint8)) for i in range(4)]
+    images = [augment.Decoded(torch.zeros(3, 10, 10, dtype=torch.uint8)) for i in range(4)]
     for i in range(3):
         cache.put(i, images[i])
     assert cache.get(0) is images[0]  # now the most recently used
@@ -467,10 +468,10 @@ def test_the_cache_keeps_the_most_recently_used_within_its_budget():
 
 
 def test_batches_repeat_with_the_seed_whatever_the_workers_over_epochs():
-    ds, transform = _repeated(repeats=3), data.train_transform("randaug", size=16, erase=0.5)
+    ds, transform = _repeated(repeats=3), augment.train_transform("randaug", size=16, erase=0.5)
     runs = []
     for workers in (0, 1):
-        dl = data.loader(ds, batch_size=4, transform=transform, shuffle=True, seed=11, num_workers=workers)
+        dl = data.Loader(ds, batch_size=4, transform=transform, shuffle=True, seed=11, num_workers=workers)
         epochs = []
         for epoch in (0, 1):  # the same loader: its workers (and their caches) persist across epochs
             dl.set_epoch(epoch)
@@ -485,7 +486,7 @@ def test_batches_repeat_with_the_seed_whatever_the_workers_over_epochs():
 
 def test_a_stream_goes_through_the_batched_transform():
     stream = _repeated(repeats=2).to_iterable_dataset(num_shards=2)
-    dl = data.loader(stream, batch_size=4, transform=data.train_transform("crop", size=12), shuffle=True,
+    dl = data.Loader(stream, batch_size=4, transform=augment.train_transform("crop", size=12), shuffle=True,
                      buffer_size=4)
     batches = list(dl)
     assert sum(len(b["images"]) for b in batches) == 10 and batches[0]["images"].shape[1:] == (3, 12, 12)
@@ -494,7 +495,7 @@ def test_a_stream_goes_through_the_batched_transform():
 
 def test_randaugment_draws_two_operations_per_image():
     """kornia's RandAugment draws one pair of operations for a whole batch; ours, one pair per image (timm's)."""
-    augment = data._RandAugment(n=2, m=27)
+    randaug = augment._RandAugment(n=2, m=27)
     got = {i: [] for i in range(64)}
 
     def op(k):
@@ -504,8 +505,8 @@ def test_randaugment_draws_two_operations_per_image():
             return x
         return apply
 
-    augment.ops = [op(k) for k in range(len(augment.ops))]
-    augment(torch.arange(64.0)[:, None, None, None].expand(64, 3, 4, 4).clone(), torch.Generator().manual_seed(0))
+    randaug.ops = [op(k) for k in range(len(randaug.ops))]
+    randaug(torch.arange(64.0)[:, None, None, None].expand(64, 3, 4, 4).clone(), torch.Generator().manual_seed(0))
     assert all(len(ops) == 2 and ops[0] != ops[1] for ops in got.values())
     assert len({tuple(ops) for ops in got.values()}) > 20  # of 15 x 14 ordered pairs
 
@@ -519,11 +520,11 @@ def test_detr_resize_sizes_follow_detrs_rule():
         assert x.shape[2:] == tuple(sizes.amax(0).tolist())
         return sizes
 
-    tall = data.Decoded(torch.zeros(3, 600, 400, dtype=torch.uint8))
-    wide = data.Decoded(torch.zeros(3, 300, 900, dtype=torch.uint8))
-    assert sizes_of(data.eval_transform("detect", size=800), tall, 1).tolist() == [[1200, 800]]
-    assert sizes_of(data.eval_transform("detect", size=800), wide, 1).tolist() == [[444, 1332]]  # 444 = round(1333 / 3)
-    transform = data.train_transform("detect", size=64)
+    tall = augment.Decoded(torch.zeros(3, 600, 400, dtype=torch.uint8))
+    wide = augment.Decoded(torch.zeros(3, 300, 900, dtype=torch.uint8))
+    assert sizes_of(augment.eval_transform("detect", size=800), tall, 1).tolist() == [[1200, 800]]
+    assert sizes_of(augment.eval_transform("detect", size=800), wide, 1).tolist() == [[444, 1332]]  # 444 = round(1333 / 3)
+    transform = augment.train_transform("detect", size=64)
     assert transform.scales.tolist() == [38, 41, 44, 46, 49, 51, 54, 56, 59, 61, 64] and transform.max_size == 107
     sizes = sizes_of(transform, tall, 200).double()
     short, long = sizes.amin(1), sizes.amax(1)
@@ -542,8 +543,8 @@ def test_detr_resize_moves_boxes_like_its_image():
     pixels = torch.zeros(3, 60, 90, dtype=torch.uint8)
     pixels[:, 10:40, 5:35] = 255
     boxes = torch.tensor([[5.0, 10, 35, 40], [89, 59, 90, 60]])  # the square; a 1 px box in the far corner
-    x, sizes, moved, keep = data.train_transform("detect", size=64).batch(
-        [data.Decoded(pixels)] * 32, boxes=[boxes] * 32, generator=torch.Generator().manual_seed(3))
+    x, sizes, moved, keep = augment.train_transform("detect", size=64).batch(
+        [augment.Decoded(pixels)] * 32, boxes=[boxes] * 32, generator=torch.Generator().manual_seed(3))
     for image, (h, w), b, k in zip(x, sizes.tolist(), moved, keep):
         white = (image.mean(0) > 0.5).nonzero()
         if k[0]:
@@ -555,11 +556,11 @@ def test_detr_resize_moves_boxes_like_its_image():
 
 
 def test_colour_jitter_is_per_image_reproducible_and_off_by_default():
-    image = data.Decoded(torch.full((3, 40, 40), 128, dtype=torch.uint8))  # one flat grey-ish image, 64 times
+    image = augment.Decoded(torch.full((3, 40, 40), 128, dtype=torch.uint8))  # one flat grey-ish image, 64 times
 
     def draw(colour, seed):
         torch.manual_seed(seed)  # kornia's draws (the loader seeds each batch the same way)
-        return data.train_transform("crop", size=16, colour=colour).batch([image] * 64, torch.Generator().manual_seed(0))
+        return augment.train_transform("crop", size=16, colour=colour).batch([image] * 64, torch.Generator().manual_seed(0))
 
     plain, jittered = draw(0.0, 1), draw(0.3, 1)
     assert torch.allclose(plain, torch.full_like(plain, 128 / 255), atol=1e-6), "no jitter: the flat image stays flat"
@@ -585,11 +586,11 @@ def test_a_batch_of_only_unreadable_images_is_replaced_so_every_rank_takes_the_s
     plan = data.rank_batches(8, batch_size=1, rank=1, world_size=2, shuffle=True, seed=5, epoch=0)
     dead = {which, 3} if which == 2 else {which}
     ds = _some_unreadable(8, bad={plan[b][0] for b in dead})
-    transform = data.train_transform("crop", size=8)
+    transform = augment.train_transform("crop", size=8)
     counts = {}
     for replace in (False, True):
         for rank in (0, 1):
-            dl = data.loader(ds, batch_size=1, transform=transform, shuffle=True, seed=5, rank=rank, world_size=2,
+            dl = data.Loader(ds, batch_size=1, transform=transform, shuffle=True, seed=5, rank=rank, world_size=2,
                              replace_unreadable=replace)
             labels = [b["labels"].tolist() for b in dl]
             counts[replace, rank] = len(labels)

@@ -118,7 +118,7 @@ def test_a_folder_with_bad_files_delivers_every_good_image_once(tmp_path, stream
     ds = data.load(str(tmp_path / "images"), streaming=streaming)
     args = train.parse_args(FINOLA + ["--data", str(tmp_path / "images")])
     transform = train.TASKS["finola"].transform(args)  # the task's training transform: random resized crops
-    loader = data.loader(ds, batch_size=4, transform=transform, shuffle=True, seed=1, num_workers=workers)
+    loader = data.Loader(ds, batch_size=4, transform=transform, shuffle=True, seed=1, num_workers=workers)
     colours, labels = [], []
     for batch in loader:
         x = batch["images"]
@@ -162,7 +162,7 @@ def test_ladder_refuses_a_folder_of_only_bad_images(tmp_path):
     """ladder.py draws its crops epoch after epoch: on a folder whose every image is unreadable it must stop with one
     line (exit status 2), not loop for ever (the timeout)."""
     folder = only_bad_images(tmp_path)
-    loader = data.loader(data.load(str(folder)), batch_size=2)
+    loader = data.Loader(data.load(str(folder)), batch_size=2)
     assert list(loader) == [] and loader.bad.total() == 2
     done = subprocess.run([sys.executable, "ladder.py", "--data", str(folder), "--image-size", "16", "--crops", "8"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -239,7 +239,7 @@ def test_a_coco_json_with_broken_boxes(tmp_path):
 
     args = train.parse_args(DETR + ["--data", str(path)])
     seen, boxes = [], 0
-    loader = data.loader(ds, batch_size=4, transform=train.TASKS["detr-probe"].transform(args), shuffle=True)
+    loader = data.Loader(ds, batch_size=4, transform=train.TASKS["detr-probe"].transform(args), shuffle=True)
     for batch in loader:
         x = batch["images"]  # DETR's sizes at 64: shorter sides 38..64 (longer <= 107), a padded batch with its mask
         assert x.shape[1] == 3 and 38 <= min(x.shape[2:]) and max(x.shape[2:]) <= 108

@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
+import augment
 import data
 import eval as ev
 import metrics
@@ -261,7 +262,7 @@ def test_a_short_run_learns_more_than_each_image_s_mean_colour(tmp_path):
                 "--warmup-epochs", "5", "--log-every", "5", "--pca-images", "0", "--seed", "0", "--out", str(out)])
     import data
     ds = data.load("photos", split="train", crops_per_photo=1, with_wallpapers=False)
-    x = next(iter(data.loader(ds, batch_size=7, transform=data.eval_transform("classify", size=32, crop_ratio=1.0))))
+    x = next(iter(data.Loader(ds, batch_size=7, transform=augment.eval_transform("classify", size=32, crop_ratio=1.0))))
     mean_colour_mse = (x["images"] - metrics.mean_colour(x["images"])).square().mean().item()
     losses = [r["loss"] for r in records(out) if "loss" in r]
     assert losses[0] > mean_colour_mse, "it starts above the mean-colour error (a fresh model knows no image)"
