@@ -1,5 +1,5 @@
-"""A run folder's record read back: ``metrics.jsonl`` (written by ``train.MetricsLog``: one JSON object per logged
-step, epoch and final evaluation) and the curves it draws.
+"""A run folder's record: ``metrics.jsonl`` written as a run goes (``MetricsLog``: one JSON object per logged step,
+epoch and final evaluation), read back, and the curves it draws.
 
     python eval.py curves RUN [RUN ...] [--labels A B ...] [--out FOLDER]  (FOLDER/curves.png)
 
@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import warnings
 from pathlib import Path
+
+import weights
 
 TRAINING = ("loss", "lr", "img_per_s")  # the per-step figures of a training record
 
@@ -25,6 +28,53 @@ def read_metrics(path) -> list[dict]:
         except json.JSONDecodeError:
             warnings.warn(f"{path}: line {n} is not JSON (torn by a kill?); skipped")
     return records
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step, epoch or evaluation (main process only), appended line by
+    line; after a kill, ``rewind`` drops what the checkpoint being resumed does not hold, so each step is logged
+    once, and ``time_s`` (seconds of training) continues from the records it keeps."""
+
+    def __init__(self, path: Path, *, enabled: bool, accelerator=None, flags: dict | None = None):
+        self.path, self.enabled, self.t0, self.accelerator = path, enabled, time.time(), accelerator
+        if accelerator is not None:  # --log-with: the trackers get the same figures, and the flags
+            accelerator.init_trackers(path.parent.name, config={
+                k: v for k, v in (flags or {}).items() if isinstance(v, (int, float, str, bool))})
+
+    def write(self, **fields):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({**fields, "time_s": round(time.time() - self.t0, 2)}) + "\n")
+        if self.accelerator is not None and "step" in fields:
+            values = {f"final/{k}": v for k, v in fields.get("final", {}).items()} | {
+                k: v for k, v in fields.items() if k not in ("step", "final")}
+            self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))
+                                  and not isinstance(v, bool)}, step=fields["step"])
+
+    def images(self, out: Path, *, step: int):
+        """The run's PNGs to the trackers that take images."""
+        import numpy as np
+        from PIL import Image
+
+        for tracker in self.accelerator.trackers if self.accelerator is not None else []:
+            for png in sorted(out.glob("*.png")):
+                if tracker.name == "tensorboard":
+                    pixels = np.asarray(Image.open(png).convert("RGB"))[None]
+                    tracker.log_images({png.stem: pixels}, step=step, dataformats="NHWC")
+                elif hasattr(tracker, "log_images"):
+                    tracker.log_images({png.stem: [Image.open(png).convert("RGB")]}, step=step)
+
+    def rewind(self, *, step: int, epoch: int):
+        """Keep the step records up to ``step`` and the records of epochs before ``epoch`` (atomically)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [r for r in read_metrics(self.path)
+                if ("loss" in r and r["step"] <= step) or ("samples" in r and r["epoch"] < epoch)
+                or r.get("resumed_at_step", math.inf) <= step]
+        with weights.atomic_path(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.t0 -= max((r.get("time_s", 0) for r in kept), default=0)  # time_s counts on from the kept records
+        self.write(resumed_at_step=step)
 
 
 def run_metrics(run) -> list[dict]:

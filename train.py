@@ -356,7 +356,7 @@ def train(args) -> Path:
     trained = [p for p in model.parameters() if p.requires_grad]  # a frozen backbone stays out
     optimizer = make_optimizer(trained, args, lr=base_lr, fused=accelerator.device.type in ("cpu", "cuda"))
     model, optimizer = accelerator.prepare(torch.compile(model) if args.compile else model, optimizer)
-    log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process,
+    log = runs.MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process,
                      accelerator=accelerator if args.log_with else None, flags=vars(args))
     step = steps.start(*restore_or_start(accelerator, state, out, args, log), log=log)
     t0, images, last_good = time.perf_counter(), 0, step
@@ -438,7 +438,7 @@ class Steps:
         self.batches = self.per_epoch * args.grad_accum if args.streaming else len(self.loader)  # an epoch's
         self.total = args.max_steps or args.epochs * self.per_epoch  # the run's optimizer steps
 
-    def start(self, step: int, epoch: int, seen: int, *, log: "MetricsLog") -> int:
+    def start(self, step: int, epoch: int, seen: int, *, log: runs.MetricsLog) -> int:
         """Continue at optimizer ``step`` of ``epoch``, whose first ``seen`` images (all processes) were used."""
         self.step, self.epoch, self.log = step, epoch, log
         # images this epoch, this process; a resumed run's count before the checkpoint is carried by the main one
@@ -523,7 +523,7 @@ def make_optimizer(params: list, args, *, lr: float, fused: bool) -> torch.optim
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(args.betas), fused=fused)
 
 
-def restore_or_start(accelerator, state: Path | None, out: Path, args, log: "MetricsLog") -> tuple[int, int, int]:
+def restore_or_start(accelerator, state: Path | None, out: Path, args, log: runs.MetricsLog) -> tuple[int, int, int]:
     """(step, epoch, images seen this epoch) to start from: a resumed run's checkpoint ``state`` loaded and its
     metrics rewound to it; a new run's folder made, its args.json written and any log of an earlier, never
     checkpointed attempt removed."""
@@ -540,7 +540,7 @@ def restore_or_start(accelerator, state: Path | None, out: Path, args, log: "Met
     return 0, 0, 0
 
 
-def finish(accelerator, model, task, args, out: Path, *, log: "MetricsLog", step: int, bad: data.BadImages):
+def finish(accelerator, model, task, args, out: Path, *, log: runs.MetricsLog, step: int, bad: data.BadImages):
     """The end of a run: ranks checked in sync, then on the main process the task's evaluation, the weights with
     their metadata, the summary printed and the logged images; the trackers finished on every process."""
     log.write(step=step, ranks_in_sync=ranks_in_sync(accelerator, model))
@@ -571,53 +571,6 @@ def ranks_in_sync(accelerator, model) -> bool:
                       for p in model.parameters()]).flatten()
     every = accelerator.gather(fp.to(accelerator.device)[None])
     return bool((every == every[:1]).all().item())
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step, epoch or evaluation (main process only), appended line by
-    line; after a kill, ``rewind`` drops what the checkpoint being resumed does not hold, so each step is logged
-    once, and ``time_s`` (seconds of training) continues from the records it keeps."""
-
-    def __init__(self, path: Path, *, enabled: bool, accelerator=None, flags: dict | None = None):
-        self.path, self.enabled, self.t0, self.accelerator = path, enabled, time.time(), accelerator
-        if accelerator is not None:  # --log-with: the trackers get the same figures, and the flags
-            accelerator.init_trackers(path.parent.name, config={
-                k: v for k, v in (flags or {}).items() if isinstance(v, (int, float, str, bool))})
-
-    def write(self, **fields):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({**fields, "time_s": round(time.time() - self.t0, 2)}) + "\n")
-        if self.accelerator is not None and "step" in fields:
-            values = {f"final/{k}": v for k, v in fields.get("final", {}).items()} | {
-                k: v for k, v in fields.items() if k not in ("step", "final")}
-            self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))
-                                  and not isinstance(v, bool)}, step=fields["step"])
-
-    def images(self, out: Path, *, step: int):
-        """The run's PNGs to the trackers that take images."""
-        import numpy as np
-        from PIL import Image
-
-        for tracker in self.accelerator.trackers if self.accelerator is not None else []:
-            for png in sorted(out.glob("*.png")):
-                if tracker.name == "tensorboard":
-                    pixels = np.asarray(Image.open(png).convert("RGB"))[None]
-                    tracker.log_images({png.stem: pixels}, step=step, dataformats="NHWC")
-                elif hasattr(tracker, "log_images"):
-                    tracker.log_images({png.stem: [Image.open(png).convert("RGB")]}, step=step)
-
-    def rewind(self, *, step: int, epoch: int):
-        """Keep the step records up to ``step`` and the records of epochs before ``epoch`` (atomically)."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = [r for r in runs.read_metrics(self.path)
-                if ("loss" in r and r["step"] <= step) or ("samples" in r and r["epoch"] < epoch)
-                or r.get("resumed_at_step", math.inf) <= step]
-        with weights.atomic_path(self.path) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.t0 -= max((r.get("time_s", 0) for r in kept), default=0)  # time_s counts on from the kept records
-        self.write(resumed_at_step=step)
 
 
 def print_done(out: Path, metrics: dict, eval_command: str, bad: data.BadImages):

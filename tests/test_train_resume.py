@@ -331,7 +331,7 @@ def test_time_s_counts_on_across_a_resume(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in [
         {"step": 1, "loss": 1.0, "time_s": 40.0}, {"step": 2, "loss": 0.9, "time_s": 80.0},
         {"step": 3, "loss": 0.8, "time_s": 120.0}]))  # step 3 came after the checkpoint at step 2: dropped
-    log = train.MetricsLog(path, enabled=True)
+    log = runs.MetricsLog(path, enabled=True)
     log.rewind(step=2, epoch=0)
     log.write(step=3, loss=0.7)
     records = runs.read_metrics(path)
