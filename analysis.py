@@ -9,6 +9,7 @@ the training images' pixels with as many components as q has channels). Conventi
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import finola
+import waves
 from weights import atomic_path
 
 console = Console(stderr=True)
@@ -359,14 +361,21 @@ def pde_study(model, loader, *, out: Path, limit: int | None = None) -> dict:
     ``eq2_x_relative`` / ``eq2_y_relative``: Eq. 2's relative residual where the map is not Eq. 1 by construction
     (``eq2_exact_part_relative``: where it is, right of / below q on its row / column; a check, ~1e-7);
     ``step_relative``: |Δx z| / |z|, how large one grid step is against the state (the continuum needs it small);
-    ``eq4_relative`` / ``integrability_relative`` with the ratio of their two sides; ``matrix_facts``."""
+    ``eq4_relative`` / ``integrability_relative`` with the ratio of their two sides; ``matrix_facts``; the
+    one-way wave reading (``waves``): each quadrant's ``wave_<quadrant>_relative``, the speeds' ``speed_facts``, and
+    every speed in ``speeds.json``."""
     model.eval()
     params, stats = finola_params(model)
     sums: dict[str, torch.Tensor] = {}
-    m2 = eq4_matrix(params)
+    m2, decompositions, waves_sums = eq4_matrix(params), waves.speeds(params), {}
     for x in batches(loader, limit=limit, description="pde"):
-        for k, v in pde_sums(params, model.maps(x), stats=stats, m2=m2.to(x.device)).items():
+        z = model.maps(x)
+        for k, v in pde_sums(params, z, stats=stats, m2=m2.to(x.device)).items():
             sums[k] = sums[k] + v.cpu() if k in sums else v.cpu()
+        for quadrant, terms in waves.wave_sums(z, decompositions).items():
+            kept = waves_sums.setdefault(quadrant, {})
+            for k, v in terms.items():
+                kept[k] = kept[k] + v if k in kept else v
     r0, c0 = model.origin
     H, W = sums["z"].shape
     exact_x = torch.zeros(H, W - 1, dtype=torch.bool)
@@ -382,8 +391,21 @@ def pde_study(model, loader, *, out: Path, limit: int | None = None) -> dict:
               "integrability_relative": relative(sums, "rc", "bzx", "azy"),
               "integrability_sides_ratio": ratio(sums, "bzx", "azy")}
     result |= matrix_facts(params)
+    masks = waves.quadrant_masks((H, W), (r0, c0))  # the hidden-waves reading: one-way waves per quadrant
+    result |= {f"wave_{q}_relative": waves.wave_relative(waves_sums[q], masks[q]) if masks[q].any() else None
+               for q in waves.QUADRANTS}
+    result |= waves.speed_facts(decompositions, params)
+    result["speeds_file"] = str(save_speeds(decompositions, Path(out) / "speeds.json"))
     result["figure"] = str(plot_pde(sums, params, Path(out) / "pde.png", summary=result))
     return result
+
+
+def save_speeds(decompositions: dict, path: Path) -> Path:
+    """Every quadrant's speeds lambda as [real, imaginary] pairs, in a JSON file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({q: lam.view(torch.float64).reshape(-1, 2).tolist()
+                                   for q, (lam, _) in decompositions.items()}))
+    return Path(path)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from finola import AttentionPool, ConvUpsampler, LinearUpsampler, expand, init, q_origin, running_stats
+from finola import AttentionPool, ConvUpsampler, LinearUpsampler, expand, expand_paths, init, q_origin, running_stats
 from layers import IMAGENET_MEAN, IMAGENET_STD, EncoderModel, PixelNorm, frozen_fields
 
 
@@ -31,6 +31,7 @@ OUTPUTS = ("pixels", "normalized")
 class FinolaConfig:
     """The vanilla FINOLA network (§2, Tables 2, 10, 12). Paper defaults: 256^2 images, MF-W2880, C = 3072."""
     channels: int = 3072                    # C: the latent channels of q and of the FINOLA map (Table 2a)
+    paths: int = 1                          # M: q holds M vectors of C, grown alike and summed (multi-path; 1: paper)
     grid: tuple = (16, 16)                  # FINOLA map size
     q_position: str = "center"              # App. E.1
     norm: str = "layer"                     # "layer" (Eq. 1) or "moving-average" (§4's ablation)
@@ -50,6 +51,8 @@ class FinolaConfig:
             raise ValueError(f"upsampler: expected one of {list(UPSAMPLERS)}, got {self.upsampler!r}")
         if self.output not in OUTPUTS:
             raise ValueError(f"output: expected one of {sorted(OUTPUTS)}, got {self.output!r}")
+        if self.paths < 1 or (self.paths > 1 and self.norm != "layer"):
+            raise ValueError(f"paths: expected 1, or more with norm='layer', got {self.paths} with {self.norm!r}")
         q_origin(self.q_position, self.grid)
         frozen_fields(self, **{k: tuple(getattr(self, k)) for k in ("grid", "widths", "mean", "std")})
 
@@ -70,7 +73,8 @@ class Finola(EncoderModel):
         super().__init__()
         self.config = config
         self.encoder = encoder
-        self.pool = AttentionPool(encoder.out_channels, config.channels, heads=config.heads)
+        self.latent = config.channels * config.paths  # the numbers in q
+        self.pool = AttentionPool(encoder.out_channels, self.latent, heads=config.heads)
         self.finola = nn.ParameterDict({k: nn.Parameter(v) for k, v in init(config.channels).items()})
         self.upsampler = (ConvUpsampler(config.channels, config.widths) if config.upsampler == "conv"
                           else LinearUpsampler(config.channels, patch=config.patch))
@@ -83,7 +87,7 @@ class Finola(EncoderModel):
             self.use_running_stats = True  # at inference; False normalizes per position as in training (§4)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """q (B, C) of images x in [0, 1]."""
+        """q (B, M C) of images x in [0, 1] (M = ``paths``, 1 in the paper)."""
         fmap, _ = self.encoder(self.pixels(x, size=self.image_size))
         return self.pool(fmap)
 
@@ -99,10 +103,11 @@ class Finola(EncoderModel):
             self.use_running_stats = before
 
     def expand(self, q: torch.Tensor) -> torch.Tensor:
-        """The FINOLA map (B, C, *grid) of q; with norm="moving-average", running statistics at inference."""
+        """The FINOLA map (B, C, *grid) of q (with paths M > 1, the sum of its M vectors' maps); with
+        norm="moving-average", running statistics at inference."""
         params = dict(self.finola)
         if self.config.norm == "layer":
-            return expand(params, q, size=self.config.grid, origin=self.origin)
+            return expand_paths(params, q, paths=self.config.paths, size=self.config.grid, origin=self.origin)
         if not self.training and self.use_running_stats:
             stats = {"mean": self.running_mean, "var": self.running_var}
             return expand(params, q, size=self.config.grid, origin=self.origin, stats=stats)

@@ -4,7 +4,7 @@ Each command loads and checks its weights and its data once (``--data``, default
 a table, writes its figures to ``--out`` (default: the weights' folder) and ends with one JSON line of its figures.
 
 The evaluations (``metrics.py``'s, the same that end a training run): ``reconstruct`` (PSNR next to mean colour,
-bilinear and PCA with k = C, and a PNG grid; §4, Table 2), ``detect`` (COCO AP of a DETR model, and a PNG of boxes;
+bilinear and PCA with k = q's numbers, and a PNG grid; §4, Table 2), ``detect`` (COCO AP of a DETR model, and a PNG of boxes;
 Tables 4, 18), ``masked`` (masked-region PSNR of a masked FINOLA model from the centred block; §3), ``mae`` (MAE's loss
 on a fixed draw of removed patches, next to each patch's mean colour; Table 6), ``classify`` (top-1 / top-5 of a
 classifier; Tables 1, 3). The analyses (``analysis.py``): ``curvature`` (Gaussian curvature of the maps' critical
@@ -132,7 +132,7 @@ def cmd_reconstruct(args) -> dict:
     model, loader, result = _evaluate(args, "reconstruct", pca_images=args.pca_images)
     names = {"psnr_db": "model", "psnr_layer_norm_db": "model, per-position norm", "mean_colour_db": "mean colour",
              "bilinear_db": f"bilinear via {model.config.grid[0]}x{model.config.grid[1]}",
-             "pca_db": f"PCA, k = {model.config.channels}"}
+             "pca_db": f"PCA, k = {model.latent}"}
     _row(f"Reconstruction PSNR on {loader.source} [{args.split}], {result['images']} images",
          {names[k]: "-" if result[k] is None else f"{result[k]:.2f} dB" for k in names if k in result})
     return result
@@ -271,7 +271,7 @@ def parse_args(argv=None):
     r = sub.add_parser("reconstruct", parents=[one, evaluated], help="PSNR of a FINOLA model against baselines, and a "
                                                                     "PNG of originals above reconstructions")
     r.add_argument("--pca-images", type=int, default=20000,
-                   help="training crops for the PCA baseline with k = C components (0 skips it)")
+                   help="training crops for the PCA baseline with k = q's numbers (M C) components (0 skips it)")
     sub.add_parser("detect", parents=[one, evaluated, sized], help="COCO AP of a DETR model, and a PNG of true (green) "
                                                                  "and predicted (red) boxes")
     sub.add_parser("masked", parents=[one, evaluated], help="masked-region PSNR of a masked FINOLA model (centred "
@@ -283,7 +283,7 @@ def parse_args(argv=None):
     c.add_argument("--weights", nargs="+", required=True, help="one or more model.safetensors, overlaid")
     c.add_argument("--labels", nargs="+", help="one name per --weights file (default: their folders' names)")
     c.add_argument("--top", type=int, default=16, help="channels ranked per image (the top-K of Fig. 5)")
-    for name, what in (("embedding", "the space of q (App. E.2), five PNGs"), ("pde", "Eq. 2 and Eq. 4 (App. A)"),
+    for name, what in (("embedding", "the space of q (App. E.2), five PNGs"), ("pde", "Eq. 2 and Eq. 4 (App. A), and the one-way waves: speeds (speeds.json) and residuals"),
                        ("rate-distortion", "q (float16, 8-bit) against JPEG at matched bytes, table and PNG")):
         sub.add_parser(name, parents=[one, evaluated, analysed], help=what)
     e = sub.add_parser("encode", parents=[one], help="an image to a .q file (q in float16)")

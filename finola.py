@@ -196,6 +196,22 @@ def expand(params: dict, q: torch.Tensor, *, size=(16, 16), origin=None, eps: fl
     return _Expand.apply(q, *(params[k] for k in KEYS), size, origin, eps, mean, var)
 
 
+def expand_paths(params: dict, q: torch.Tensor, *, paths: int, size=(16, 16), origin=None, eps: float = 1e-6,
+                 stats: dict | None = None) -> torch.Tensor:
+    """Multi-path FINOLA (Chen et al., "On the Hidden Waves of Image", arXiv 2310.12976): q (B, M C) is M vectors
+    q_i of C channels, each grown by ``expand`` through the same A, B, and the maps summed, z = sum_i z_i (a sum of
+    special solutions of the wave equations). The M paths run as one batch of B M vectors; ``paths=1`` is ``expand``.
+    """
+    if not isinstance(paths, int) or paths < 1:
+        raise ValueError(f"paths: expected a positive int, got {paths!r}")
+    if paths == 1:
+        return expand(params, q, size=size, origin=origin, eps=eps, stats=stats)
+    if q.dim() != 2 or q.shape[1] % paths:
+        raise ValueError(f"q: expected (B, paths x C) with paths={paths}, got {tuple(q.shape)}")
+    z = expand(params, q.reshape(q.shape[0] * paths, -1), size=size, origin=origin, eps=eps, stats=stats)
+    return z.unflatten(0, (q.shape[0], paths)).sum(1).contiguous(memory_format=torch.channels_last)
+
+
 # The parallel form as one autograd Function: the forward writes every step straight into two preallocated maps
 # (one per path, laid out so that each step's input and output are contiguous (N, C) matrices), and the backward
 # walks the same steps in reverse. This avoids the stack/cat copies and per-step graph nodes of a plain version.

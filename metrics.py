@@ -1,7 +1,7 @@
 """The metrics of trained models, each written once: ``train.py`` ends a run with its task's evaluation and
 ``eval.py`` runs the same one again on a weights file (``evaluate``).
 
-    reconstruct   PSNR of FINOLA reconstructions next to mean colour, bilinear and PCA with k = C (§4, Table 2)
+    reconstruct   PSNR of FINOLA reconstructions next to mean colour, bilinear and PCA with k = q's numbers (§4, Table 2)
     detect        COCO box AP of a DETR model through pycocotools' COCOeval (Tables 4, 18)
     masked        PSNR of a masked FINOLA model's prediction of the masked region from the centred block (§3)
     mae           MAE's loss on a fixed draw of removed patches, next to each patch's mean colour (Table 6's peer)
@@ -75,12 +75,12 @@ def _crops(loader, n: int):
 
 def pca_baseline(model, train_source: str, options: dict, *, n: int = 20000, seed: int = 0,
                  batch_size: int = 256, bad: data.BadImages | None = None) -> dict:
-    """The best linear code with as many numbers as q: ``analysis.fit_pca`` with k = C (``model.config.channels``)
+    """The best linear code with as many numbers as q: ``analysis.fit_pca`` with k = ``model.latent`` (M C)
     components over ``n`` crops of ``train_source``'s training split (``options`` go to ``data.load``), drawn by the
     training transform (RandomResizedCrop + flip at the model's image size) epoch after epoch from ``seed``: the
     same crops every time. Raises ``analysis.PCATooLarge`` before reading any data when the images have more than
     ``analysis.PCA_MAX_DIM`` numbers (the paper's 256²). Unreadable images are counted in ``bad``."""
-    size, k = model.image_size[0], model.config.channels
+    size, k = model.image_size[0], model.latent
     analysis.check_pca_size(3 * size * size, k)
     ds = data.load(train_source, split="train", **options)
     loader = data.Loader(ds, batch_size=batch_size, transform=augment.train_transform("crop", size=size), shuffle=True,

@@ -67,8 +67,8 @@ def build_finola(args):
         raise ValueError(f"--image-size {args.image_size} must be a multiple of --grid {args.grid} for --upsampler "
                          "linear (each cell decodes a patch of image size / grid pixels)")
     config = autoencoder.FinolaConfig(
-        channels=args.channels, grid=(args.grid, args.grid), q_position=args.q_position, norm=args.norm,
-        upsampler=args.upsampler, widths=tuple(args.widths), patch=args.image_size // args.grid, output=args.output)
+        channels=args.channels, paths=args.paths, grid=(args.grid, args.grid), q_position=args.q_position,
+        norm=args.norm, upsampler=args.upsampler, widths=tuple(args.widths), patch=args.image_size // args.grid, output=args.output)
     # App. D (--freeze-encoder): a pre-trained encoder, frozen; pooling, FINOLA and a fresh upsampler are trained
     model = autoencoder.Finola(encoder.freeze(args.freeze_encoder), config)
     if model.image_size != (args.image_size, args.image_size):

@@ -50,7 +50,7 @@ console = Console(stderr=True)
 
 # Flags every task understands, with the value used when neither the command line nor the preset sets them.
 DEFAULTS = dict(preset="small", data=None, streaming=False, augment=True, epoch_size=None, eval_split="validation",
-                data_options={}, encoder="mf-tiny", channels=256, grid=4, image_size=32, upsampler="conv",
+                data_options={}, encoder="mf-tiny", channels=256, paths=1, grid=4, image_size=32, upsampler="conv",
                 widths=[64, 32, 32, 16], q_position="center", norm="layer", decoder="mf-dec-tiny", num_queries=100,
                 position_layout="heads", reference_boxes=False, class_loss="ce", denoising=0,
                 feature_norm=False, init=None,
@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
             for n, d in task.presets.items()))
     p.add_argument("--task", choices=sorted(TASKS), help="the experiment (required unless --resume)")
     p.add_argument("--preset", choices=["small", "paper"], help="defaults for every unset flag (default: small)")
-    for flags in (_data_flags, _model_flags, _optimisation_flags, _run_flags):
+    for flags in (_data_flags, _model_flags, _decoder_flags, _optimisation_flags, _run_flags):
         flags(p)
     return p
 
@@ -125,6 +125,8 @@ def _model_flags(p: argparse.ArgumentParser):
                         "/ --grid)")
     m.add_argument("--channels", type=POSITIVE, help="latent channels C of q and the FINOLA map (Table 2a; masked-b: "
                                                 "default the encoder's width, its features used directly)")
+    m.add_argument("--paths", type=POSITIVE, help="finola: multi-path FINOLA, q holds M vectors of --channels grown by "
+                   "the same A, B and summed (Chen et al., hidden waves; 1: the paper's); every baseline's k = M C")
     m.add_argument("--grid", type=POSITIVE, help="cells per image side: the FINOLA map's side (16 in the paper); "
                    "masked FINOLA's and a ViT's patches per side (each image size / grid pixels)")
     m.add_argument("--image-size", type=POSITIVE, help="training image side (detection: the evaluation shorter side, "
@@ -142,6 +144,14 @@ def _model_flags(p: argparse.ArgumentParser):
     m.add_argument("--norm", choices=["layer", "moving-average"], help="FINOLA normalization (§4's ablation)")
     m.add_argument("--output", choices=autoencoder.OUTPUTS, help="finola: what the upsampler predicts, the image in [0, 1] "
                                                           "or normalized as the encoder sees it (autoencoder.OUTPUTS)")
+    m.add_argument("--init", help="start the encoder from any of our .safetensors files (default: random init); "
+                                  "finetune from a classifier file with the same --decoder also starts its decoder there")
+    m.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction,
+                   help="finola: keep the encoder fixed, train pooling + FINOLA + upsampler (App. D, with --init)")
+
+
+def _decoder_flags(p: argparse.ArgumentParser):
+    m = p.add_argument_group("decoders on an encoder")
     m.add_argument("--decoder", choices=[*sorted(detr.PRESETS), *classify.DECODERS],
                    help="the decoder on the encoder: DETR's Mobile-Former decoder (Tables 4, 18), or the classifier's "
                         "(lin: BN + linear; tran-1 / tran-4: 1 / 4 transformer blocks + linear; App. B)")
@@ -160,10 +170,6 @@ def _model_flags(p: argparse.ArgumentParser):
     m.add_argument("--class-loss", choices=detection.CLASS_LOSSES,
                    help="DETR: softmax cross-entropy with no-object (ce, the paper's) or Deformable DETR's sigmoid "
                         "focal loss (focal)")
-    m.add_argument("--init", help="start the encoder from any of our .safetensors files (default: random init); "
-                                  "finetune from a classifier file with the same --decoder also starts its decoder there")
-    m.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction,
-                   help="finola: keep the encoder fixed, train pooling + FINOLA + upsampler (App. D, with --init)")
     m.add_argument("--upsampler-width", type=POSITIVE, help="masked-b: width of the transformer upsampler (Table 10: "
                                                           "512)")
     m.add_argument("--upsampler-depth", type=POSITIVE, help="masked-b: its transformer blocks (Table 10: 6; Table 16)")

@@ -1,5 +1,6 @@
 """The paper's analyses (analysis.py), FINOLA as a codec (codec.py) and their eval.py commands on a tiny model."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,6 +209,10 @@ def test_pde_command(tiny, tmp_path, capsys):
     assert out["eq2_exact_part_relative"] < 1e-5 < out["eq2_x_relative"]
     assert out["B_invertible"] and out["cond_B"] >= 1 and 0 <= out["eq4_relative"] <= 1
     assert Image.open(out["figure"]).size[0] > 100
+    wave = [out[f"wave_{q}_relative"] for q in ("right-down", "left-down", "right-up", "left-up")]
+    assert any(w is not None for w in wave) and all(w is None or 0 <= w <= 1 for w in wave)  # a 4x4 map: 1 quadrant
+    speeds = json.loads(Path(out["speeds_file"]).read_text())
+    assert len(speeds["right-down"]) == 16 and out["speeds_abs_max"] > 0, "C = 16 speeds, each [real, imaginary]"
 
 
 def test_codec_round_trip_and_refusal(tiny, tmp_path, capsys):

@@ -52,6 +52,32 @@ def test_expand_equals_sequential(size, origin):
     assert torch.equal(fast[:, :, origin[0], origin[1]], q), "the origin must hold q exactly"
 
 
+@pytest.mark.parametrize("paths", [2, 3])
+def test_multipath_expand_is_the_sum_of_single_path_expansions(paths):
+    """Multi-path FINOLA: q (B, M C) as M vectors grown through the same A, B and summed; gradients too."""
+    p, C, size, origin = params64(5), 5, (4, 6), (1, 4)
+    q = q64(2, paths * C).requires_grad_()
+    fast = finola.expand_paths(p, q, paths=paths, size=size, origin=origin)
+    parts = q.reshape(2, paths, C)
+    slow = sum(finola.expand(p, parts[:, i], size=size, origin=origin) for i in range(paths))
+    assert fast.shape == (2, C, *size)
+    assert_close(fast, slow, rtol=0, atol=1e-12)
+    w = torch.randn_like(slow)
+    (g_fast,) = torch.autograd.grad((fast * w).sum(), q)
+    (g_slow,) = torch.autograd.grad((slow * w).sum(), q)
+    assert_close(g_fast, g_slow, rtol=0, atol=1e-12)
+
+
+def test_one_path_is_the_paper_s_finola_against_the_float64_reference():
+    p, q = params64(6), q64(2, 6)
+    one = finola.expand_paths(p, q, paths=1, size=(5, 4), origin=(2, 1))
+    assert_close(one, finola.expand_sequential(p, q, size=(5, 4), origin=(2, 1)), rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match=r"q: expected \(B, paths x C\) with paths=4, got \(2, 6\)"):
+        finola.expand_paths(p, q, paths=4, size=(5, 4))
+    with pytest.raises(ValueError, match="paths: expected a positive int, got 0"):
+        finola.expand_paths(p, q, paths=0, size=(5, 4))
+
+
 def test_expand_default_origin_is_centre():
     p, q = params64(4), q64(1, 4)
     z = finola.expand(p, q)
@@ -345,6 +371,18 @@ def test_output_parameterisation_is_a_fixed_affine_map_of_the_upsampler(output):
     torch.nn.init.zeros_(model.upsampler[-1].bias)
     start = model.decode(z)
     assert_close(start, mean.expand_as(start) if output == "normalized" else torch.zeros_like(start))
+
+
+def test_a_multipath_model_pools_m_vectors_and_sums_their_maps():
+    model = tiny_model(paths=3).eval()
+    x = torch.rand(2, 3, 16, 16)
+    q = model.encode(x)
+    assert model.latent == 48 and q.shape == (2, 48)
+    z = model.expand(q)
+    assert z.shape == (2, 16, 4, 4) and model(x).shape == x.shape
+    assert_close(z, sum(finola.expand(dict(model.finola), q[:, 16 * i:16 * (i + 1)], size=(4, 4)) for i in range(3)))
+    with pytest.raises(ValueError, match="paths: expected 1, or more with norm='layer'"):
+        tiny_model(paths=2, norm="moving-average")
 
 
 def test_model_rejects_wrong_images():

@@ -30,7 +30,6 @@ def run(tmp_path, *extra, name="run"):
     return out
 
 
-
 def test_two_steps_then_rebuild_from_weights_alone(tmp_path):
     out = run(tmp_path, "--max-steps", "2", "--pca-images", "64")
     for name in ("model.safetensors", "metrics.jsonl", "args.json", "reconstructions.png", "state/trainer.json"):
@@ -133,6 +132,19 @@ def test_eval_reconstruct_command(tmp_path, capsys):
     # 4 images of 32 px enlarged 4x to 128, in 2 rows, with 2 px gaps
     assert last["figure"] == str(tmp_path / "reconstructions.png")
     assert Image.open(last["figure"]).size == (4 * 130 + 2, 2 * 130 + 2)
+
+
+def test_paths_train_end_to_end_and_every_baseline_has_as_many_numbers_as_q(tmp_path, monkeypatch):
+    """--paths 2 with C = 16: q holds 32 numbers, saved in the weights' config; the PCA baseline keeps 32 components."""
+    fitted = []
+    real = metrics.analysis.fit_pca
+    monkeypatch.setattr(metrics.analysis, "fit_pca", lambda images, k, **kw: fitted.append(k) or real(images, k, **kw))
+    out = run(tmp_path, "--paths", "2", "--max-steps", "1", "--pca-images", "40")
+    model = weights.load_model(out / "model.safetensors")
+    assert model.config.paths == 2 and model.latent == 32 and fitted == [32]
+    x = torch.rand(2, 3, 32, 32)
+    assert model.encode(x).shape == (2, 32) and model(x).shape == x.shape
+    assert "pca_db" in records(out)[-1]["final"]
 
 
 def test_bad_flags_get_clear_errors(tmp_path):
