@@ -3,19 +3,18 @@ finished step's raw result to OUT/results.jsonl and prints the markdown table th
 
     python experiments.py table1 [--minutes 25] [--seeds 0 1 2] [--out runs/table1]
     python experiments.py table4 --finola FILE [--table1 runs/table1] [--steps 3000] [--seeds 0 1 2]
+    python experiments.py table2a [--latents 64 128 256 512 1024] [--paths 1 4] [--seeds 0 1] [--epochs 60]
 
 ``table1`` (Tables 1 and 6, Fig. 5; Fashion-MNIST at 64²): vanilla FINOLA, Masked-FINOLA-E and -B (mf-tiny), MAE
 (MAE-Lite's ViT-Tiny) and the supervised ceiling each train for the same --minutes (``calibrate``); then every
 encoder, and a random mf-tiny, gets the ``PROBES`` per --seed, App. D's PSNR and Fig. 5's curvature where they
 apply. ``table4`` (Table 4's direction): the DETR probe (``detr-probe``'s small preset at --image-size 128 for
 --steps, ``QUERIES``) and the box probe (``boxprobe.box_probe``) on the frozen encoders of --table1 (FINOLA, supervised) and
---finola and on random encoders of their presets, per --seed and --data (``shapes``, ``trees``). Protocols and
-results: EXPERIMENTS.md.
+--finola and on random encoders of their presets, per --seed and --data. ``table2a``: the README's FINOLA run per
+latent size and paths. Protocols and results: EXPERIMENTS.md.
 
-Training and evaluation run ``train.py`` / ``eval.py`` in subprocesses (``--threads``: every core by default; run
-nothing else beside them), the box probes in this process. The same command again continues a cut study: recorded
-steps are skipped, interrupted runs resumed. ``table1``'s probes and evaluations use OUT/fmnist-5000: the full
-training split and the first 5,000 test images.
+Runs go through ``train.py`` / ``eval.py`` in subprocesses (``--threads``: every core by default; run nothing else
+beside them). The same command again continues a cut study: recorded steps are skipped, interrupted runs resumed.
 """
 from __future__ import annotations
 
@@ -366,6 +365,66 @@ def geometry_directions(done: dict) -> list[str]:
     return out
 
 
+# --- Table 2a at CPU scale: PSNR against the latent size, single-path and multi-path FINOLA ---------------------------
+
+def table2a_rows(latents, paths) -> list[tuple[int, int, int]]:
+    """(latent size L, paths M, channels C = L / M) of every row: M = 1 is the paper's FINOLA (Table 2a)."""
+    bad = [(latent, m) for latent in latents for m in paths if latent % m or (latent // m) % 8]
+    if bad:
+        raise ValueError(f"--latents / --paths: each latent must split into paths of a multiple of 8 channels (the "
+                         f"pooler's heads), not {bad}")
+    return [(latent, m, latent // m) for latent in latents for m in paths]
+
+
+def table2a(args) -> None:
+    study = Study(args.out, args.threads)
+    for latent, m, c in table2a_rows(args.latents, args.paths):
+        for seed in args.seeds:
+            row = f"L{latent}/{m}x{c}/seed{seed}"
+            done = study.train(row, ["--task", "finola", "--paths", str(m), "--channels", str(c), "--seed", str(seed),
+                                     "--epochs", str(args.epochs)])
+            if f"pde/{row}" not in study.done:
+                facts = run(["eval.py", "pde", "--weights", str(Path(done["run"]) / "model.safetensors")],
+                            threads=args.threads)
+                study.record(f"pde/{row}", **{k: v for k, v in facts.items() if isinstance(v, (int, float))})
+    print(latent_markdown(study.done))
+
+
+def _db(values: list[float]) -> str:
+    if not values:
+        return "–"
+    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.2f}{spread} ({len(values)})"
+
+
+def latent_markdown(done: dict) -> str:
+    """Table 2a at CPU scale: each (latent, paths x channels) row's held-out PSNR next to the PCA of the same k (both
+    mean ± std over seeds), the gap, minutes a run, and the speeds' real fraction (``eval.py pde``); then, per
+    latent, multi-path against single-path FINOLA (the hidden-waves paper's claim)."""
+    lines = ["| latent (numbers in q) | paths x C | PSNR (dB) | PCA, same k (dB) | FINOLA - PCA (dB) | minutes a run | "
+             "real speeds |", "|---|---|---|---|---|---|---|"]
+    rows = dict.fromkeys(step.rsplit("/", 1)[0] for step in done if step.startswith("L"))
+    psnr = {}
+    for row in sorted(rows, key=lambda r: (int(r.split("/")[0][1:]), int(r.split("/")[1].split("x")[0]))):
+        runs = [v for k, v in done.items() if k.startswith(row + "/")]
+        psnr[row] = [r["final"]["psnr_db"] for r in runs]
+        pca = [r["final"]["pca_db"] for r in runs if r["final"].get("pca_db") is not None]
+        gap = [a - b for a, b in zip(psnr[row], pca)]
+        real = [v["speeds_real_fraction"] for k, v in done.items() if k.startswith(f"pde/{row}/")]
+        lines.append(f"| {row.split('/')[0][1:]} | {row.split('/')[1]} | {_db(psnr[row])} | {_db(pca)} | "
+                     f"{_db(gap)} | {statistics.mean(r['train_s'] for r in runs) / 60:.1f} | "
+                     f"{f'{statistics.mean(real):.2f}' if real else '–'} |")
+    verdicts = []
+    for row, values in psnr.items():
+        latent, shape = row.split("/")
+        single = psnr.get(f"{latent}/1x{latent[1:]}")
+        if not shape.startswith("1x") and single and len(values) > 1 and len(single) > 1:
+            a, b = ((statistics.mean(v), statistics.stdev(v), len(v)) for v in (values, single))
+            verdicts.append(f"- latent {latent[1:]}: {shape} paths above one path of {latent[1:]} (the hidden-waves "
+                            f"paper): **{_seed_verdict(a, b)}** ({_db(values)} vs {_db(single)} dB)")
+    return "\n".join(lines + [""] + verdicts)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="table", required=True)
@@ -392,14 +451,24 @@ def main(argv=None):
     t.add_argument("--out", type=Path, default=ROOT / "runs" / "table4")
     t.add_argument("--threads", type=int, help="torch threads of each run (default: every core)")
     t.add_argument("--print", action="store_true", help="only print the table of what is recorded")
+    t = sub.add_parser("table2a", help="Table 2a at CPU scale: PSNR against latent size, single- and multi-path, "
+                                       "each beside the PCA of the same k")
+    t.add_argument("--latents", type=int, nargs="+", default=[64, 128, 256, 512, 1024], help="numbers in q")
+    t.add_argument("--paths", type=int, nargs="+", default=[1, 4], help="paths M of each latent (C = latent / M)")
+    t.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    t.add_argument("--epochs", type=int, default=60, help="of each run (the README's main command: 60)")
+    t.add_argument("--out", type=Path, default=ROOT / "runs" / "table2a")
+    t.add_argument("--threads", type=int, help="torch threads of each run (default: every core)")
+    t.add_argument("--print", action="store_true", help="only print the table of what is recorded")
     args = p.parse_args(argv)
+    printers = {"table1": markdown, "table2a": latent_markdown, "table4": detection_markdown}
     if args.print:
-        print((markdown if args.table == "table1" else detection_markdown)(Study(args.out, args.threads).done))
+        print(printers[args.table](Study(args.out, args.threads).done))
         return
     if args.table == "table1" and args.minutes <= 0:
         raise ValueError(f"--minutes: expected a positive number, got {args.minutes}")
     started = time.time()
-    (table1 if args.table == "table1" else table4)(args)
+    {"table1": table1, "table2a": table2a, "table4": table4}[args.table](args)
     print(f"(this invocation: {(time.time() - started) / 60:.1f} min)")
 
 

@@ -125,3 +125,20 @@ def test_table4_says_which_file_is_missing_or_has_no_random_twin(table4_files, t
     done = experiments("table4", "--table1", table1, "--finola", path, "--data", "shapes", "--out", tmp_path / "b",
                        check=False)
     assert done.returncode != 0 and "not one of the Mobile-Former presets" in done.stderr
+
+
+def test_the_latent_table_sets_each_row_beside_its_pca_and_multi_path_beside_one_path(tmp_path):
+    def run(psnr, pca, minutes=8.0):
+        return {"final": {"psnr_db": psnr, "pca_db": pca}, "steps": 3000, "train_s": 60 * minutes}
+    record(tmp_path, {"L256/1x256/seed0": run(22.0, 26.0), "L256/1x256/seed1": run(22.4, 26.0),
+                      "L256/4x64/seed0": run(23.5, 26.0), "L256/4x64/seed1": run(23.7, 26.0),
+                      "L64/1x64/seed0": run(20.0, 21.5), "pde/L256/4x64/seed0": {"speeds_real_fraction": 0.25}})
+    text = experiments("table2a", "--print", "--out", tmp_path).stdout
+    lines = [line for line in text.splitlines() if line.startswith("| 64 |") or line.startswith("| 256 |")]
+    assert lines == ["| 64 | 1x64 | 20.00 (1) | 21.50 (1) | -1.50 (1) | 8.0 | – |",
+                     "| 256 | 1x256 | 22.20 ± 0.28 (2) | 26.00 ± 0.00 (2) | -3.80 ± 0.28 (2) | 8.0 | – |",
+                     "| 256 | 4x64 | 23.60 ± 0.14 (2) | 26.00 ± 0.00 (2) | -2.40 ± 0.14 (2) | 8.0 | 0.25 |"]
+    assert ("latent 256: 4x64 paths above one path of 256 (the hidden-waves paper): **reproduced** (23.60 ± 0.14 "
+            "(2) vs 22.20 ± 0.28 (2) dB)") in text
+    done = experiments("table2a", "--latents", "100", "--paths", "3", "--out", tmp_path / "bad", check=False)
+    assert done.returncode != 0 and "each latent must split into paths of a multiple of 8 channels" in done.stderr
