@@ -9,7 +9,6 @@ the training images' pixels with as many components as q has channels). Conventi
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -395,17 +394,10 @@ def pde_study(model, loader, *, out: Path, limit: int | None = None) -> dict:
     result |= {f"wave_{q}_relative": waves.wave_relative(waves_sums[q], masks[q]) if masks[q].any() else None
                for q in waves.QUADRANTS}
     result |= waves.speed_facts(decompositions, params)
-    result["speeds_file"] = str(save_speeds(decompositions, Path(out) / "speeds.json"))
+    result["speeds_file"] = str(waves.save_speeds(decompositions, Path(out) / "speeds.json"))
     result["figure"] = str(plot_pde(sums, params, Path(out) / "pde.png", summary=result))
     return result
 
-
-def save_speeds(decompositions: dict, path: Path) -> Path:
-    """Every quadrant's speeds lambda as [real, imaginary] pairs, in a JSON file."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({q: lam.view(torch.float64).reshape(-1, 2).tolist()
-                                   for q, (lam, _) in decompositions.items()}))
-    return Path(path)
 
 
 @torch.no_grad()

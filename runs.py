@@ -1,5 +1,6 @@
-"""A run folder's record: ``metrics.jsonl`` written as a run goes (``MetricsLog``: one JSON object per logged step,
-epoch and final evaluation), read back, and the curves it draws.
+"""A run folder: its checkpoints (written atomically, the newest complete one found again), ``metrics.jsonl``
+written as a run goes (``MetricsLog``: one JSON object per logged step, epoch and final evaluation), read back, and
+the curves it draws.
 
     python eval.py curves RUN [RUN ...] [--labels A B ...] [--out FOLDER]  (FOLDER/curves.png)
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -28,6 +30,42 @@ def read_metrics(path) -> list[dict]:
         except json.JSONDecodeError:
             warnings.warn(f"{path}: line {n} is not JSON (torn by a kill?); skipped")
     return records
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints: Accelerate's full state in a folder, written to a temporary name and renamed into place
+# ---------------------------------------------------------------------------------------------------------------------
+
+def save_checkpoint(accelerator, out: Path, step: int, epoch: int, seen: int = 0):
+    """The full training state in ``out/state``. It is written to ``state.tmp``, then ``state`` becomes ``state.old``
+    and ``state.tmp`` becomes ``state``: a kill at any moment leaves a complete ``state`` or ``state.old``."""
+    tmp, final, old = out / "state.tmp", out / "state", out / "state.old"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        # trainer.json last: a folder without it is incomplete and never resumed from
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "epoch": epoch, "seen": seen}))
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def find_checkpoint(run: Path) -> Path:
+    """The newest complete checkpoint of a run: ``state``, or if a kill hit ``save_checkpoint``'s renames, a
+    ``state.tmp`` holding its ``trainer.json`` (written last), else ``state.old``."""
+    for name in ("state", "state.tmp", "state.old"):
+        if (run / name / "trainer.json").exists():
+            return run / name
+    raise FileNotFoundError(
+        f"--resume {str(run)!r}: the run has no checkpoint yet: it stopped before its first one (every "
+        f"--checkpoint-every steps), so there is nothing to continue. Start it again with the command that began it "
+        f"(its flags are in {str(run / 'args.json')!r})")
 
 
 class MetricsLog:

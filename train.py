@@ -19,7 +19,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -286,42 +285,6 @@ def _resumed(p: argparse.ArgumentParser, args: argparse.Namespace, given: set[st
                                  "resume": args.resume})
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Checkpoints: Accelerate's full state in a folder, written to a temporary name and renamed into place
-# ---------------------------------------------------------------------------------------------------------------------
-
-def save_checkpoint(accelerator, out: Path, step: int, epoch: int, seen: int = 0):
-    """The full training state in ``out/state``. It is written to ``state.tmp``, then ``state`` becomes ``state.old``
-    and ``state.tmp`` becomes ``state``: a kill at any moment leaves a complete ``state`` or ``state.old``."""
-    tmp, final, old = out / "state.tmp", out / "state", out / "state.old"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        # trainer.json last: a folder without it is incomplete and never resumed from
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "epoch": epoch, "seen": seen}))
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def find_checkpoint(run: Path) -> Path:
-    """The newest complete checkpoint of a run: ``state``, or if a kill hit ``save_checkpoint``'s renames, a
-    ``state.tmp`` holding its ``trainer.json`` (written last), else ``state.old``."""
-    for name in ("state", "state.tmp", "state.old"):
-        if (run / name / "trainer.json").exists():
-            return run / name
-    raise FileNotFoundError(
-        f"--resume {str(run)!r}: the run has no checkpoint yet: it stopped before its first one (every "
-        f"--checkpoint-every steps), so there is nothing to continue. Start it again with the command that began it "
-        f"(its flags are in {str(run / 'args.json')!r})")
-
-
 def per_process_batch(batch_size: int, *, processes: int, grad_accum: int) -> int:
     """``--batch-size`` is the global batch (Tables 12-14, App. C): per-process batch x processes x ``grad_accum``."""
     share = processes * grad_accum
@@ -349,7 +312,7 @@ def train(args) -> Path:
     out = run_folder(args)
     accelerator = start_accelerator(args, out)
     task = TASKS[args.task]
-    state = find_checkpoint(out) if args.resume else None  # before any work: a run killed too early has none
+    state = runs.find_checkpoint(out) if args.resume else None  # before any work: a run killed too early has none
     set_seed(args.seed)
     model = task.build(args)
     if accelerator.device.type == "cpu":
@@ -387,7 +350,7 @@ def train(args) -> Path:
             if epoch_done:  # logged before the checkpoint that counts the epoch as done
                 steps.end_epoch()
             if step % args.checkpoint_every == 0 or step == total:
-                save_checkpoint(accelerator, out, step, steps.epoch + epoch_done, seen=steps.seen_by_all())
+                runs.save_checkpoint(accelerator, out, step, steps.epoch + epoch_done, seen=steps.seen_by_all())
                 last_good = step
     model = accelerator.unwrap_model(model, keep_torch_compile=False)  # the weights file has the plain names
     finish(accelerator, model, task, args, out, log=log, step=step, bad=steps.loader.bad)

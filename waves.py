@@ -5,11 +5,16 @@ right of q and (A_neg, -1) left of it (a step towards -x adds A_neg z_n), (Q, sy
 above it. With Q invertible, dz/dx = M dz/dy for M = (sx P)(sy Q)^-1, and with M = V diag(lambda) V^-1 the channels
 of zeta = V^-1 z obey d zeta_k/dx = lambda_k d zeta_k/dy: each is a one-way wave with its own speed lambda_k (complex
 in general). The quadrants share the speeds only when their M agree; the init's A_neg = -A, B_neg = -B gives one M
-to all four, training need not keep it. Torch only.
+to all four, training need not keep it.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+
+from weights import atomic_path
 
 # quadrant -> (the x matrix, its sign, the y matrix, its sign)
 QUADRANTS = {"right-down": ("A", 1, "B", 1), "left-down": ("A_neg", -1, "B", 1),
@@ -24,13 +29,13 @@ def quadrant_matrix(params: dict, quadrant: str) -> torch.Tensor:
 
 
 def speeds(params: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per quadrant (the speeds lambda (C,) complex, V (C, C) complex): the eigen-decomposition M = V diag(lambda)
-    V^-1, eigenvalues sorted by real part, then imaginary part."""
+    """Per quadrant (the speeds lambda (C,) complex, V^-1 (C, C) complex) of the eigen-decomposition
+    M = V diag(lambda) V^-1, eigenvalues sorted by real part, then imaginary part; V^-1 maps z to zeta."""
     out = {}
     for name in QUADRANTS:
         lam, V = torch.linalg.eig(quadrant_matrix(params, name))
         order = sorted(range(len(lam)), key=lambda i: (lam[i].real.item(), lam[i].imag.item()))
-        out[name] = lam[order], V[:, order]
+        out[name] = lam[order], torch.linalg.inv(V[:, order])
     return out
 
 
@@ -54,8 +59,7 @@ def wave_sums(z: torch.Tensor, decompositions: dict) -> dict[str, dict[str, torc
     zx = ((d[..., 2:] - d[..., :-2]) / 2)[..., 1:-1, :].to(torch.complex128)
     zy = ((d[..., 2:, :] - d[..., :-2, :]) / 2)[..., 1:-1].to(torch.complex128)
     out = {}
-    for name, (lam, V) in decompositions.items():
-        Vinv = torch.linalg.inv(V)
+    for name, (lam, Vinv) in decompositions.items():
         ex, ey = (torch.einsum("ij,bjhw->bihw", Vinv, t) for t in (zx, zy))
         ly = lam[None, :, None, None] * ey
         out[name] = {k: t.abs().square().sum((0, 1)) for k, t in (("r", ex - ly), ("zx", ex), ("ly", ly))}
@@ -82,3 +86,11 @@ def speed_facts(decompositions: dict, params: dict) -> dict:
             gap = (quadrant_matrix(params, name) - base).norm() / base.norm().clamp_min(1e-300)
             facts[f"M_{name}_vs_right_down"] = gap.item()
     return facts
+
+
+def save_speeds(decompositions: dict, path) -> Path:
+    """Every quadrant's speeds lambda as [real, imaginary] pairs, in a JSON file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({q: lam.view(torch.float64).reshape(-1, 2).tolist()
+                                   for q, (lam, _) in decompositions.items()}))
+    return Path(path)

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import accelerate  # noqa: E402
 
 import errors  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 
 STAGE, STEP = os.environ["FINOLA_CRASH_AT"].split("@")
@@ -63,9 +64,9 @@ def rename(self, target):
     return result
 
 
-MAKE_OPTIMIZER, SAVE_CHECKPOINT = train.make_optimizer, train.save_checkpoint
+MAKE_OPTIMIZER, SAVE_CHECKPOINT = train.make_optimizer, runs.save_checkpoint
 SAVE_STATE, RENAME = accelerate.Accelerator.save_state, Path.rename
-train.make_optimizer, train.save_checkpoint = make_optimizer, save_checkpoint
+train.make_optimizer, runs.save_checkpoint = make_optimizer, save_checkpoint
 accelerate.Accelerator.save_state, Path.rename = save_state, rename
 
 if __name__ == "__main__":

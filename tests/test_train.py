@@ -17,6 +17,7 @@ import augment
 import data
 import eval as ev
 import metrics
+import runs
 import train
 import weights
 from conftest import TINY_DETR, TINY_FINOLA, records
@@ -53,7 +54,7 @@ def test_two_steps_then_rebuild_from_weights_alone(tmp_path):
 
 def test_resume_continues_at_the_saved_step_with_the_same_schedule(tmp_path, monkeypatch):
     saved = {}
-    real_save = train.save_checkpoint
+    real_save = runs.save_checkpoint
 
     def keep_step2(accelerator, out, step, epoch, **kw):
         real_save(accelerator, out, step, epoch, **kw)
@@ -61,9 +62,9 @@ def test_resume_continues_at_the_saved_step_with_the_same_schedule(tmp_path, mon
             shutil.copytree(out / "state", tmp_path / "step2")
             saved["args"] = (out / "args.json").read_text()
 
-    monkeypatch.setattr(train, "save_checkpoint", keep_step2)
+    monkeypatch.setattr(runs, "save_checkpoint", keep_step2)
     full = run(tmp_path, "--max-steps", "5", "--checkpoint-every", "2", name="full")
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(runs, "save_checkpoint", real_save)
 
     resumed = tmp_path / "resumed"  # a run that stopped after its step-2 checkpoint
     resumed.mkdir()
