@@ -218,6 +218,78 @@ class _RandAugment:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Colour jitter (ours, ``--colour-jitter``; not in the paper): kornia's ColorJiggle, in fewer ops
+# ----------------------------------------------------------------------------------------------------------------
+def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """x + (factor - 1), clamped to [0, 1] (kornia's additive ``adjust_brightness``); ``factor`` (B, 1, 1, 1)."""
+    return (x + (factor - 1)).clamp_(0, 1)
+
+
+def contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """x · factor, clamped to [0, 1] (kornia's multiplicative ``adjust_contrast``)."""
+    return (x * factor).clamp_(0, 1)
+
+
+def _extremes(x: torch.Tensor):
+    """V = max(R, G, B), the min, and Δ = V - min (B, 1, H, W): HSV's value and chroma."""
+    hi, lo = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
+    return hi, lo, hi - lo
+
+
+def saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """HSV saturation S = Δ / V times ``factor``, clamped to [0, 1], hue and V kept: each channel's distance from the
+    min channel rescaled to the new chroma V S' (kornia's ``adjust_saturation``)."""
+    hi, lo, delta = _extremes(x)
+    s = (delta / torch.where(hi == 0, 1.0, hi + 1e-8) * factor).clamp_(0, 1)
+    chroma = hi * s
+    return (x - lo) * (chroma / torch.where(delta == 0, 1.0, delta)) + (hi - chroma)
+
+
+_SEXTANT_OFFSET = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)  # R, G, B in HSV -> RGB's closed form
+
+
+def hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """The HSV hue rotated by ``turns`` of the colour circle, S and V kept (kornia's ``adjust_hue`` with the angle
+    2π · turns), without building the HSV image: hue h ∈ [0, 6) sextants from the max channel, then each channel
+    c = V - Δ · clamp(min(k, 4 - k), 0, 1) with k = (n_c + h') mod 6, n = 5, 3, 1 for R, G, B."""
+    hi, _, delta = _extremes(x)
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    d = torch.where(delta == 0, 1.0, delta)
+    h = torch.where((r >= g) & (r >= b), (g - b) / d, torch.where(g >= b, (b - r) / d + 2, (r - g) / d + 4))
+    k = (h + 6 * turns + _SEXTANT_OFFSET).remainder_(6)
+    return hi - delta * torch.minimum(k, 4 - k).clamp_(0, 1)
+
+
+class ColourJitter:
+    """Per image: brightness, contrast and saturation factors in [1 - strength, 1 + strength] (floored at 0) and a
+    hue rotation of up to ± strength / 4 turns, applied in one random order per batch, each step clamped to [0, 1]:
+    the distribution of kornia's ``ColorJiggle(s, s, s, s / 4)`` (the same four steps, EXPERIMENTS.md, Speed), drawn
+    from the loader's generator and computed in a few fused ops."""
+
+    STEPS = (brightness, contrast, saturation, hue)
+
+    def __init__(self, strength: float):
+        if not 0 < strength <= 1:
+            raise ValueError(f"colour: jitter strength {strength} must be in (0, 1]")
+        self.strength = strength
+
+    def draw(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[int]]:
+        """(factors (n, 4): brightness, contrast, saturation, hue turns; the order of the four steps)."""
+        s = self.strength
+        low = torch.tensor([max(0.0, 1 - s)] * 3 + [-s / 4])
+        high = torch.tensor([1 + s] * 3 + [s / 4])
+        factors = low + (high - low) * torch.rand(n, 4, generator=generator)
+        return factors, torch.randperm(4, generator=generator).tolist()
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        factors, order = self.draw(len(x), generator)
+        x = x.clamp(0, 1)
+        for i in order:
+            x = self.STEPS[i](x, factors[:, i].view(-1, 1, 1, 1))
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Transforms (Tables 12-14), a batch at a time (``transform.batch``): each sample draws its own box, flip and
 # (RandAugment) operations; detection boxes move with their images. Label smoothing (0.1, Table 13) is a loss
 # setting: `F.cross_entropy(..., label_smoothing=0.1)`; nothing here.
@@ -258,12 +330,12 @@ class Crops(Transform):
         self.mode, self.scale, self.crop_ratio = mode, tuple(scale), crop_ratio
         self.randaug = _RandAugment(n=2, m=27) if randaug else None
         self.erasing = K.RandomErasing(p=erase) if erase > 0 else None
-        self.colour = K.ColorJiggle(colour, colour, colour, colour / 4, p=1.0) if colour > 0 else None
+        self.colour = ColourJitter(colour) if colour > 0 else None
 
     def batch(self, images: list[Decoded], generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, 3, size, size). ``generator`` draws the boxes, flips and RandAugment's operations; kornia's own
-        draws (RandAugment's signs, RandomErasing) come from torch's global generator, which the loader seeds for
-        each batch."""
+        """(B, 3, size, size). ``generator`` draws the boxes, flips, colour jitter and RandAugment's operations;
+        kornia's own draws (RandAugment's signs, RandomErasing) come from torch's global generator, which the loader
+        seeds for each batch."""
         sizes = torch.tensor([image.size for image in images], dtype=torch.float64).reshape(-1, 2)
         flip = None
         if self.mode == "random":
@@ -273,7 +345,7 @@ class Crops(Transform):
             crops = centre_boxes(sizes, size=self.size, crop_ratio=self.crop_ratio)
         x = resized_crops(images, crops, self.size, flip, clip="box" if self.mode == "random" else "image")
         if self.colour is not None:
-            x = self.colour(x)
+            x = self.colour(x, generator)
         if self.randaug is not None:
             x = self.randaug(x, generator)
         if self.erasing is not None:
@@ -364,8 +436,8 @@ def train_transform(kind: str, *, size: int, scale: tuple[float, float] | None =
     RandomErasing with probability ``erase`` (0.25 for MF-W2880, Table 14). RandAug(9, 0.5) is timm's
     rand-m9-mstd0.5: 2 operations at magnitude 9/10, i.e. kornia's ``RandAugment(n=2, m=27)`` (kornia has no
     magnitude noise), drawn per image. ``"detect"``: DETR's (:class:`DetrResize`), boxes with the images.
-    ``colour`` > 0 (not in the paper; ``--colour-jitter``) adds kornia's ColorJiggle after the crop, per image:
-    brightness, contrast and saturation factors in [1 - colour, 1 + colour], hue shifts up to colour / 4."""
+    ``colour`` > 0 (not in the paper; ``--colour-jitter``) adds :class:`ColourJitter` after the crop, per image:
+    brightness, contrast and saturation factors in [1 - colour, 1 + colour], hue shifts up to colour / 4 turns."""
     if kind == "detect":
         return DetrResize(size=size, train=True)
     if kind in ("crop", "randaug"):

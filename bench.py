@@ -291,9 +291,10 @@ def bench_pipeline(args):
 
 def _pipeline_args(p):
     p.add_argument("--tasks", nargs="+", default=list(PIPELINE_TASKS), help="tasks whose small preset to measure")
-    p.add_argument("--batches", type=int, default=20, help="timed loader batches")
-    p.add_argument("--warmup", type=int, default=2, help="loader batches before timing")
-    p.add_argument("--steps", type=int, default=5, help="timed training steps (median reported)")
+    p.add_argument("--batches", type=int, default=100, help="timed loader batches")
+    p.add_argument("--warmup", type=int, default=100, help="loader batches before timing (a small set's images are "
+                   "then decoded and cached, as for most of a run)")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps (median reported)")
     p.add_argument("--augmented", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the augmented transform of presets that train without augmentation")
     p.add_argument("--threads", type=int, default=0, help="torch threads of the model (0: every core, as train.py)")

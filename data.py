@@ -381,13 +381,17 @@ def _seeded(*parts: int):
     """Seed torch (the batch's draws and kornia's) for one batch, on one thread (the batch's kernels are small;
     more threads only contend), restoring the caller's RNG and threads afterwards."""
     threads = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0]))
+    with torch.random.fork_rng(devices=[]):  # the CPU generator only: torch.manual_seed would also visit (and
+        # format a stack trace for) every lazy accelerator, ~0.3 ms a batch
+        torch.default_generator.manual_seed(int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0]))
         torch.set_num_threads(1)
         try:
             yield
         finally:
             torch.set_num_threads(threads)
+
+
+META_IN_MEMORY = 100_000  # rows: a map-style source's other columns are read into memory up to this size
 
 
 class _Rows(torch.utils.data.Dataset):
@@ -401,6 +405,8 @@ class _Rows(torch.utils.data.Dataset):
         self.images = dataset.select_columns(["image"])
         others = [c for c in dataset.column_names if c != "image"]
         self.meta = dataset.select_columns(others) if others else None
+        if self.meta is not None and len(self.meta) <= META_IN_MEMORY:  # read once: an Arrow slice costs ~0.4 ms
+            self.meta = self.meta[:]                                      # a batch, more than its crops' resize
         mapping = getattr(dataset, "_indices", None)  # `datasets`' index mapping (select, shuffle, filter)
         self.table_rows = mapping.column(0).to_numpy() if mapping is not None else None
 
@@ -415,7 +421,9 @@ class _Rows(torch.utils.data.Dataset):
                 found[key] = _decode(cell, _where(cell, index))
                 self.cache.decodes += 1
                 self.cache.put(key, found[key])
-        if self.meta is not None:
+        if isinstance(self.meta, dict):
+            rows = [{name: column[i] for name, column in self.meta.items()} for i in indices]
+        elif self.meta is not None:
             columns = self.meta[list(indices)]
             rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
         else:

@@ -2,6 +2,8 @@
 RandAugment's per-image draws, DETR's resizes and the boxes they move, the colour jitter."""
 import math
 
+import kornia
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -208,8 +210,8 @@ def test_colour_jitter_is_per_image_reproducible_and_off_by_default():
     image = augment.Decoded(torch.full((3, 40, 40), 128, dtype=torch.uint8))  # one flat grey-ish image, 64 times
 
     def draw(colour, seed):
-        torch.manual_seed(seed)  # kornia's draws (the loader seeds each batch the same way)
-        return augment.train_transform("crop", size=16, colour=colour).batch([image] * 64, torch.Generator().manual_seed(0))
+        return augment.train_transform("crop", size=16, colour=colour).batch([image] * 64,
+                                                                             torch.Generator().manual_seed(seed))
 
     plain, jittered = draw(0.0, 1), draw(0.3, 1)
     assert torch.allclose(plain, torch.full_like(plain, 128 / 255), atol=1e-6), "no jitter: the flat image stays flat"
@@ -217,3 +219,49 @@ def test_colour_jitter_is_per_image_reproducible_and_off_by_default():
     assert means.std(0).min() > 0.02, "every image draws its own brightness / contrast / saturation"
     assert jittered.min() >= 0 and jittered.max() <= 1
     assert torch.equal(jittered, draw(0.3, 1)) and not torch.equal(jittered, draw(0.3, 2)), "seeded, reproducible"
+
+
+def _colour_cases() -> torch.Tensor:
+    """Random pixels plus the edge cases of HSV: black, white, grey, ties between channels, pure primaries."""
+    x = torch.rand(48, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    x[0], x[1], x[2] = 0.0, 1.0, x[2, :1]
+    x[3, 1] = x[3, 0]
+    x[4, 2] = x[4, 0]
+    x[5] = torch.eye(3)[:, :, None].expand(3, 3, 2).reshape(3, 6, 1).expand(3, 6, 6)
+    return x
+
+
+@pytest.mark.parametrize("step, reference, lo, hi", [
+    ("brightness", lambda x, f: kornia.enhance.adjust_brightness(x, f - 1), 0.0, 2.0),
+    ("contrast", kornia.enhance.adjust_contrast, 0.0, 2.0),
+    ("saturation", kornia.enhance.adjust_saturation, 0.0, 3.0),
+    ("hue", lambda x, f: kornia.enhance.adjust_hue(x, 2 * math.pi * f), -0.5, 0.5),
+])
+def test_colour_steps_match_kornia(step, reference, lo, hi):
+    x = _colour_cases()
+    f = torch.linspace(lo, hi, len(x))
+    torch.testing.assert_close(getattr(augment, step)(x, f.view(-1, 1, 1, 1)), reference(x, f), atol=2e-6, rtol=0)
+
+
+def test_colour_jitter_is_kornias_colorjiggle_in_the_drawn_order():
+    x = _colour_cases()
+    jitter = augment.ColourJitter(0.3)
+    factors, order = jitter.draw(len(x), torch.Generator().manual_seed(5))
+    expected = x
+    for i in order:  # kornia's four steps, one after another, with the same factors
+        f = factors[:, i]
+        expected = [lambda y: kornia.enhance.adjust_brightness(y, f - 1), lambda y: kornia.enhance.adjust_contrast(y, f),
+                    lambda y: kornia.enhance.adjust_saturation(y, f),
+                    lambda y: kornia.enhance.adjust_hue(y, 2 * math.pi * f)][i](expected)
+    torch.testing.assert_close(jitter(x, torch.Generator().manual_seed(5)), expected, atol=4e-6, rtol=0)
+    many = [jitter.draw(2000, torch.Generator().manual_seed(s)) for s in range(40)]
+    f = torch.cat([m[0] for m in many])
+    assert (f[:, :3].amin(0) >= 0.7).all() and (f[:, :3].amax(0) <= 1.3).all() and f[:, 3].abs().max() <= 0.075
+    assert (f[:, :3].amin(0) < 0.701).all() and f[:, 3].abs().max() > 0.0749, "the whole range is drawn"
+    assert len({tuple(m[1]) for m in many}) > 10, "the order is drawn too"
+
+
+@pytest.mark.parametrize("strength", [0.0, -0.1, 1.5])
+def test_colour_jitter_strength_is_checked(strength):
+    with pytest.raises(ValueError, match="colour"):
+        augment.ColourJitter(strength)

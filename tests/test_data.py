@@ -253,6 +253,24 @@ def _squares(n: int) -> datasets.Dataset:
     return datasets.Dataset.from_list(rows)
 
 
+def test_columns_read_into_memory_or_from_arrow_give_the_same_batches(monkeypatch):
+    ds, transform = _squares(6), augment.train_transform("detect", size=64)
+
+    def batches():
+        loader = data.Loader(ds.select([5, 0, 3, 3, 1]), batch_size=2, transform=transform, shuffle=True, seed=3)
+        return [(b["images"], b["targets"]) for b in loader]
+
+    in_memory = batches()
+    monkeypatch.setattr(data, "META_IN_MEMORY", 0)  # a large source: each batch's rows sliced from the Arrow table
+    from_arrow = batches()
+    assert len(in_memory) == 3
+    for (x, targets), (x2, targets2) in zip(in_memory, from_arrow):
+        assert torch.equal(x, x2)
+        assert [t["image_id"] for t in targets] == [t["image_id"] for t in targets2]
+        for t, t2 in zip(targets, targets2):
+            torch.testing.assert_close(t["boxes"], t2["boxes"], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("transform", [augment.train_transform("detect", size=64), augment.eval_transform("detect", size=64)])
 def test_boxes_stay_inside_the_image_and_on_their_objects(transform):
     """DETR's resizes, crops and flips move the boxes with the squares; each image sits top-left in a zero-padded
