@@ -3,15 +3,15 @@
 Each command loads and checks its weights and its data once (``--data``, default the weights' training data), prints
 a table, writes its figures to ``--out`` (default: the weights' folder) and ends with one JSON line of its figures.
 
-The evaluations (``metrics.py``'s, the same that end a training run): ``reconstruct`` (PSNR next to mean colour,
-bilinear and PCA with k = q's numbers, and a PNG grid; §4, Table 2), ``detect`` (COCO AP of a DETR model, and a PNG of boxes;
-Tables 4, 18), ``masked`` (masked-region PSNR of a masked FINOLA model from the centred block; §3), ``mae`` (MAE's loss
-on a fixed draw of removed patches, next to each patch's mean colour; Table 6), ``classify`` (top-1 / top-5 of a
-classifier; Tables 1, 3). The analyses (``analysis.py``): ``curvature`` (Gaussian curvature of the maps' critical
-channels, checkpoints overlaid; Eq. 9, Fig. 5), ``embedding`` (the space of q: mean, interpolations, mirrors, Gaussian
-samples, PCA; App. E.2), ``pde`` (Eq. 2's residuals, Eq. 4 numerically; App. A). The codec (``codec.py``): ``encode`` /
-``decode`` (an image to a .q file and back to a PNG), ``rate-distortion`` (bytes and PSNR of q, float16 and 8-bit,
-against JPEG at matched sizes). ``curves``: loss, lr, img/s and final metrics of runs against step (runs.py).
+The evaluations (``metrics.py``'s, run at the end of training too): ``reconstruct`` (PSNR next to mean colour,
+bilinear and PCA with k = q's numbers, and a PNG; §4, Table 2), ``detect`` (COCO AP, and a PNG of boxes; Tables 4,
+18), ``masked`` (masked-region PSNR from the centred block; §3), ``mae`` (MAE's loss on a fixed draw of removed
+patches, next to each patch's mean colour; Table 6), ``classify`` (top-1 / top-5; Tables 1, 3). The analyses:
+``curvature`` (Gaussian curvature of the maps' critical channels, checkpoints overlaid; Eq. 9, Fig. 5),
+``embedding`` (the space of q; App. E.2), ``pde`` (Eq. 2's residuals, Eq. 4, the one-way waves; App. A),
+``readout`` (the image read linearly out of every stage, next to the PCA of q's size; readout.py). The codec
+(``codec.py``): ``encode`` / ``decode`` (an image to a .q file and back to a PNG), ``rate-distortion`` (q, float16
+and 8-bit, against JPEG at matched sizes). ``curves``: loss, lr, img/s and final metrics of runs against step.
 ``export``: a hub-ready folder, model.safetensors and a model card. --weights / --init also take hf:ORG/REPO[/FILE].
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import math
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -29,6 +30,7 @@ import analysis
 import codec
 import data
 import metrics
+import readout
 import runs
 import weights
 from analysis import psnr
@@ -44,6 +46,7 @@ console = Console(stderr=True)
 # ---------------------------------------------------------------------------------------------------------------------
 
 ANALYSES = {"curvature": ("finola", "masked-e", "masked-b"), "embedding": ("finola",), "pde": ("finola",),
+            "readout": ("finola",),
             "encode": ("finola",), "decode": ("finola",), "rate-distortion": ("finola",)}  # command -> archs read
 
 
@@ -204,6 +207,35 @@ def cmd_pde(args) -> dict:
                                                    "0 = exact)")
 
 
+@torch.no_grad()
+def cmd_readout(args) -> dict:
+    model = load_checked(args.weights, "readout").eval()
+    analysis.check_pca_size(3 * model.image_size[0] * model.image_size[1], model.latent)
+    x_val = torch.cat([b["images"] for b in _loader(args, model)])[: args.max_images]
+    if not len(x_val):
+        raise ValueError("readout: the evaluation data gave no images")
+    train = training_flags(model.metadata)
+    crops = list(metrics.training_crops(model, train["data"], train.get("data_options", {}), n=args.train_images,
+                                        bad=args.bad))
+    stages = readout.readout(model, crops, x_val)
+    pca = analysis.fit_pca(crops, model.latent)
+    result = {"images": len(x_val), "train_images": sum(map(len, crops)),
+              "model_db": round(psnr(x_val, model(x_val)).mean().item(), 3), "pca_k": model.latent,
+              "pca_db": round(psnr(x_val, analysis.pca_reconstruct_images(x_val, pca)).mean().item(), 3),
+              "stages": stages}
+    table = Table(title=escape(f"Linear read-out of each stage: {result['images']} images [{args.split}], ridge "
+                               f"fitted on {result['train_images']} training crops; the model {result['model_db']:.2f} "
+                               f"dB, PCA (k = {model.latent}) on the same crops {result['pca_db']:.2f} dB"))
+    for col in ("stage", "numbers", "read-out PSNR", "vs PCA"):
+        table.add_column(col, justify="right")
+    for row in stages:
+        db = row["psnr_db"]
+        table.add_row(row["stage"], str(row["numbers"]), "skipped (too many numbers)" if db is None else f"{db:.2f} dB",
+                      "" if db is None else f"{db - result['pca_db']:+.2f} dB")
+    console.print(table)
+    return result
+
+
 def cmd_rate_distortion(args) -> dict:
     model = load_checked(args.weights, "rate-distortion")
     loader = _loader(args, model)
@@ -249,7 +281,7 @@ def cmd_export(args) -> dict:
 
 COMMANDS = {"reconstruct": cmd_reconstruct, "detect": cmd_detect, "masked": cmd_masked, "mae": cmd_mae,
             "classify": cmd_classify,
-            "curvature": cmd_curvature, "embedding": cmd_embedding, "pde": cmd_pde,
+            "curvature": cmd_curvature, "embedding": cmd_embedding, "pde": cmd_pde, "readout": cmd_readout,
             "rate-distortion": cmd_rate_distortion, "encode": cmd_encode, "decode": cmd_decode, "curves": cmd_curves,
             "export": cmd_export}
 
@@ -286,6 +318,10 @@ def parse_args(argv=None):
     for name, what in (("embedding", "the space of q (App. E.2), five PNGs"), ("pde", "Eq. 2 and Eq. 4 (App. A), and the one-way waves: speeds (speeds.json) and residuals"),
                        ("rate-distortion", "q (float16, 8-bit) against JPEG at matched bytes, table and PNG")):
         sub.add_parser(name, parents=[one, evaluated, analysed], help=what)
+    ro = sub.add_parser("readout", parents=[one, evaluated, analysed],
+                        help="the image read linearly out of every stage (stem, blocks, encoder map, q, FINOLA map), "
+                             "next to the PCA of q's size")
+    ro.add_argument("--train-images", type=int, default=10000, help="training crops the read-outs are fitted on")
     e = sub.add_parser("encode", parents=[one], help="an image to a .q file (q in float16)")
     e.add_argument("image", type=Path)
     e.add_argument("-o", "--output", type=Path, help="the .q file (default: IMAGE.q)")

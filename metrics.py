@@ -52,13 +52,19 @@ def bilinear(x: torch.Tensor, grid) -> torch.Tensor:
     return F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def _crops(loader, n: int):
-    """The image batches of ``loader``, epoch after epoch (``set_epoch``), until ``n`` images, under a progress bar."""
-    columns = (TextColumn("[bold]PCA crops"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+def training_crops(model, train_source: str, options: dict, *, n: int = 20000, seed: int = 0, batch_size: int = 256,
+                   bad: data.BadImages | None = None, label: str = "training crops"):
+    """Batches of ``n`` crops of ``train_source``'s training split (``options`` go to ``data.load``) drawn by the
+    training transform (RandomResizedCrop + flip at the model's image size) epoch after epoch from ``seed``: the
+    same crops every time, under a progress bar. Unreadable images are counted in ``bad``."""
+    ds = data.load(train_source, split="train", **options)
+    loader = data.Loader(ds, batch_size=batch_size, shuffle=True, seed=seed, bad=bad,
+                         transform=augment.train_transform("crop", size=model.image_size[0]))
+    columns = (TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn())
     seen = 0
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("PCA crops", total=n)
+        task = progress.add_task(label, total=n)
         for epoch in itertools.count():
             loader.set_epoch(epoch)
             before = seen
@@ -70,22 +76,19 @@ def _crops(loader, n: int):
                 if seen >= n:
                     return
             if seen == before:
-                raise ValueError("pca_baseline: the training data gave no images")
+                raise ValueError(f"{train_source!r}: the training data gave no images")
 
 
 def pca_baseline(model, train_source: str, options: dict, *, n: int = 20000, seed: int = 0,
                  batch_size: int = 256, bad: data.BadImages | None = None) -> dict:
     """The best linear code with as many numbers as q: ``analysis.fit_pca`` with k = ``model.latent`` (M C)
-    components over ``n`` crops of ``train_source``'s training split (``options`` go to ``data.load``), drawn by the
-    training transform (RandomResizedCrop + flip at the model's image size) epoch after epoch from ``seed``: the
-    same crops every time. Raises ``analysis.PCATooLarge`` before reading any data when the images have more than
-    ``analysis.PCA_MAX_DIM`` numbers (the paper's 256²). Unreadable images are counted in ``bad``."""
+    components over ``n`` :func:`training_crops`. Raises ``analysis.PCATooLarge`` before reading any data when the
+    images have more than ``analysis.PCA_MAX_DIM`` numbers (the paper's 256²)."""
     size, k = model.image_size[0], model.latent
     analysis.check_pca_size(3 * size * size, k)
-    ds = data.load(train_source, split="train", **options)
-    loader = data.Loader(ds, batch_size=batch_size, transform=augment.train_transform("crop", size=size), shuffle=True,
-                         seed=seed, bad=bad)
-    return analysis.fit_pca(_crops(loader, n), k, max_images=n)
+    crops = training_crops(model, train_source, options, n=n, seed=seed, batch_size=batch_size, bad=bad,
+                           label="PCA crops")
+    return analysis.fit_pca(crops, k, max_images=n)
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ import eval as ev
 import metrics
 import finola
 import mobileformer
+import readout
 import weights
 
 # --- Eq. 9: Gaussian curvature against closed forms ------------------------------------------------------------------
@@ -215,6 +216,44 @@ def test_pde_command(tiny, tmp_path, capsys):
     assert len(speeds["right-down"]) == 16 and out["speeds_abs_max"] > 0, "C = 16 speeds, each [real, imaginary]"
 
 
+def test_ridge_streamed_equals_the_closed_form_in_one_batch():
+    g = torch.Generator().manual_seed(0)
+    f, y = torch.randn(300, 7, generator=g) * 3 + 1, torch.randn(300, 5, generator=g)
+    ridge = readout.Ridge(0.1)
+    for part in range(0, 300, 64):
+        ridge.add(f[part:part + 64], y[part:part + 64])
+    w, mf, my = ridge.fit()
+    fc, yc = (f - f.mean(0)).double(), (y - y.mean(0)).double()
+    gram = fc.T @ fc
+    expected = torch.linalg.solve(gram + 0.1 * gram.diagonal().mean() * torch.eye(7, dtype=torch.float64), fc.T @ yc)
+    assert_close(w, expected)
+    exact = readout.Ridge(1e-12)
+    exact.add(f, f @ torch.arange(14.0).reshape(7, 2) - 4)  # targets linear in the features: read back exactly
+    assert_close(exact.predict(f[:9]), f[:9] @ torch.arange(14.0).reshape(7, 2) - 4, atol=1e-4, rtol=0)
+
+
+def test_stage_features_follow_the_model(tiny):
+    model = weights.load_model(tiny[0]).eval()
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        stages = readout.stage_features(model, x)
+        fmap, _ = model.encoder(model.pixels(x, size=model.image_size))
+        assert_close(stages["q"], model.encode(x))
+        assert_close(stages["FINOLA map"], model.maps(x).flatten(1))
+    assert list(stages)[:2] == ["stem", "block 0"] and list(stages)[-3:] == ["encoder map", "q", "FINOLA map"]
+    assert len(stages) == 1 + len(model.encoder.blocks) + 3 and stages["encoder map"].shape == (3, fmap[0].numel())
+    assert stages["stem"].shape == (3, model.encoder.config.stem_channels * 16 * 16)
+
+
+def test_readout_command(tiny, tmp_path, capsys):
+    out = run(capsys, "readout", "--weights", tiny[0], "--train-images", "200")
+    assert out["train_images"] == 200 and out["pca_k"] == 16 and out["images"] > 0
+    stages = {row["stage"]: row for row in out["stages"]}
+    assert stages["q"]["numbers"] == 16 and stages["FINOLA map"]["numbers"] == 16 * 4 * 4
+    assert all(10 < row["psnr_db"] < 60 for row in out["stages"])
+    assert stages["stem"]["psnr_db"] > stages["q"]["psnr_db"], "the stem's 2,048 numbers hold more than q's 16"
+
+
 def test_codec_round_trip_and_refusal(tiny, tmp_path, capsys):
     image = tmp_path / "photo.png"
     Image.fromarray((torch.rand(48, 40, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()).save(
@@ -258,6 +297,6 @@ def test_commands_need_a_finola_model(tmp_path):
     m = mobileformer.create("mf-tiny")
     path = weights.save(tmp_path / "enc.safetensors", m.state_dict(), arch="mobileformer", config=m.config_dict(),
                         data="photos")
-    for command in ("embedding", "pde", "curvature", "rate-distortion"):
+    for command in ("embedding", "pde", "curvature", "rate-distortion", "readout"):
         with pytest.raises(ValueError, match=f"'mobileformer' model; {command} needs a 'finola'"):
             ev.main([command, "--weights", str(path)])
