@@ -49,6 +49,7 @@ class MobileFormerConfig:
     head_channels: int = 1920        # hidden width of that head (Mobile-Former's `num_features`)
     head_dropout: float = 0.0
     zero_init_residual: bool = False  # ours (not the authors'): residual branches start at zero, see reset_parameters
+    down_shortcut: bool = False      # ours: M-F↓ adds a linear 2×2/2 conv of its input, see DownBottleneck
 
     def __post_init__(self):
         # JSON turns the tuples into lists: normalize so that MobileFormerConfig(**asdict(c)) == c.
@@ -283,9 +284,11 @@ class DownBottleneck(nn.Module):
     stride = 2
 
     def __init__(self, c_in: int, hidden: int, c_out: int, token_dim: int, *, expansion2: int = 4,
-                 reduction: int = 4):
+                 reduction: int = 4, shortcut: bool = False):
         super().__init__()
         hidden2 = expansion2 * c_out
+        self.shortcut = nn.Sequential(OrderedDict(
+            conv=nn.Conv2d(c_in, c_out, 2, 2, bias=False), bn=nn.BatchNorm2d(c_out))) if shortcut else None
         self.dw1 = conv_bn(c_in, hidden, 3, stride=2, groups=c_in)
         self.act1 = DynamicReLU(hidden, token_dim, reduction=reduction)
         self.project1 = conv_bn(hidden, c_out, 1)
@@ -294,7 +297,10 @@ class DownBottleneck(nn.Module):
         self.project2 = conv_bn(hidden2, c_out, 1)
 
     def forward(self, x: torch.Tensor, z0: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        s = zero_padding(self.project1(self.act1(self.dw1(x), z0)), halve(keep))
+        s = self.project1(self.act1(self.dw1(x), z0))
+        if self.shortcut is not None:  # every 2×2 block of x, linearly: (odd sides padded with zeros, as dw1 pads)
+            s = s + self.shortcut(F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2)))
+        s = zero_padding(s, halve(keep))
         return s + self.project2(self.act2(self.dw2(s), z0))
 
 
@@ -378,7 +384,8 @@ class MobileFormer(nn.Module):
                 blocks.append(LiteBottleneck(c, hidden, out))
             else:
                 mobile = (DownBottleneck(c, hidden, out, config.token_dim, expansion2=config.down_expansion,
-                                         reduction=config.hyper_reduction) if kind == "down" else
+                                         reduction=config.hyper_reduction, shortcut=config.down_shortcut)
+                          if kind == "down" else
                           Bottleneck(c, hidden, out, config.token_dim, reduction=config.hyper_reduction))
                 blocks.append(MobileFormerBlock(mobile, c, out, config))
             stride *= 2 if kind == "down" else 1

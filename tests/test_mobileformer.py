@@ -219,6 +219,26 @@ def test_zero_init_residual_makes_every_residual_branch_start_as_the_identity(ze
     assert rebuilt.config.zero_init_residual == zero, "the flag round-trips through the saved config"
 
 
+def test_down_shortcut_adds_a_linear_2x2_view_to_each_downsampling_block():
+    plain, short = _model("mf-nano"), _model("mf-nano", down_shortcut=True)
+    downs = [b.mobile for b in short.blocks if isinstance(getattr(b, "mobile", None), mf.DownBottleneck)]
+    assert len(downs) == 3 and all(getattr(b, "mobile", None) is None or b.mobile.shortcut is None for b in plain.blocks)
+    extra = sum(p.numel() for p in short.parameters()) - sum(p.numel() for p in plain.parameters())
+    widths = [(16, 24), (24, 40), (40, 64)]  # M-F↓'s (C_in, C_out) in mf-nano
+    assert extra == sum(4 * ci * co + 2 * co for ci, co in widths), "a 2x2 conv and its BN per M-F↓"
+    down, z0 = downs[0].eval(), torch.randn(2, short.config.token_dim)
+    x = torch.randn(2, 16, 9, 7)  # odd sides: the shortcut sees the input padded with zeros, as dw1 does
+    with torch.no_grad():
+        with_shortcut = down(x, z0)
+        down.shortcut.bn.weight.zero_()
+        down.shortcut.bn.bias.zero_()
+        without = down(x, z0)
+        down.shortcut = None
+        assert with_shortcut.shape == (2, 24, 5, 4) and not torch.equal(with_shortcut, without)
+        assert torch.equal(without, down(x, z0)), "a zeroed shortcut adds nothing"
+    assert mf.MobileFormer.from_config(short.config_dict()).config.down_shortcut
+
+
 def test_freeze_keeps_weights_and_batchnorm_statistics_through_train_mode():
     """The one way every model freezes its encoder: no gradients, eval mode that .train() keeps; freeze(False)
     undoes both (a parent's .train() then trains it)."""
@@ -236,10 +256,11 @@ def test_freeze_keeps_weights_and_batchnorm_statistics_through_train_mode():
     assert model.training and all(p.requires_grad for p in model.parameters())
 
 
-def test_a_padded_batch_gives_each_image_its_own_maps_and_zero_padding():
+@pytest.mark.parametrize("shortcut", [False, True])
+def test_a_padded_batch_gives_each_image_its_own_maps_and_zero_padding(shortcut):
     """forward_features(batch, mask) on images padded to one canvas = each image alone, on its own pixels (BN in eval
     mode), and zero on the padding; without the mask the padding leaks into the image's maps."""
-    model = _model("mf-tiny").eval()
+    model = _model("mf-tiny", down_shortcut=shortcut).eval()
     for m in model.modules():  # statistics away from (0, 1), so that a wrong mask shows
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
