@@ -3,15 +3,15 @@ finished step's raw result to OUT/results.jsonl and prints the markdown table th
 
     python experiments.py table1 [--minutes 25] [--seeds 0 1 2] [--out runs/table1]
     python experiments.py table4 --finola FILE [--table1 runs/table1] [--steps 3000] [--seeds 0 1 2]
-    python experiments.py table2a [--latents 64 128 256 512 1024] [--paths 1 4] [--seeds 0 1] [--epochs 60]
+    python experiments.py table2a [--latents 64 128 256 512 1024] [--paths 1 4] [--seeds 0 1]
 
 ``table1`` (Tables 1 and 6, Fig. 5; Fashion-MNIST at 64²): vanilla FINOLA, Masked-FINOLA-E and -B (mf-tiny), MAE
 (MAE-Lite's ViT-Tiny) and the supervised ceiling each train for the same --minutes (``calibrate``); then every
 encoder, and a random mf-tiny, gets the ``PROBES`` per --seed, App. D's PSNR and Fig. 5's curvature where they
-apply. ``table4`` (Table 4's direction): the DETR probe (``detr-probe``'s small preset at --image-size 128 for
---steps, ``QUERIES``) and the box probe (``boxprobe.box_probe``) on the frozen encoders of --table1 (FINOLA, supervised) and
---finola and on random encoders of their presets, per --seed and --data. ``table2a``: the README's FINOLA run per
-latent size and paths. Protocols and results: EXPERIMENTS.md.
+apply. ``table4``: the DETR probe (``detr-probe``'s small preset at --image-size 128 for --steps, ``QUERIES``) and
+the box probe (``boxprobe.box_probe``) on the frozen encoders of --table1 (FINOLA, supervised), --finola and random
+encoders, per --seed and --data. ``table2a``: the README's FINOLA run of 2026-12-03 per latent size and paths.
+Protocols and results: EXPERIMENTS.md.
 
 Runs go through ``train.py`` / ``eval.py`` in subprocesses (``--threads``: every core by default; run nothing else
 beside them). The same command again continues a cut study: recorded steps are skipped, interrupted runs resumed.
@@ -382,7 +382,7 @@ def table2a(args) -> None:
         for seed in args.seeds:
             row = f"L{latent}/{m}x{c}/seed{seed}"
             done = study.train(row, ["--task", "finola", "--paths", str(m), "--channels", str(c), "--seed", str(seed),
-                                     "--epochs", str(args.epochs)])
+                                     "--epochs", str(args.epochs), "--colour-jitter", str(args.colour_jitter)])
             if f"pde/{row}" not in study.done:
                 facts = run(["eval.py", "pde", "--weights", str(Path(done["run"]) / "model.safetensors")],
                             threads=args.threads)
@@ -456,7 +456,9 @@ def main(argv=None):
     t.add_argument("--latents", type=int, nargs="+", default=[64, 128, 256, 512, 1024], help="numbers in q")
     t.add_argument("--paths", type=int, nargs="+", default=[1, 4], help="paths M of each latent (C = latent / M)")
     t.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    t.add_argument("--epochs", type=int, default=60, help="of each run (the README's main command: 60)")
+    t.add_argument("--epochs", type=int, default=60, help="of each run (60: the table's, the README's before)")
+    t.add_argument("--colour-jitter", type=float, default=0.3, help="of each run (0.3: the table's; the README's "
+                                                                     "main command now trains without)")
     t.add_argument("--out", type=Path, default=ROOT / "runs" / "table2a")
     t.add_argument("--threads", type=int, help="torch threads of each run (default: every core)")
     t.add_argument("--print", action="store_true", help="only print the table of what is recorded")
