@@ -56,7 +56,8 @@ class LinearEncoder(nn.Module):
 def build(rung: str, args) -> autoencoder.Finola:
     encoder_kind, decoder_kind, output = rung.split("/")
     encoder = (LinearEncoder(args.image_size, args.channels) if encoder_kind == "linear"
-               else mobileformer.create(args.encoder, zero_init_residual=encoder_kind == "mf0"))
+               else mobileformer.create(args.encoder, zero_init_residual=encoder_kind == "mf0",
+                                        final_act=args.final_act))
     config = autoencoder.FinolaConfig(channels=args.channels, grid=(args.grid, args.grid),
                                  upsampler="linear" if decoder_kind == "linear" else "conv",
                                  widths=tuple(args.widths), patch=args.image_size // args.grid, output=output)
@@ -126,6 +127,8 @@ def main(argv=None) -> dict:
     p.add_argument("--data", default="photos")
     p.add_argument("--crops", type=int, default=20000, help="cached training crops (the first 512 are held out)")
     p.add_argument("--encoder", default="mf-tiny", choices=sorted(mobileformer.PRESETS))
+    p.add_argument("--final-act", action=argparse.BooleanOptionalAction, default=True,
+                   help="ReLU6 after the Mobile-Former's final conv (train.py's flag; off in the small finola preset)")
     p.add_argument("--channels", type=int, default=256)
     p.add_argument("--grid", type=int, default=4)
     p.add_argument("--image-size", type=int, default=32)

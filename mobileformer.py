@@ -50,6 +50,7 @@ class MobileFormerConfig:
     head_dropout: float = 0.0
     zero_init_residual: bool = False  # ours (not the authors'): residual branches start at zero, see reset_parameters
     down_shortcut: bool = False      # ours: M-F↓ adds a linear 2×2/2 conv of its input, see DownBottleneck
+    final_act: bool = True           # ReLU6 after the final 1×1 conv + BN (not stated in the paper; off: a linear map)
 
     def __post_init__(self):
         # JSON turns the tuples into lists: normalize so that MobileFormerConfig(**asdict(c)) == c.
@@ -394,7 +395,7 @@ class MobileFormer(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.final = nn.Sequential(OrderedDict(
             conv=nn.Conv2d(c, config.final_channels, 1, bias=False), bn=nn.BatchNorm2d(config.final_channels),
-            act=nn.ReLU6()))
+            act=nn.ReLU6() if config.final_act else nn.Identity()))
         self.head = ClassifierHead(c, config.final_channels, config) if config.num_classes > 0 else None
         self.map_channels = {"stride8": config.blocks[self._stride8_index][2], "stride16": c,
                              "features": config.final_channels}

@@ -239,6 +239,25 @@ def test_down_shortcut_adds_a_linear_2x2_view_to_each_downsampling_block():
     assert mf.MobileFormer.from_config(short.config_dict()).config.down_shortcut
 
 
+@pytest.mark.parametrize("final_act", [True, False])
+def test_final_act_decides_whether_the_output_map_can_go_negative(final_act):
+    """The final 1x1 conv + BN ends in ReLU6 (values in [0, 6]) or, without it, is linear: the same weights give the
+    pre-activation map, negatives included; the choice round-trips through the saved config."""
+    torch.manual_seed(0)
+    model = _model("mf-nano", final_act=final_act).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)[0]
+        model.final.act = torch.nn.Identity()
+        linear = model(x)[0]
+    assert linear.min() < 0 and linear.max() > 0, "the pre-activation map has both signs"
+    expected = linear if not final_act else linear.clamp(0, 6)
+    torch.testing.assert_close(out, expected)
+    assert mf.MobileFormer.from_config(model.config_dict()).config.final_act == final_act
+    assert set(model.state_dict()) == set(_model("mf-nano", final_act=not final_act).state_dict()), \
+        "the same weights either way: a file of one loads into the other"
+
+
 def test_freeze_keeps_weights_and_batchnorm_statistics_through_train_mode():
     """The one way every model freezes its encoder: no gradients, eval mode that .train() keeps; freeze(False)
     undoes both (a parent's .train() then trains it)."""
