@@ -245,6 +245,7 @@ def test_stage_features_follow_the_model(tiny):
     assert stages["stem"].shape == (3, model.encoder.config.stem_channels * 16 * 16)
 
 
+@pytest.mark.slow  # ~12 s: the read-out decodes the photos for its training crops
 def test_readout_command(tiny, tmp_path, capsys):
     out = run(capsys, "readout", "--weights", tiny[0], "--train-images", "200")
     assert out["train_images"] == 200 and out["pca_k"] == 16 and out["images"] > 0
