@@ -9,7 +9,7 @@ bilinear and PCA with k = q's numbers, and a PNG; §4, Table 2), ``detect`` (COC
 patches, next to each patch's mean colour; Table 6), ``classify`` (top-1 / top-5; Tables 1, 3). The analyses:
 ``curvature`` (Gaussian curvature of the maps' critical channels, checkpoints overlaid; Eq. 9, Fig. 5),
 ``embedding`` (the space of q; App. E.2), ``pde`` (Eq. 2's residuals, Eq. 4, the one-way waves; App. A),
-``readout`` (the image read linearly out of every stage, next to the PCA of q's size; readout.py). The codec
+``readout`` (the image read linearly out of every stage, next to the PCA of q's size and each layout's; readout.py). The codec
 (``codec.py``): ``encode`` / ``decode`` (an image to a .q file and back to a PNG), ``rate-distortion`` (q, float16
 and 8-bit, against JPEG at matched sizes). ``curves``: loss, lr, img/s and final metrics of runs against step.
 ``export``: a hub-ready folder, model.safetensors and a model card. --weights / --init also take hf:ORG/REPO[/FILE].
@@ -226,12 +226,13 @@ def cmd_readout(args) -> dict:
     table = Table(title=escape(f"Linear read-out of each stage: {result['images']} images [{args.split}], ridge "
                                f"fitted on {result['train_images']} training crops; the model {result['model_db']:.2f} "
                                f"dB, PCA (k = {model.latent}) on the same crops {result['pca_db']:.2f} dB"))
-    for col in ("stage", "numbers", "read-out PSNR", "vs PCA"):
+    for col in ("stage", "numbers", "read-out PSNR", "vs PCA", "its layout, linearly"):
         table.add_column(col, justify="right")
     for row in stages:
-        db = row["psnr_db"]
+        db, twin = row["psnr_db"], row["layout_pca_db"]
         table.add_row(row["stage"], str(row["numbers"]), "skipped (too many numbers)" if db is None else f"{db:.2f} dB",
-                      "" if db is None else f"{db - result['pca_db']:+.2f} dB")
+                      "" if db is None else f"{db - result['pca_db']:+.2f} dB",
+                      "lossless" if twin is None and row["stage"] != "q" else "" if twin is None else f"{twin:.2f} dB")
     console.print(table)
     return result
 
@@ -320,7 +321,7 @@ def parse_args(argv=None):
         sub.add_parser(name, parents=[one, evaluated, analysed], help=what)
     ro = sub.add_parser("readout", parents=[one, evaluated, analysed],
                         help="the image read linearly out of every stage (stem, blocks, encoder map, q, FINOLA map), "
-                             "next to the PCA of q's size")
+                             "next to the PCA of q's size and each map's layout coded linearly")
     ro.add_argument("--train-images", type=int, default=10000, help="training crops the read-outs are fitted on")
     e = sub.add_parser("encode", parents=[one], help="an image to a .q file (q in float16)")
     e.add_argument("image", type=Path)

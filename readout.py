@@ -5,11 +5,13 @@ its output map, q, the FINOLA map), the ridge regression from the stage's featur
 training crops and scored on the evaluation images, next to the PCA with as many numbers as q (``pca_db``). A model
 whose q reads out no better than its own reconstruction is limited by what reaches q, not by FINOLA or the decoder;
 the stage at which the read-out falls below the PCA is where the encoder loses what a linear code keeps
-(EXPERIMENTS.md, "FINOLA against the PCA of its size").
+(EXPERIMENTS.md, "FINOLA against the PCA of its size"). Each map stage also gets its layout's linear twin
+(:func:`layout_pca`): a stage that reads out far below it has the room to keep more and has not learnt to.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 import analysis
 
@@ -17,25 +19,53 @@ MAX_FEATURES = 8192  # a stage with more numbers is skipped: its (D, D) normal e
 
 
 def stage_features(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """(B, D) features of images ``x`` at each stage of FINOLA model ``model``, in order: the encoder's ``stem`` and
-    each of its ``blocks`` (when it has them; a block returning (map, tokens) gives its map), its output map, q and
-    the FINOLA map."""
+    """The features of images ``x`` at each stage of FINOLA model ``model``, in order: the encoder's ``stem`` and
+    each of its ``blocks`` (when it has them; a block returning (map, tokens) gives its map), its output map (maps:
+    (B, C, h, w)), q (B, D) and the FINOLA map (B, C, h, w)."""
     encoder, out, hooks = model.encoder, {}, []
     stages = ([("stem", encoder.stem)] if hasattr(encoder, "stem") else []) + \
         [(f"block {i}", block) for i, block in enumerate(getattr(encoder, "blocks", []))]
     for name, module in stages:
         def keep(_, __, output, name=name):
-            out[name] = (output[0] if isinstance(output, tuple) else output).flatten(1)
+            out[name] = output[0] if isinstance(output, tuple) else output
         hooks.append(module.register_forward_hook(keep))
     try:
         fmap, _ = encoder(model.pixels(x, size=model.image_size))
     finally:
         for hook in hooks:
             hook.remove()
-    out["encoder map"] = fmap.flatten(1)
+    out["encoder map"] = fmap
     out["q"] = model.pool(fmap)
-    out["FINOLA map"] = model.expand(out["q"]).flatten(1)
+    out["FINOLA map"] = model.expand(out["q"])
     return out
+
+
+# A map stage of C channels on an h x w grid codes each of the image's h·w blocks (H/h x W/w pixels) with C numbers,
+# receptive fields and tokens aside. Its linear twin does exactly that: one PCA basis of C components over all the
+# blocks of the training crops. It is what such a layout keeps for free, not a bound on what a network can keep.
+def blocks(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Images (B, 3, H, W) → their (B·h·w, 3·(H/h)·(W/w)) non-overlapping blocks on a ``grid`` = (h, w), row-major."""
+    size = (x.shape[-2] // grid[0], x.shape[-1] // grid[1])
+    return F.unfold(x, size, stride=size).transpose(1, 2).flatten(0, 1)
+
+
+def unblocks(b: torch.Tensor, grid: tuple[int, int], shape) -> torch.Tensor:
+    """The inverse of :func:`blocks`: blocks back to images of ``shape`` (B, 3, H, W)."""
+    size = (shape[-2] // grid[0], shape[-1] // grid[1])
+    cols = b.reshape(shape[0], grid[0] * grid[1], -1).transpose(1, 2)
+    return F.fold(cols, tuple(shape[-2:]), size, stride=size)
+
+
+def layout_pca(train_batches, x_val: torch.Tensor, channels: int, grid: tuple[int, int]) -> float | None:
+    """PSNR on ``x_val`` of the images coded block by block on ``grid`` with ``channels`` PCA components each (one
+    basis fitted on the blocks of ``train_batches``); None when the grid does not tile the images or a block has no
+    more than ``channels`` numbers (the layout then loses nothing linearly)."""
+    h, w = x_val.shape[-2:]
+    if h % grid[0] or w % grid[1] or 3 * (h // grid[0]) * (w // grid[1]) <= channels:
+        return None
+    pca = analysis.fit_pca((blocks(x, grid) for x in train_batches), channels, max_images=10 ** 9)
+    coded = unblocks(analysis.pca_reconstruct_images(blocks(x_val, grid), pca), grid, x_val.shape)
+    return round(analysis.psnr(x_val, coded).mean().item(), 3)
 
 
 class Ridge:
@@ -69,22 +99,25 @@ class Ridge:
 
 @torch.no_grad()
 def readout(model, train_batches, x_val: torch.Tensor, *, ridge: float = 1e-2) -> list[dict]:
-    """Per stage: {"stage", "numbers", "psnr_db"}: the PSNR on ``x_val`` (B, 3, H, W) of the pixels read linearly
-    out of that stage (:class:`Ridge`, fitted on ``train_batches``, an iterable of image batches in [0, 1]); stages
-    with more than ``MAX_FEATURES`` numbers get ``psnr_db`` None."""
+    """Per stage: {"stage", "numbers", "psnr_db", "layout_pca_db"}: the PSNR on ``x_val`` (B, 3, H, W) of the pixels
+    read linearly out of that stage (:class:`Ridge`, fitted on ``train_batches``, a list of image batches in
+    [0, 1]; stages with more than ``MAX_FEATURES`` numbers get None) and, for a map stage, of its layout's linear
+    twin (:func:`layout_pca`; None for q and where the layout is lossless)."""
     analysis.check_pca_size(x_val[0].numel(), 1)
     model.eval()
     fits: dict[str, Ridge | None] = {}
     for x in train_batches:
         for name, f in stage_features(model, x).items():
             if name not in fits:
-                fits[name] = Ridge(ridge) if f.shape[1] <= MAX_FEATURES else None
+                fits[name] = Ridge(ridge) if f[0].numel() <= MAX_FEATURES else None
             if fits[name] is not None:
-                fits[name].add(f, x.flatten(1))
+                fits[name].add(f.flatten(1), x.flatten(1))
     if not fits:
         raise ValueError("readout: the training data gave no images")
     val = stage_features(model, x_val)
-    return [{"stage": name, "numbers": val[name].shape[1],
+    return [{"stage": name, "numbers": val[name][0].numel(),
              "psnr_db": None if fit is None else
-             round(analysis.psnr(x_val, fit.predict(val[name]).reshape(x_val.shape)).mean().item(), 3)}
+             round(analysis.psnr(x_val, fit.predict(val[name].flatten(1)).reshape(x_val.shape)).mean().item(), 3),
+             "layout_pca_db": None if val[name].dim() != 4 else
+             layout_pca(train_batches, x_val, val[name].shape[1], tuple(val[name].shape[-2:]))}
             for name, fit in fits.items()]

@@ -239,10 +239,33 @@ def test_stage_features_follow_the_model(tiny):
         stages = readout.stage_features(model, x)
         fmap, _ = model.encoder(model.pixels(x, size=model.image_size))
         assert_close(stages["q"], model.encode(x))
-        assert_close(stages["FINOLA map"], model.maps(x).flatten(1))
+        assert_close(stages["FINOLA map"], model.maps(x))
     assert list(stages)[:2] == ["stem", "block 0"] and list(stages)[-3:] == ["encoder map", "q", "FINOLA map"]
-    assert len(stages) == 1 + len(model.encoder.blocks) + 3 and stages["encoder map"].shape == (3, fmap[0].numel())
-    assert stages["stem"].shape == (3, model.encoder.config.stem_channels * 16 * 16)
+    assert len(stages) == 1 + len(model.encoder.blocks) + 3 and stages["encoder map"].shape == fmap.shape
+    assert stages["stem"].shape == (3, model.encoder.config.stem_channels, 16, 16)
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (2, 2), (4, 2), (8, 8)])
+def test_blocks_are_the_grid_cells_and_unblocks_inverts_them(grid):
+    x = torch.rand(2, 3, 16, 8, generator=torch.Generator().manual_seed(0))
+    b = readout.blocks(x, grid)
+    bh, bw = 16 // grid[0], 8 // grid[1]
+    slow = torch.stack([x[n, :, i * bh:(i + 1) * bh, j * bw:(j + 1) * bw].flatten()
+                        for n in range(2) for i in range(grid[0]) for j in range(grid[1])])
+    assert_close(b, slow)
+    assert_close(readout.unblocks(b, grid, x.shape), x)
+
+
+def test_layout_pca_of_one_cell_is_the_pca_and_a_wide_layout_is_lossless():
+    g = torch.Generator().manual_seed(0)
+    train = [torch.rand(64, 3, 8, 8, generator=g) for _ in range(3)]
+    x_val = torch.rand(20, 3, 8, 8, generator=g)
+    pca = analysis.fit_pca(train, 10)
+    whole = analysis.psnr(x_val, analysis.pca_reconstruct_images(x_val, pca)).mean().item()
+    assert readout.layout_pca(train, x_val, 10, (1, 1)) == pytest.approx(whole, abs=1e-3)
+    assert readout.layout_pca(train, x_val, 12, (4, 4)) is None, "a 2x2 block holds 12 numbers: nothing to lose"
+    assert readout.layout_pca(train, x_val, 4, (3, 3)) is None, "3 does not tile 8"
+    assert readout.layout_pca(train, x_val, 4, (4, 4)) < readout.layout_pca(train, x_val, 8, (4, 4))
 
 
 @pytest.mark.slow  # ~12 s: the read-out decodes the photos for its training crops
@@ -253,6 +276,8 @@ def test_readout_command(tiny, tmp_path, capsys):
     assert stages["q"]["numbers"] == 16 and stages["FINOLA map"]["numbers"] == 16 * 4 * 4
     assert all(10 < row["psnr_db"] < 60 for row in out["stages"])
     assert stages["stem"]["psnr_db"] > stages["q"]["psnr_db"], "the stem's 2,048 numbers hold more than q's 16"
+    assert stages["q"]["layout_pca_db"] is None and all(
+        row["layout_pca_db"] is None or 10 < row["layout_pca_db"] < 80 for row in out["stages"])
 
 
 def test_codec_round_trip_and_refusal(tiny, tmp_path, capsys):
