@@ -3,14 +3,17 @@ preset, one component at a time, each trained for the same wall-clock on the sam
 
     python ladder.py [--minutes 3] [--rungs linear/linear/normalized mf/table10/normalized ...] [--data photos]
 
-A rung is ENCODER/DECODER/OUTPUT, always around the same FINOLA recurrence (``autoencoder.Finola``, q at the centre of a
-``--grid`` map):
+A rung is ENCODER/DECODER/OUTPUT around the same FINOLA recurrence (``autoencoder.Finola``, q at the centre of a
+``--grid`` map), or around no recurrence at all:
   encoder  ``linear``: one linear layer on the normalized pixels, seen by the attentional pooler as a 1x1 map (a
            pooler over one position is linear, so the whole encoder is linear); ``mf``: ``--encoder`` (mf-tiny) and
            the attentional pooler, with Mobile-Former's own initialisation; ``mf0``: the same with its residual
            branches zero-initialised (``--zero-init-residual``, the small preset).
   decoder  ``linear``: Table 10's linear layer (each cell's C channels to its patch, ``finola.LinearUpsampler``);
-           ``table10``: Table 10's conv upsampler with ``--widths``.
+           ``table10``: Table 10's conv upsampler with ``--widths``. Without FINOLA: ``q-linear``, one linear
+           layer from q to the image (does the recurrence slow learning?); ``pca``, no decoder to learn: q is read
+           as the coefficients of the training crops' PCA of as many components (OUTPUT ``pixels``), so the encoder
+           regresses the best linear code of q's size (distillation towards the PCA).
   output   what the decoder predicts (``autoencoder.OUTPUTS``): ``pixels`` or ``normalized``.
 Training crops are drawn once by the task's training transform (``augment.train_transform("crop")``) and cached, so
 every rung spends its minutes on the model; held-out PSNR is on the evaluation split, next to the mean colour.
@@ -30,13 +33,17 @@ from rich.progress import Progress
 from rich.table import Table
 from torch import nn
 
+import analysis
 import augment
 import autoencoder
 import data
 import metrics
 import mobileformer
+from finola import AttentionPool
+from layers import PixelNorm
 
 console = Console(stderr=True)
+DECODERS = ("linear", "table10", "q-linear", "pca")
 DEFAULT_RUNGS = ("linear/linear/pixels", "linear/linear/normalized", "linear/table10/normalized",
                  "mf/linear/normalized", "mf0/linear/normalized", "mf0/table10/normalized", "mf/table10/pixels")
 
@@ -53,11 +60,44 @@ class LinearEncoder(nn.Module):
         return self.linear(x.flatten(1))[:, :, None, None], None
 
 
-def build(rung: str, args) -> autoencoder.Finola:
+class WithoutFinola(nn.Module):
+    """Encoder → attentional pooling → q → ``decoder`` (q (B, C) → (B, 3·H·W)) → the image; ``output`` as in
+    ``autoencoder.OUTPUTS``."""
+
+    def __init__(self, encoder: nn.Module, channels: int, image_size: int, decoder: nn.Module, *, output: str):
+        super().__init__()
+        self.encoder, self.decoder, self.output, self.size = encoder, decoder, output, (image_size, image_size)
+        self.pool = AttentionPool(encoder.out_channels, channels, heads=autoencoder.FinolaConfig.heads)
+        self.pixels = PixelNorm()
+
+    def forward(self, x):
+        fmap, _ = self.encoder(self.pixels(x, size=self.size))
+        y = self.decoder(self.pool(fmap)).view(-1, 3, *self.size)
+        return self.pixels.inverse(y) if self.output == "normalized" else y
+
+
+class PCADecoder(nn.Module):
+    """A fixed decoder: mean + basis · q, with ``pca`` from ``analysis.fit_pca`` (nothing to train)."""
+
+    def __init__(self, pca: dict):
+        super().__init__()
+        self.register_buffer("mean", pca["mean"].float())
+        self.register_buffer("basis", pca["basis"].float())
+
+    def forward(self, q):
+        return torch.addmm(self.mean, q, self.basis.T)
+
+
+def build(rung: str, args, pca: dict | None = None) -> nn.Module:
+    """The rung's model; ``pca`` (``analysis.fit_pca`` of ``--channels`` components): for the ``pca`` decoder."""
     encoder_kind, decoder_kind, output = rung.split("/")
     encoder = (LinearEncoder(args.image_size, args.channels) if encoder_kind == "linear"
                else mobileformer.create(args.encoder, zero_init_residual=encoder_kind == "mf0",
                                         final_act=args.final_act))
+    if decoder_kind in ("q-linear", "pca"):
+        decoder = nn.Linear(args.channels, 3 * args.image_size ** 2) if decoder_kind == "q-linear" else PCADecoder(pca)
+        model = WithoutFinola(encoder, args.channels, args.image_size, decoder, output=output)
+        return model.to(memory_format=torch.channels_last)
     config = autoencoder.FinolaConfig(channels=args.channels, grid=(args.grid, args.grid),
                                  upsampler="linear" if decoder_kind == "linear" else "conv",
                                  widths=tuple(args.widths), patch=args.image_size // args.grid, output=output)
@@ -90,11 +130,11 @@ def crops(args) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(out)[: args.crops], torch.cat(val)
 
 
-def train_rung(rung: str, x_train: torch.Tensor, x_val: torch.Tensor, args) -> dict:
+def train_rung(rung: str, x_train: torch.Tensor, x_val: torch.Tensor, args, pca: dict | None = None) -> dict:
     """AdamW (0.9, 0.95), wd 0.1 on matrices, linear warm-up over ``--warmup`` steps then cosine decay over the
     ``--minutes`` of wall-clock; returns PSNR on the evaluation images and on 512 training crops."""
     torch.manual_seed(args.seed)
-    model = build(rung, args)
+    model = build(rung, args, pca)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -141,18 +181,22 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     for rung in args.rungs:
         parts = rung.split("/")
-        if len(parts) != 3 or parts[0] not in ("linear", "mf", "mf0") or parts[1] not in ("linear", "table10") \
-                or parts[2] not in autoencoder.OUTPUTS:
+        if len(parts) != 3 or parts[0] not in ("linear", "mf", "mf0") or parts[1] not in DECODERS \
+                or parts[2] not in autoencoder.OUTPUTS or (parts[1] == "pca" and parts[2] != "pixels"):
             p.error(f"--rungs: {rung!r} is not ENCODER/DECODER/OUTPUT with ENCODER in linear|mf|mf0, DECODER in "
-                    f"linear|table10, OUTPUT in {'|'.join(autoencoder.OUTPUTS)}")
+                    f"{'|'.join(DECODERS)}, OUTPUT in {'|'.join(autoencoder.OUTPUTS)} (pixels for pca)")
     if args.threads:
         torch.set_num_threads(args.threads)
     x_train, x_val = crops(args)
+    pca = None
+    if any(rung.split("/")[1] == "pca" for rung in args.rungs):  # fitted on the crops the rungs train on
+        pca = analysis.fit_pca((x_train[i:i + 1024].float().div(255) for i in range(512, len(x_train), 1024)),
+                               args.channels, max_images=len(x_train))
     mean_colour = round(metrics.psnr(x_val, metrics.mean_colour(x_val)).mean().item(), 2)
     results = []
     for rung in args.rungs:
         console.print(f"training {rung} for {args.minutes:g} min")
-        results.append(train_rung(rung, x_train, x_val, args))
+        results.append(train_rung(rung, x_train, x_val, args, pca))
         console.print(results[-1])
     table = Table(title=f"Reconstruction ladder: {args.minutes:g} min each on {args.data} at {args.image_size}², "
                         f"C = {args.channels}, {args.grid}x{args.grid}; mean colour {mean_colour} dB held out")

@@ -1,0 +1,43 @@
+"""ladder.py's rungs without FINOLA: the ``pca`` decoder is the PCA's own reconstruction, ``q-linear`` trains end to
+end, and the command line refuses a ``pca`` rung that would predict normalized pixels."""
+import argparse
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import analysis
+import ladder
+
+ARGS = argparse.Namespace(image_size=32, channels=8, grid=4, widths=[16, 8], encoder="mf-nano", final_act=False)
+
+
+def test_the_pca_decoder_of_the_pca_code_is_the_pca_reconstruction():
+    g = torch.Generator().manual_seed(0)
+    train = [torch.rand(40, 3, 4, 4, generator=g) for _ in range(2)]
+    pca = analysis.fit_pca(train, 6)
+    x = torch.rand(5, 3, 4, 4, generator=g)
+    code = ((x.flatten(1).double() - pca["mean"]) @ pca["basis"]).float()
+    decoded = ladder.PCADecoder(pca)(code).view_as(x)
+    assert_close(decoded, analysis.pca_reconstruct_images(x, pca), atol=1e-5, rtol=0)
+    assert not list(ladder.PCADecoder(pca).parameters()), "the PCA decoder is fixed"
+
+
+@pytest.mark.parametrize("rung", ["mf0/q-linear/normalized", "mf0/pca/pixels", "linear/pca/pixels"])
+def test_rungs_without_finola_reconstruct_and_train_their_encoder(rung):
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(3 * 32 * 32, ARGS.channels, dtype=torch.float64)).Q  # a PCA's form, cheaply
+    pca = {"mean": torch.full((3 * 32 * 32,), 0.5, dtype=torch.float64), "basis": basis}
+    model = ladder.build(rung, ARGS, pca)
+    x = torch.rand(4, 3, 32, 32)
+    y = model(x)
+    assert y.shape == x.shape and not any(isinstance(m, torch.nn.ParameterDict) for m in model.modules())
+    torch.nn.functional.mse_loss(y, x).backward()
+    grads = [p.grad for p in model.encoder.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads), "the loss reaches the encoder"
+
+
+def test_a_pca_rung_must_predict_pixels(capsys):
+    with pytest.raises(SystemExit):
+        ladder.main(["--rungs", "mf0/pca/normalized"])
+    assert "(pixels for pca)" in capsys.readouterr().err
