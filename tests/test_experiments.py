@@ -34,6 +34,7 @@ def _row(top1):
     return {"final": {"top1": top1}}
 
 
+@pytest.mark.slow  # ~6 s: experiments.py run as a command, torch imported anew each time
 def test_the_table_reports_mean_and_std_over_seeds_and_marks_each_direction(tmp_path):
     done = {f"linprobe/{enc}/seed{s}": _row(v) for enc, values in
             {"finola": [0.70, 0.72, 0.74], "masked-b": [0.75, 0.77, 0.79], "masked-e": [0.60, 0.60, 0.60]}.items()
@@ -57,6 +58,7 @@ def test_the_table_reports_mean_and_std_over_seeds_and_marks_each_direction(tmp_
     assert "Table 1: masking lowers App. D PSNR (masked-b): **reproduced** (18.50 dB vs 20.00 dB)" in text
 
 
+@pytest.mark.slow  # ~6 s: experiments.py run as a command, torch imported anew each time
 def test_the_detection_table_reports_ap_over_seeds_and_each_claim(tmp_path):
     done = {f"shapes/{enc}/seed{s}": {"final": {"AP": ap, "AP50": 2 * ap}, "steps": 2500, "train_s": 420.0}
             for enc, values in {"random-mf-tiny": [0.10, 0.12, 0.14], "finola-t1": [0.20, 0.20, 0.20],
@@ -127,6 +129,7 @@ def test_table4_says_which_file_is_missing_or_has_no_random_twin(table4_files, t
     assert done.returncode != 0 and "not one of the Mobile-Former presets" in done.stderr
 
 
+@pytest.mark.slow  # ~6 s: experiments.py run as a command, torch imported anew each time
 def test_the_latent_table_sets_each_row_beside_its_pca_and_multi_path_beside_one_path(tmp_path):
     def run(psnr, pca, minutes=8.0):
         return {"final": {"psnr_db": psnr, "pca_db": pca}, "steps": 3000, "train_s": 60 * minutes}
