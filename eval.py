@@ -232,7 +232,7 @@ def cmd_readout(args) -> dict:
         db, twin = row["psnr_db"], row["layout_pca_db"]
         table.add_row(row["stage"], str(row["numbers"]), "skipped (too many numbers)" if db is None else f"{db:.2f} dB",
                       "" if db is None else f"{db - result['pca_db']:+.2f} dB",
-                      "lossless" if twin is None and row["stage"] != "q" else "" if twin is None else f"{twin:.2f} dB")
+                      "lossless" if row["layout_lossless"] else "" if twin is None else f"{twin:.2f} dB")
     console.print(table)
     return result
 

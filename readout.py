@@ -10,6 +10,8 @@ the stage at which the read-out falls below the PCA is where the encoder loses w
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -58,11 +60,13 @@ def unblocks(b: torch.Tensor, grid: tuple[int, int], shape) -> torch.Tensor:
 
 def layout_pca(train_batches, x_val: torch.Tensor, channels: int, grid: tuple[int, int]) -> float | None:
     """PSNR on ``x_val`` of the images coded block by block on ``grid`` with ``channels`` PCA components each (one
-    basis fitted on the blocks of ``train_batches``); None when the grid does not tile the images or a block has no
-    more than ``channels`` numbers (the layout then loses nothing linearly)."""
+    basis fitted on the blocks of ``train_batches``); ``math.inf`` when a block has no more than ``channels`` numbers
+    (the layout loses nothing linearly), None when the grid does not tile the images."""
     h, w = x_val.shape[-2:]
-    if h % grid[0] or w % grid[1] or 3 * (h // grid[0]) * (w // grid[1]) <= channels:
+    if h % grid[0] or w % grid[1]:
         return None
+    if 3 * (h // grid[0]) * (w // grid[1]) <= channels:
+        return math.inf
     pca = analysis.fit_pca((blocks(x, grid) for x in train_batches), channels, max_images=10 ** 9)
     coded = unblocks(analysis.pca_reconstruct_images(blocks(x_val, grid), pca), grid, x_val.shape)
     return round(analysis.psnr(x_val, coded).mean().item(), 3)
@@ -99,10 +103,11 @@ class Ridge:
 
 @torch.no_grad()
 def readout(model, train_batches, x_val: torch.Tensor, *, ridge: float = 1e-2) -> list[dict]:
-    """Per stage: {"stage", "numbers", "psnr_db", "layout_pca_db"}: the PSNR on ``x_val`` (B, 3, H, W) of the pixels
-    read linearly out of that stage (:class:`Ridge`, fitted on ``train_batches``, a list of image batches in
-    [0, 1]; stages with more than ``MAX_FEATURES`` numbers get None) and, for a map stage, of its layout's linear
-    twin (:func:`layout_pca`; None for q and where the layout is lossless)."""
+    """Per stage: {"stage", "numbers", "psnr_db", "layout_pca_db", "layout_lossless"}: the PSNR on ``x_val`` (B, 3,
+    H, W) of the pixels read linearly out of that stage (:class:`Ridge`, fitted on ``train_batches``, a list of image
+    batches in [0, 1]; stages with more than ``MAX_FEATURES`` numbers get None) and, for a map stage, of its
+    layout's linear twin (:func:`layout_pca`; None for q, where the grid does not tile and where the layout is
+    lossless, which ``layout_lossless`` says)."""
     analysis.check_pca_size(x_val[0].numel(), 1)
     model.eval()
     fits: dict[str, Ridge | None] = {}
@@ -114,10 +119,12 @@ def readout(model, train_batches, x_val: torch.Tensor, *, ridge: float = 1e-2) -
                 fits[name].add(f.flatten(1), x.flatten(1))
     if not fits:
         raise ValueError("readout: the training data gave no images")
-    val = stage_features(model, x_val)
-    return [{"stage": name, "numbers": val[name][0].numel(),
-             "psnr_db": None if fit is None else
-             round(analysis.psnr(x_val, fit.predict(val[name].flatten(1)).reshape(x_val.shape)).mean().item(), 3),
-             "layout_pca_db": None if val[name].dim() != 4 else
-             layout_pca(train_batches, x_val, val[name].shape[1], tuple(val[name].shape[-2:]))}
-            for name, fit in fits.items()]
+    val, rows = stage_features(model, x_val), []
+    for name, fit in fits.items():
+        f = val[name]
+        twin = layout_pca(train_batches, x_val, f.shape[1], tuple(f.shape[-2:])) if f.dim() == 4 else None
+        rows.append({"stage": name, "numbers": f[0].numel(),
+                     "psnr_db": None if fit is None else
+                     round(analysis.psnr(x_val, fit.predict(f.flatten(1)).reshape(x_val.shape)).mean().item(), 3),
+                     "layout_pca_db": None if twin == math.inf else twin, "layout_lossless": twin == math.inf})
+    return rows

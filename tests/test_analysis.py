@@ -1,5 +1,6 @@
 """The paper's analyses (analysis.py), FINOLA as a codec (codec.py) and their eval.py commands on a tiny model."""
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -263,7 +264,7 @@ def test_layout_pca_of_one_cell_is_the_pca_and_a_wide_layout_is_lossless():
     pca = analysis.fit_pca(train, 10)
     whole = analysis.psnr(x_val, analysis.pca_reconstruct_images(x_val, pca)).mean().item()
     assert readout.layout_pca(train, x_val, 10, (1, 1)) == pytest.approx(whole, abs=1e-3)
-    assert readout.layout_pca(train, x_val, 12, (4, 4)) is None, "a 2x2 block holds 12 numbers: nothing to lose"
+    assert readout.layout_pca(train, x_val, 12, (4, 4)) == math.inf, "a 2x2 block holds 12 numbers: nothing to lose"
     assert readout.layout_pca(train, x_val, 4, (3, 3)) is None, "3 does not tile 8"
     assert readout.layout_pca(train, x_val, 4, (4, 4)) < readout.layout_pca(train, x_val, 8, (4, 4))
 
@@ -276,8 +277,9 @@ def test_readout_command(tiny, tmp_path, capsys):
     assert stages["q"]["numbers"] == 16 and stages["FINOLA map"]["numbers"] == 16 * 4 * 4
     assert all(10 < row["psnr_db"] < 60 for row in out["stages"])
     assert stages["stem"]["psnr_db"] > stages["q"]["psnr_db"], "the stem's 2,048 numbers hold more than q's 16"
-    assert stages["q"]["layout_pca_db"] is None and all(
-        row["layout_pca_db"] is None or 10 < row["layout_pca_db"] < 80 for row in out["stages"])
+    assert stages["q"]["layout_pca_db"] is None and not stages["q"]["layout_lossless"]
+    assert all((row["layout_pca_db"] is None) == (row["stage"] == "q" or row["layout_lossless"]) for row in out["stages"])
+    assert all(row["layout_pca_db"] is None or 10 < row["layout_pca_db"] < 80 for row in out["stages"])
 
 
 def test_codec_round_trip_and_refusal(tiny, tmp_path, capsys):
