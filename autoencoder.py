@@ -37,6 +37,7 @@ class FinolaConfig:
     norm: str = "layer"                     # "layer" (Eq. 1) or "moving-average" (§4's ablation)
     momentum: float = 0.1                   # of the running statistics, for norm="moving-average"
     heads: int = 8                          # of the attentional pooler
+    pool_positions: tuple = ()              # ours: the encoder map's (h, w), learned key positions (AttentionPool)
     upsampler: str = "conv"                 # see UPSAMPLERS (Table 10)
     widths: tuple = (512, 256, 256, 128, 128)  # Table 10, upsampler="conv"
     patch: int = 16                         # Table 10, upsampler="linear": each cell's patch side
@@ -54,7 +55,8 @@ class FinolaConfig:
         if self.paths < 1 or (self.paths > 1 and self.norm != "layer"):
             raise ValueError(f"paths: expected 1, or more with norm='layer', got {self.paths} with {self.norm!r}")
         q_origin(self.q_position, self.grid)
-        frozen_fields(self, **{k: tuple(getattr(self, k)) for k in ("grid", "widths", "mean", "std")})
+        frozen_fields(self, **{k: tuple(getattr(self, k))
+                               for k in ("grid", "widths", "mean", "std", "pool_positions")})
 
 
 class Finola(EncoderModel):
@@ -74,7 +76,8 @@ class Finola(EncoderModel):
         self.config = config
         self.encoder = encoder
         self.latent = config.channels * config.paths  # the numbers in q
-        self.pool = AttentionPool(encoder.out_channels, self.latent, heads=config.heads)
+        self.pool = AttentionPool(encoder.out_channels, self.latent, heads=config.heads,
+                                  positions=config.pool_positions)
         self.finola = nn.ParameterDict({k: nn.Parameter(v) for k, v in init(config.channels).items()})
         self.upsampler = (ConvUpsampler(config.channels, config.widths) if config.upsampler == "conv"
                           else LinearUpsampler(config.channels, patch=config.patch))

@@ -354,18 +354,33 @@ def tokens(z: torch.Tensor) -> torch.Tensor:
 
 class AttentionPool(nn.Module):
     """App. B "Pooling the compressed vector q": one multi-head attention layer whose learnable query attends over
-    the encoder's output map (keys = values = the map's positions); the result is q in R^C."""
+    the encoder's output map (keys = values = the map's positions); the result is q in R^C.
 
-    def __init__(self, in_channels: int, channels: int, *, heads: int = 8):
+    With ``positions`` = (h, w) (ours, not the paper's), a learned embedding of the map's h x w positions is added to
+    the keys, not the values: each head can then read one region of the map by where it is, which the paper's
+    pooler can only do through what the encoder writes there (EXPERIMENTS.md, issue 28)."""
+
+    def __init__(self, in_channels: int, channels: int, *, heads: int = 8, positions: tuple = ()):
         super().__init__()
         if channels % heads:
             raise ValueError(f"heads: {heads} must divide channels={channels}")
+        if positions and (len(positions) != 2 or min(positions) < 1):
+            raise ValueError(f"positions: expected the map's (h, w) or (), got {tuple(positions)}")
+        self.positions = tuple(positions)
         self.query = nn.Parameter(torch.randn(1, 1, channels) * channels ** -0.5)
         self.attn = nn.MultiheadAttention(channels, heads, kdim=in_channels, vdim=in_channels, batch_first=True)
+        self.key_pos = (nn.Parameter(torch.randn(1, positions[0] * positions[1], in_channels)) if positions
+                        else None)
 
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
         kv = tokens(fmap)  # (B, h*w, C_enc)
-        q, _ = self.attn(self.query.expand(kv.shape[0], -1, -1), kv, kv, need_weights=False)
+        keys = kv
+        if self.key_pos is not None:
+            if tuple(fmap.shape[-2:]) != self.positions:
+                raise ValueError(f"fmap: the pooler's key positions are {self.positions}, got a "
+                                 f"{tuple(fmap.shape[-2:])} map")
+            keys = kv + self.key_pos
+        q, _ = self.attn(self.query.expand(kv.shape[0], -1, -1), keys, kv, need_weights=False)
         return q[:, 0]
 
 

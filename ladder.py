@@ -39,6 +39,7 @@ import autoencoder
 import data
 import metrics
 import mobileformer
+import tasks
 from finola import AttentionPool
 from layers import PixelNorm
 
@@ -98,7 +99,8 @@ def build(rung: str, args, pca: dict | None = None) -> nn.Module:
         decoder = nn.Linear(args.channels, 3 * args.image_size ** 2) if decoder_kind == "q-linear" else PCADecoder(pca)
         model = WithoutFinola(encoder, args.channels, args.image_size, decoder, output=output)
         return model.to(memory_format=torch.channels_last)
-    config = autoencoder.FinolaConfig(channels=args.channels, grid=(args.grid, args.grid),
+    positions = tasks.map_size(encoder, args.image_size) if args.pool_positions else ()
+    config = autoencoder.FinolaConfig(channels=args.channels, grid=(args.grid, args.grid), pool_positions=positions,
                                  upsampler="linear" if decoder_kind == "linear" else "conv",
                                  widths=tuple(args.widths), patch=args.image_size // args.grid, output=output)
     return autoencoder.Finola(encoder, config).to(memory_format=torch.channels_last)
@@ -169,6 +171,9 @@ def main(argv=None) -> dict:
     p.add_argument("--encoder", default="mf-tiny", choices=sorted(mobileformer.PRESETS))
     p.add_argument("--final-act", action=argparse.BooleanOptionalAction, default=True,
                    help="ReLU6 after the Mobile-Former's final conv (train.py's flag; off in the small finola preset)")
+    p.add_argument("--pool-positions", action=argparse.BooleanOptionalAction, default=False,
+                   help="learned key positions in the pooler of the FINOLA rungs (train.py's flag; on in the small "
+                        "finola preset)")
     p.add_argument("--channels", type=int, default=256)
     p.add_argument("--grid", type=int, default=4)
     p.add_argument("--image-size", type=int, default=32)

@@ -432,3 +432,29 @@ def test_per_position_norm_is_scoped_and_restored_on_error():
             raise RuntimeError("inside")
     assert model.use_running_stats is True
     assert_close(model.expand(q), running)
+
+
+def test_the_pooler_sees_positions_only_through_its_key_embedding():
+    """The paper's pooler is blind to where a feature sits (q is the same for any order of the map's positions);
+    with ``positions`` a learned embedding added to the keys tells them apart, and at zero it is the paper's."""
+    torch.manual_seed(0)
+    fmap = torch.randn(2, 8, 2, 3)
+    flipped = fmap.flip(-1).flip(-2)
+    plain = finola.AttentionPool(8, 16, heads=4)
+    assert_close(plain(flipped), plain(fmap))
+    placed = finola.AttentionPool(8, 16, heads=4, positions=(2, 3))
+    placed.load_state_dict(plain.state_dict(), strict=False)
+    assert placed.key_pos.shape == (1, 6, 8)
+    assert (placed(flipped) - placed(fmap)).abs().max() > 1e-3
+    with torch.no_grad():
+        placed.key_pos.zero_()
+    assert_close(placed(fmap), plain(fmap))
+
+
+def test_the_pooler_s_positions_must_match_the_map():
+    with pytest.raises(ValueError, match=r"fmap: the pooler's key positions are \(2, 2\), got a \(4, 4\) map"):
+        finola.AttentionPool(8, 16, heads=4, positions=(2, 2))(torch.randn(1, 8, 4, 4))
+    with pytest.raises(ValueError, match="positions: expected the map's"):
+        finola.AttentionPool(8, 16, heads=4, positions=(2, 0))
+    model = tiny_model(pool_positions=[1, 1])  # the stub encoder's map of 16² images; JSON gives lists
+    assert model.config.pool_positions == (1, 1) and model(torch.rand(1, 3, 16, 16)).shape == (1, 3, 16, 16)

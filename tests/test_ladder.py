@@ -1,5 +1,6 @@
 """ladder.py's rungs without FINOLA: the ``pca`` decoder is the PCA's own reconstruction, ``q-linear`` trains end to
-end, and the command line refuses a ``pca`` rung that would predict normalized pixels."""
+end, and the command line refuses a ``pca`` rung that would predict normalized pixels; ``--pool-positions`` fits the
+pooler's key positions to each encoder's map."""
 import argparse
 
 import pytest
@@ -9,7 +10,8 @@ from torch.testing import assert_close
 import analysis
 import ladder
 
-ARGS = argparse.Namespace(image_size=32, channels=8, grid=4, widths=[16, 8], encoder="mf-nano", final_act=False)
+ARGS = argparse.Namespace(image_size=32, channels=8, grid=4, widths=[16, 8], encoder="mf-nano", final_act=False,
+                          pool_positions=False)
 
 
 def test_the_pca_decoder_of_the_pca_code_is_the_pca_reconstruction():
@@ -41,3 +43,14 @@ def test_a_pca_rung_must_predict_pixels(capsys):
     with pytest.raises(SystemExit):
         ladder.main(["--rungs", "mf0/pca/normalized"])
     assert "(pixels for pca)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("encoder, positions", [("mf0", (2, 2)), ("linear", (1, 1))])
+def test_pool_positions_fit_each_encoder_s_map(encoder, positions):
+    """mf-nano ends on a 2x2 map of 32² images, the linear encoder on a 1x1 one; the pooler's key positions follow."""
+    torch.manual_seed(0)
+    args = argparse.Namespace(**{**vars(ARGS), "pool_positions": True})
+    model = ladder.build(f"{encoder}/linear/normalized", args)
+    assert model.config.pool_positions == positions
+    assert model.pool.key_pos.shape == (1, positions[0] * positions[1], model.encoder.out_channels)
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 3, 32, 32)

@@ -44,6 +44,7 @@ def test_two_steps_then_rebuild_from_weights_alone(tmp_path):
     model = weights.load_model(out / "model.safetensors")
     meta = model.metadata
     assert meta["task"] == "finola" and meta["train"]["max_steps"] == 2 and meta["metrics"] == final
+    assert model.config.pool_positions == (2, 2), "the small preset's pooler knows the 2x2 map's positions"
     # The checkpoint's weights, loaded into a model built from the flags, give the same outputs.
     args = train.parse_args(TINY_FINOLA + ["--max-steps", "2"])
     fresh = train.TASKS["finola"].build(args)
