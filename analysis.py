@@ -250,9 +250,9 @@ def fit_pca(images, k: int, *, max_images: int = 20000) -> dict:
 
     One batch at a time, the sum and the D x D second moment of the images (about the first batch's mean, which
     keeps the subtraction below well-conditioned) accumulate in float64; the covariance's eigenvectors come from
-    ``torch.linalg.eigh``. Returns ``mean`` (D,) and ``basis`` (D, k) (orthonormal columns, decreasing variance),
-    both float64, ``explained`` (the fraction of the total variance in the k components) and ``images`` (how many
-    were used). Needs at least k + 1 images (n images span at most n - 1 directions about their mean)."""
+    ``torch.linalg.eigh``. Returns ``mean`` (D,), ``basis`` (D, k) (orthonormal columns, decreasing variance) and
+    ``variances`` (k,) (each component's variance), all float64, ``explained`` (the fraction of the total variance in
+    the k components) and ``images`` (how many were used). Needs at least k + 1 images (n images span at most n - 1 directions about their mean)."""
     if k < 1:
         raise ValueError(f"k: a PCA needs at least 1 component, got k={k}")
     if max_images < k + 1:
@@ -278,7 +278,7 @@ def fit_pca(images, k: int, *, max_images: int = 20000) -> dict:
     centre = total / n
     covariance = moment.addr_(centre, centre, alpha=-n).div_(n - 1)  # in place: D x D may be 2 GiB
     values, vectors = torch.linalg.eigh(covariance)  # ascending
-    return {"mean": shift + centre, "basis": vectors[:, -k:].flip(1),
+    return {"mean": shift + centre, "basis": vectors[:, -k:].flip(1), "variances": values[-k:].flip(0),
             "explained": (values[-k:].sum() / values.sum()).item(), "images": n}
 
 

@@ -134,9 +134,11 @@ def crops(args) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_rung(rung: str, x_train: torch.Tensor, x_val: torch.Tensor, args, pca: dict | None = None) -> dict:
     """AdamW (0.9, 0.95), wd 0.1 on matrices, linear warm-up over ``--warmup`` steps then cosine decay over the
-    ``--minutes`` of wall-clock; returns PSNR on the evaluation images and on 512 training crops."""
+    ``--minutes`` of wall-clock, on the pixel MSE (with ``--spectral-loss``, weighted along ``pca``'s directions);
+    returns PSNR on the evaluation images and on 512 training crops."""
     torch.manual_seed(args.seed)
     model = build(rung, args, pca)
+    criterion = autoencoder.SpectralMSE(pca, args.spectral_loss) if args.spectral_loss else F.mse_loss
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -149,7 +151,7 @@ def train_rung(rung: str, x_train: torch.Tensor, x_val: torch.Tensor, args, pca:
         for group in optimizer.param_groups:
             group["lr"] = lr
         x = x_train[torch.randint(512, len(x_train), (args.batch_size,), generator=g)].float().div(255)
-        loss = F.mse_loss(model(x.contiguous(memory_format=torch.channels_last)), x)
+        loss = criterion(model(x.contiguous(memory_format=torch.channels_last)), x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -174,6 +176,9 @@ def main(argv=None) -> dict:
     p.add_argument("--pool-positions", action=argparse.BooleanOptionalAction, default=False,
                    help="learned key positions in the pooler of the FINOLA rungs (train.py's flag; on in the small "
                         "finola preset)")
+    p.add_argument("--spectral-loss", type=float, default=0.0, metavar="ALPHA",
+                   help="weigh the error along the crops' leading --channels principal directions (train.py's flag, "
+                        "autoencoder.SpectralMSE; 0: plain MSE)")
     p.add_argument("--channels", type=int, default=256)
     p.add_argument("--grid", type=int, default=4)
     p.add_argument("--image-size", type=int, default=32)
@@ -194,7 +199,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     x_train, x_val = crops(args)
     pca = None
-    if any(rung.split("/")[1] == "pca" for rung in args.rungs):  # fitted on the crops the rungs train on
+    if args.spectral_loss or any(rung.split("/")[1] == "pca" for rung in args.rungs):  # on the crops they train on
         pca = analysis.fit_pca((x_train[i:i + 1024].float().div(255) for i in range(512, len(x_train), 1024)),
                                args.channels, max_images=len(x_train))
     mean_colour = round(metrics.psnr(x_val, metrics.mean_colour(x_val)).mean().item(), 2)

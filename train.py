@@ -59,7 +59,7 @@ DEFAULTS = dict(preset="small", data=None, streaming=False, augment=True, epoch_
                 upsampler_width=512, upsampler_depth=6, decoder_width=96, decoder_depth=1, mask_ratio=0.75, dropout=None,
                 optimizer="adamw",
                 label_smoothing=0.0, random_erase=0.0, crop_ratio=0.875, threads=None, pca_images=20000,
-                output="normalized", zero_init_residual=False, down_shortcut=False, final_act=True, pool_positions=False, colour_jitter=0.0, clip_grad=0.0, compile=False)
+                output="normalized", zero_init_residual=False, down_shortcut=False, final_act=True, pool_positions=False, spectral_loss=0.0, colour_jitter=0.0, clip_grad=0.0, compile=False)
 
 
 def _number(kind, low: float, *, low_ok: bool, what: str):
@@ -147,6 +147,10 @@ def _model_flags(p: argparse.ArgumentParser):
     m.add_argument("--pool-positions", action=argparse.BooleanOptionalAction,
                    help="finola: a learned embedding of the encoder map's positions added to the pooler's keys "
                         "(ours; on in the small finola preset, off as in the paper otherwise: EXPERIMENTS.md)")
+    m.add_argument("--spectral-loss", type=AMOUNT, metavar="ALPHA",
+                   help="finola: weigh the error along the training crops' K leading principal directions by "
+                        "(λ_K / λ_k)^ALPHA, so the low-variance ones learn sooner (autoencoder.SpectralMSE; ours; "
+                        "0: the paper's plain MSE)")
     m.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="wrap the model in torch.compile (off by default; costs and gains on a CPU: EXPERIMENTS.md, Speed)")
     m.add_argument("--q-position", choices=finola.Q_POSITIONS, help="where q sits in the map (App. E.1)")

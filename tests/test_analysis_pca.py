@@ -58,6 +58,7 @@ def test_fit_pca_agrees_with_the_svd_of_the_centred_data(k):
     assert_close(pca["mean"], flat.mean(0), rtol=0, atol=1e-14)
     assert_close(pca["basis"].T @ pca["basis"], torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-12)
     assert_close(projector(pca["basis"]), projector(vh[:k].T), rtol=0, atol=1e-10)
+    assert_close(pca["variances"], s[:k].square() / (len(x) - 1), rtol=1e-10, atol=0)  # unbiased, decreasing
     assert pca["explained"] == pytest.approx((s[:k].square().sum() / s.square().sum()).item(), rel=1e-12)
     centred = flat - flat.mean(0)
     slow = flat.mean(0) + centred @ vh[:k].T @ vh[:k]
@@ -99,6 +100,57 @@ def test_clear_errors():
     assert isinstance(error.value, ValueError)
     with pytest.raises(ValueError, match="x: images of 27 numbers, but the PCA was fitted on images of 48"):
         analysis.pca_reconstruct_images(torch.rand(2, 3, 3, 3), analysis.fit_pca([x], 2))
+
+
+# --- autoencoder.SpectralMSE: the pixel MSE weighted along the PCA's directions (--spectral-loss) -------------------
+
+def slow_spectral_mse(y, x, pca, alpha):
+    """Image by image over a complete orthonormal basis: the PCA's K directions weighted (λ_K / λ_k)^α, the rest 1."""
+    basis = pca["basis"]
+    rest, _, _ = torch.linalg.svd(torch.eye(D, dtype=torch.float64) - basis @ basis.T)
+    full = torch.cat([basis, rest[:, : D - basis.shape[1]]], 1)          # (D, D), orthonormal
+    w = torch.cat([(pca["variances"][-1] / pca["variances"]) ** alpha, torch.ones(D - basis.shape[1],
+                                                                                 dtype=torch.float64)])
+    total = 0.0
+    for yi, xi in zip(y, x):
+        e = (yi - xi).flatten().double()
+        total += sum(w[d] * (full[:, d] @ e) ** 2 for d in range(D)) / D
+    return total / len(y)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 0.9])
+def test_spectral_mse_agrees_with_the_slow_weighted_sum(alpha):
+    pca = analysis.fit_pca([spread(200)], 7)
+    g = torch.Generator().manual_seed(1)
+    y, x = torch.rand(3, 3, 4, 4, generator=g), torch.rand(3, 3, 4, 4, generator=g)
+    loss = autoencoder.SpectralMSE(pca, alpha)(y, x)
+    assert_close(loss.double(), slow_spectral_mse(y, x, pca, alpha), rtol=1e-5, atol=0)
+    if alpha == 0:
+        assert_close(loss, torch.nn.functional.mse_loss(y, x), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.5, 0.9])
+def test_spectral_weights_keep_the_pca_as_the_best_linear_code(alpha):
+    """The weighted objective's best K-dimensional code (the top-K eigenspace of the covariance seen through the
+    loss's metric M) is the PCA's own: the weighting changes how hard each direction pulls, not the target."""
+    x, k = spread(400), 7
+    whole = analysis.fit_pca([x], D - 1)
+    pca = {key: (value[:, :k] if key == "basis" else value[:k] if key == "variances" else value)
+           for key, value in whole.items()}
+    weights = (pca["variances"][-1] / pca["variances"]) ** alpha
+    assert bool((weights <= 1).all()) and bool((weights[:-1] < weights[1:]).all())
+    root = torch.eye(D, dtype=torch.float64) + pca["basis"] @ torch.diag(weights.sqrt() - 1) @ pca["basis"].T
+    flat = x.flatten(1) - x.flatten(1).mean(0)
+    seen = analysis.fit_pca([(flat @ root).reshape(x.shape)], k)   # M^½ x, M^½ symmetric
+    assert_close(projector(seen["basis"]), projector(pca["basis"]), rtol=0, atol=1e-8)
+
+
+def test_spectral_mse_clear_errors():
+    pca = analysis.fit_pca([spread(40)], 3)
+    with pytest.raises(ValueError, match=r"alpha: expected 0 <= alpha < 1 .* got 1.0"):
+        autoencoder.SpectralMSE(pca, 1.0)
+    with pytest.raises(ValueError, match="y, x: images of 27 numbers, but the spectrum was fitted on 48"):
+        autoencoder.SpectralMSE(pca, 0.25)(torch.rand(2, 3, 3, 3), torch.rand(2, 3, 3, 3))
 
 
 # --- eval.py: pca_baseline, reconstruct(pca=...), the reconstruct command --------------------------------------------

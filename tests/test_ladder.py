@@ -1,6 +1,6 @@
 """ladder.py's rungs without FINOLA: the ``pca`` decoder is the PCA's own reconstruction, ``q-linear`` trains end to
 end, and the command line refuses a ``pca`` rung that would predict normalized pixels; ``--pool-positions`` fits the
-pooler's key positions to each encoder's map."""
+pooler's key positions to each encoder's map; ``--spectral-loss`` trains on the weighted loss."""
 import argparse
 
 import pytest
@@ -11,7 +11,7 @@ import analysis
 import ladder
 
 ARGS = argparse.Namespace(image_size=32, channels=8, grid=4, widths=[16, 8], encoder="mf-nano", final_act=False,
-                          pool_positions=False)
+                          pool_positions=False, spectral_loss=0.0)
 
 
 def test_the_pca_decoder_of_the_pca_code_is_the_pca_reconstruction():
@@ -54,3 +54,19 @@ def test_pool_positions_fit_each_encoder_s_map(encoder, positions):
     assert model.config.pool_positions == positions
     assert model.pool.key_pos.shape == (1, positions[0] * positions[1], model.encoder.out_channels)
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 3, 32, 32)
+
+
+def test_spectral_loss_trains_a_rung_on_the_weighted_mse(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(3 * 32 * 32, ARGS.channels, dtype=torch.float64, generator=g)).Q
+    pca = {"mean": torch.full((3 * 32 * 32,), 0.5, dtype=torch.float64), "basis": basis,
+           "variances": torch.logspace(1, -2, ARGS.channels, dtype=torch.float64)}
+    alphas = []
+    real = ladder.autoencoder.SpectralMSE.forward
+    monkeypatch.setattr(ladder.autoencoder.SpectralMSE, "forward",
+                        lambda self, y, x: alphas.append(self.alpha) or real(self, y, x))
+    args = argparse.Namespace(**{**vars(ARGS), "spectral_loss": 0.25, "seed": 0, "lr": 1e-3, "warmup": 1,
+                                 "batch_size": 4, "minutes": 0.002})
+    x = torch.randint(0, 256, (520, 3, 32, 32), dtype=torch.uint8, generator=g)
+    result = ladder.train_rung("mf0/linear/normalized", x, x[:4].float().div(255), args, pca)
+    assert result["steps"] >= 1 and alphas == [0.25] * result["steps"]

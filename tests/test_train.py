@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 import augment
+import autoencoder
 import data
 import eval as ev
 import metrics
@@ -134,6 +135,32 @@ def test_eval_reconstruct_command(tmp_path, capsys):
     # 4 images of 32 px enlarged 4x to 128, in 2 rows, with 2 px gaps
     assert last["figure"] == str(tmp_path / "reconstructions.png")
     assert Image.open(last["figure"]).size == (4 * 130 + 2, 2 * 130 + 2)
+
+
+def test_spectral_loss_trains_on_the_pca_baselines_directions_and_stays_out_of_the_weights(tmp_path, monkeypatch):
+    """--spectral-loss: the loss weighs the error by the PCA of the baseline's crops (k = C, --pca-images of them),
+    fitted before the first step; the weights file has no trace of it and loads as any FINOLA model."""
+    fitted, losses = [], []
+    real_fit, real_loss = metrics.analysis.fit_pca, autoencoder.SpectralMSE.forward
+    monkeypatch.setattr(metrics.analysis, "fit_pca",
+                        lambda images, k, **kw: fitted.append((k, kw["max_images"])) or real_fit(images, k, **kw))
+    monkeypatch.setattr(autoencoder.SpectralMSE, "forward", lambda self, y, x: losses.append(self.alpha)
+                        or real_loss(self, y, x))
+    out = run(tmp_path, "--spectral-loss", "0.25", "--max-steps", "2", "--pca-images", "40")
+    assert fitted == [(16, 40), (16, 40)] and losses == [0.25, 0.25], "one fit for the loss, one for pca_db"
+    assert not any("criterion" in name for name in load_file(out / "model.safetensors"))
+    assert json.loads((out / "args.json").read_text())["spectral_loss"] == 0.25
+    model = weights.load_model(out / "model.safetensors")
+    assert not hasattr(model, "criterion") and model(torch.rand(2, 3, 32, 32)).shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--spectral-loss", "1"], r"--spectral-loss 1.0: expected a number in \[0, 1\)"),
+    (["--spectral-loss", "0.25", "--pca-images", "0"], "it needs --pca-images > 0"),
+])
+def test_spectral_loss_clear_errors(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path, "--max-steps", "1", *flags)
 
 
 def test_paths_train_end_to_end_and_every_baseline_has_as_many_numbers_as_q(tmp_path, monkeypatch):
@@ -273,7 +300,8 @@ def test_a_short_run_learns_more_than_each_image_s_mean_colour(tmp_path):
     train.main(["--task", "finola", "--data", "photos", "--data-options", '{"crops_per_photo": 1, "with_wallpapers": false}',
                 "--no-augment", "--encoder", "mf-tiny", "--channels", "64", "--grid", "4", "--image-size", "32",
                 "--upsampler", "conv", "--widths", "32", "16", "16", "16", "--batch-size", "7", "--max-steps", "60", "--lr", "0.03",
-                "--warmup-epochs", "5", "--log-every", "5", "--pca-images", "0", "--seed", "0", "--out", str(out)])
+                "--warmup-epochs", "5", "--log-every", "5", "--pca-images", "0", "--spectral-loss", "0", "--seed", "0",
+                "--out", str(out)])
     import data
     ds = data.load("photos", split="train", crops_per_photo=1, with_wallpapers=False)
     x = next(iter(data.Loader(ds, batch_size=7, transform=augment.eval_transform("classify", size=32, crop_ratio=1.0))))

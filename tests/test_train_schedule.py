@@ -58,7 +58,7 @@ ACCUM_FLAGS = ["--task", "finola", "--data", "photos", "--data-options",
                '{"crops_per_photo": 2, "with_wallpapers": false}', "--no-augment", "--encoder", "mf-tiny",
                "--channels", "16", "--grid", "2", "--image-size", "32", "--widths", "16", "16", "16", "16", "16",
                "--optimizer", "sgd", "--lr", "3.2", "--weight-decay", "0", "--warmup-epochs", "0", "--max-steps", "2",
-               "--log-every", "1", "--pca-images", "0", "--seed", "0", "--threads", "1"]
+               "--log-every", "1", "--pca-images", "0", "--spectral-loss", "0", "--seed", "0", "--threads", "1"]
 
 
 @pytest.fixture
