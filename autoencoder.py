@@ -143,9 +143,9 @@ class Finola(EncoderModel):
 # The plain MSE (α = 0, the paper's) pulls on each direction by its variance, so a model learns the image's
 # components from the largest down and the low-variance ones that a K-number code must also hold come last (the small
 # preset at 80 epochs missed 1.4 % of the variance along directions 16–64, 29 % along 64–128 and 91 % along 128–256:
-# like a PCA of ~100 components; EXPERIMENTS.md). Weighting them closer together speeds that up. For 0 ≤ α < 1 the weighted
-# variances w_k λ_k = λ_K^α λ_k^(1−α) keep their order and stay at or above every λ beyond K, so the best linear code
-# of K numbers is the same PCA: the target does not change, only how hard each part of it pulls.
+# like a PCA of ~100 components; EXPERIMENTS.md). Weighting them closer together speeds that up. For 0 ≤ α < 1 the
+# weighted variances w_k λ_k = λ_K^α λ_k^(1−α) keep their order and stay at or above every λ beyond K, so the best
+# linear code of K numbers is the same PCA: the target does not change, only how hard each part of it pulls.
 class SpectralMSE(nn.Module):
     """Pixel MSE with the error's components along the K leading principal directions of the training images
     weighted by (λ_K / λ_k)^α (the equation above). ``pca`` from ``analysis.fit_pca`` (``basis`` (D, K), ``variances``
