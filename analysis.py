@@ -252,7 +252,8 @@ def fit_pca(images, k: int, *, max_images: int = 20000) -> dict:
     keeps the subtraction below well-conditioned) accumulate in float64; the covariance's eigenvectors come from
     ``torch.linalg.eigh``. Returns ``mean`` (D,), ``basis`` (D, k) (orthonormal columns, decreasing variance) and
     ``variances`` (k,) (each component's variance), all float64, ``explained`` (the fraction of the total variance in
-    the k components) and ``images`` (how many were used). Needs at least k + 1 images (n images span at most n - 1 directions about their mean)."""
+    the k components) and ``images`` (how many were used). Needs at least k + 1 images (n images span at most n - 1
+    directions about their mean)."""
     if k < 1:
         raise ValueError(f"k: a PCA needs at least 1 component, got k={k}")
     if max_images < k + 1:
