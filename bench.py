@@ -222,13 +222,13 @@ def _loader_rate(ds, transform, args, *, batches: int, warmup: int) -> tuple[flo
 
 def _step_rate(task, args, batch, *, steps: int) -> float:
     """Images/s of the model's training step alone on one fixed batch: forward, loss, backward and optimizer step
-    as in train.py (channels_last on a CPU, AdamW fused, or SGD for linear probing)."""
+    as in train.py (channels_last on a CPU, the preset's --optimizer from ``train.make_optimizer``)."""
+    import train
+
     torch.manual_seed(args.seed)
     model = task.build(args)
     model = model.to(memory_format=torch.channels_last).train()
-    trained = [p for p in model.parameters() if p.requires_grad]
-    optimizer = (torch.optim.SGD(trained, lr=1e-4, momentum=0.9) if args.optimizer == "sgd" else
-                 torch.optim.AdamW(trained, lr=1e-4, betas=tuple(args.betas), fused=True))
+    optimizer = train.make_optimizer([p for p in model.parameters() if p.requires_grad], args, lr=1e-4, fused=True)
 
     def step():
         loss = task.loss(model, batch, args)

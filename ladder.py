@@ -39,6 +39,7 @@ import autoencoder
 import data
 import metrics
 import mobileformer
+import muon
 import tasks
 from finola import AttentionPool
 from layers import PixelNorm
@@ -133,16 +134,17 @@ def crops(args) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_rung(rung: str, x_train: torch.Tensor, x_val: torch.Tensor, args, pca: dict | None = None) -> dict:
-    """AdamW (0.9, 0.95), wd 0.1 on matrices, linear warm-up over ``--warmup`` steps then cosine decay over the
-    ``--minutes`` of wall-clock, on the pixel MSE (with ``--spectral-loss``, weighted along ``pca``'s directions);
-    returns PSNR on the evaluation images and on 512 training crops."""
+    """AdamW (0.9, 0.95) (``--optimizer muon``: Muon on matrices), wd 0.1 on matrices, linear warm-up over
+    ``--warmup`` steps then cosine decay over the ``--minutes`` of wall-clock, on the pixel MSE (with
+    ``--spectral-loss``, weighted along ``pca``'s directions); returns PSNR on the evaluation images and on 512 training crops."""
     torch.manual_seed(args.seed)
     model = build(rung, args, pca)
     criterion = autoencoder.SpectralMSE(pca, args.spectral_loss) if args.spectral_loss else F.mse_loss
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+    optimizer = (muon.Muon(groups, lr=args.lr, betas=(0.9, 0.95)) if args.optimizer == "muon" else
+                 torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95)))
     g = torch.Generator().manual_seed(args.seed)
     budget, step, start = 60 * args.minutes, 0, time.perf_counter()
     model.train()
@@ -179,6 +181,8 @@ def main(argv=None) -> dict:
     p.add_argument("--spectral-loss", type=float, default=0.0, metavar="ALPHA",
                    help="weigh the error along the crops' leading --channels principal directions (train.py's flag, "
                         "autoencoder.SpectralMSE; 0: plain MSE)")
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                   help="muon: Muon on the weight matrices and kernels, AdamW on the vectors (train.py's flag, muon.py)")
     p.add_argument("--channels", type=int, default=256)
     p.add_argument("--grid", type=int, default=4)
     p.add_argument("--image-size", type=int, default=32)

@@ -39,6 +39,7 @@ import errors
 import finola
 import mae
 import mobileformer
+import muon
 import runs
 import weights
 import tasks
@@ -214,7 +215,9 @@ def _optimisation_flags(p: argparse.ArgumentParser):
     o.add_argument("--clip-grad", type=AMOUNT, help="clip the gradient norm to this (DETR: 0.1, on in the detection "
                                                     "presets; 0: off)")
     o.add_argument("--seed", type=int)
-    o.add_argument("--optimizer", choices=["adamw", "sgd"], help="sgd: momentum 0.9 (linear probing, Table 13)")
+    o.add_argument("--optimizer", choices=["adamw", "sgd", "muon"],
+                   help="sgd: momentum 0.9 (linear probing, Table 13); muon: Muon on the weight matrices and kernels, "
+                        "AdamW (--betas) on the vectors, the same lr and weight decay (muon.py; not the paper's)")
     o.add_argument("--label-smoothing", type=AMOUNT, help="of the classification loss (Table 13: 0.1 for tran-1)")
     o.add_argument("--random-erase", type=AMOUNT, help="RandomErasing probability with RandAug (0.25 for MF-W2880)")
     o.add_argument("--crop-ratio", type=RATE, help="classification: evaluation resizes to size / ratio and centre-"
@@ -503,6 +506,8 @@ def make_optimizer(params: list, args, *, lr: float, fused: bool) -> torch.optim
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if args.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    if args.optimizer == "muon":
+        return muon.Muon(groups, lr=lr, betas=tuple(args.betas), fused=fused)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(args.betas), fused=fused)
 
 

@@ -11,7 +11,7 @@ import analysis
 import ladder
 
 ARGS = argparse.Namespace(image_size=32, channels=8, grid=4, widths=[16, 8], encoder="mf-nano", final_act=False,
-                          pool_positions=False, spectral_loss=0.0)
+                          pool_positions=False, spectral_loss=0.0, optimizer="adamw")
 
 
 def test_the_pca_decoder_of_the_pca_code_is_the_pca_reconstruction():
@@ -70,3 +70,14 @@ def test_spectral_loss_trains_a_rung_on_the_weighted_mse(monkeypatch):
     x = torch.randint(0, 256, (520, 3, 32, 32), dtype=torch.uint8, generator=g)
     result = ladder.train_rung("mf0/linear/normalized", x, x[:4].float().div(255), args, pca)
     assert result["steps"] >= 1 and alphas == [0.25] * result["steps"]
+
+
+def test_optimizer_muon_steps_a_rung_with_muon(monkeypatch):
+    steps = []
+    real = ladder.muon.Muon.step
+    monkeypatch.setattr(ladder.muon.Muon, "step", lambda self: steps.append(1) or real(self))
+    args = argparse.Namespace(**{**vars(ARGS), "optimizer": "muon", "seed": 0, "lr": 1e-3, "warmup": 1,
+                                 "batch_size": 4, "minutes": 0.002})
+    x = torch.randint(0, 256, (520, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    result = ladder.train_rung("mf0/linear/normalized", x, x[:4].float().div(255), args)
+    assert result["steps"] >= 1 and len(steps) == result["steps"]

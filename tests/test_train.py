@@ -54,7 +54,8 @@ def test_two_steps_then_rebuild_from_weights_alone(tmp_path):
     assert_close(model(x), fresh.eval()(x), rtol=0, atol=0)
 
 
-def test_resume_continues_at_the_saved_step_with_the_same_schedule(tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_at_the_saved_step_with_the_same_schedule(tmp_path, monkeypatch, optimizer):
     saved = {}
     real_save = runs.save_checkpoint
 
@@ -65,7 +66,7 @@ def test_resume_continues_at_the_saved_step_with_the_same_schedule(tmp_path, mon
             saved["args"] = (out / "args.json").read_text()
 
     monkeypatch.setattr(runs, "save_checkpoint", keep_step2)
-    full = run(tmp_path, "--max-steps", "5", "--checkpoint-every", "2", name="full")
+    full = run(tmp_path, "--max-steps", "5", "--checkpoint-every", "2", "--optimizer", optimizer, name="full")
     monkeypatch.setattr(runs, "save_checkpoint", real_save)
 
     resumed = tmp_path / "resumed"  # a run that stopped after its step-2 checkpoint
@@ -301,7 +302,7 @@ def test_a_short_run_learns_more_than_each_image_s_mean_colour(tmp_path):
                 "--no-augment", "--encoder", "mf-tiny", "--channels", "64", "--grid", "4", "--image-size", "32",
                 "--upsampler", "conv", "--widths", "32", "16", "16", "16", "--batch-size", "7", "--max-steps", "60", "--lr", "0.03",
                 "--warmup-epochs", "5", "--log-every", "5", "--pca-images", "0", "--spectral-loss", "0", "--seed", "0",
-                "--out", str(out)])
+                "--optimizer", "adamw", "--out", str(out)])
     import data
     ds = data.load("photos", split="train", crops_per_photo=1, with_wallpapers=False)
     x = next(iter(data.Loader(ds, batch_size=7, transform=augment.eval_transform("classify", size=32, crop_ratio=1.0))))
