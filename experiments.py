@@ -44,7 +44,7 @@ COMMON = ["--no-augment", "--image-size", "64", "--batch-size", str(BATCH), "--e
           "0.03", "--lr", "8e-3", "--weight-decay", "0.1", "--betas", "0.9", "0.95", "--seed", "0"]
 VANILLA = ["--encoder", "mf-tiny", "--no-zero-init-residual", "--final-act", "--no-pool-positions", "--grid", "4",
            "--channels", "256", "--upsampler", "conv", "--widths", "64", "32", "32", "16", "16", "--pca-images", "0",
-           "--spectral-loss", "0"]
+           "--spectral-loss", "0", "--optimizer", "adamw"]
 PRETRAIN = {
     "finola": ["--task", "finola", *VANILLA],
     "masked-e": ["--task", "masked-e", "--encoder", "mf-tiny", "--grid", "4", "--channels", "256"],
@@ -384,7 +384,8 @@ def table2a(args) -> None:
             row = f"L{latent}/{m}x{c}/seed{seed}"
             done = study.train(row, ["--task", "finola", "--paths", str(m), "--channels", str(c), "--seed", str(seed),
                                      "--epochs", str(args.epochs), "--colour-jitter", str(args.colour_jitter),
-                                     "--final-act", "--no-pool-positions", "--spectral-loss", "0"])
+                                     "--final-act", "--no-pool-positions", "--spectral-loss", "0",
+                                     "--optimizer", "adamw", "--batch-size", "32"])
             if f"pde/{row}" not in study.done:
                 facts = run(["eval.py", "pde", "--weights", str(Path(done["run"]) / "model.safetensors")],
                             threads=args.threads)

@@ -116,17 +116,19 @@ FINOLA_PAPER = dict(data="hf:ILSVRC/imagenet-1k", streaming=True, epoch_size=1_2
                     epochs=100, warmup_epochs=10, lr=1.5e-4, weight_decay=0.1, betas=[0.9, 0.95], checkpoint_every=2000)
 # Ours: the 7 photos + 42 wallpapers at 32², a 4x4 grid of 8 px patches, mf-nano (Mobile-Former cut to its three M-F↓
 # blocks: at this size a step of the 12-block mf-tiny costs more and teaches less, EXPERIMENTS.md), 80 epochs
-# (5.5-8 minutes here, as this machine's speed moves), no colour jitter (it cost 0.26-0.46 dB at 60
+# (4-5 minutes here, as this machine's speed moves), no colour jitter (it cost 0.26-0.46 dB at 60
 # epochs, once the encoder was the shallow one; EXPERIMENTS.md), and no ReLU6 after the encoder's final conv (+0.6-0.7
 # dB at 80 epochs on two seeds; the paper does not say whether it is there; EXPERIMENTS.md), and learned key positions
 # in the pooler (+0.19-0.29 dB at 80 epochs on two seeds: the encoder's 2x2 map no longer has to say where it is),
 # and the loss weighted along the training crops' principal directions with alpha 0.25 (+0.24-0.26 dB at 80 epochs on
 # two seeds: the low-variance directions q must also hold are learnt sooner; 0.4 lost 0.18 dB; at 360 epochs the plain
-# MSE catches up: +0.04-0.09 dB).
+# MSE catches up: +0.04-0.09 dB), and Muon on the weight matrices and kernels (muon.py) at a batch of 128, where
+# AdamW loses: +1.4 dB at 80 epochs in 4-5 minutes instead of 6-8 (EXPERIMENTS.md, "Seventh pass").
 FINOLA_SMALL = dict(data="photos", encoder="mf-nano", zero_init_residual=True, final_act=False, pool_positions=True,
                     spectral_loss=0.25,
-                    channels=256, grid=4, image_size=32, upsampler="linear", colour_jitter=0.0, batch_size=32,
-                    epochs=80, warmup_epochs=0.5, lr=2.4e-2, weight_decay=0.1, betas=[0.9, 0.95], checkpoint_every=500)
+                    channels=256, grid=4, image_size=32, upsampler="linear", colour_jitter=0.0, batch_size=128,
+                    optimizer="muon", epochs=80, warmup_epochs=0.5, lr=2.4e-2, weight_decay=0.1, betas=[0.9, 0.95],
+                    checkpoint_every=200)
 
 
 def decoder_of(args, choices) -> str:

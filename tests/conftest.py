@@ -20,7 +20,7 @@ os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="finola-hf-")
 TINY_FINOLA = ["--task", "finola", "--data", "photos", "--data-options",
                '{"crops_per_photo": 2, "with_wallpapers": false}', "--encoder", "mf-tiny", "--channels", "16",
                "--grid", "2", "--image-size", "32", "--batch-size", "4", "--lr", "0.05", "--warmup-epochs", "0",
-               "--log-every", "1", "--pca-images", "0", "--spectral-loss", "0"]
+               "--log-every", "1", "--pca-images", "0", "--spectral-loss", "0", "--optimizer", "adamw"]
 # A tiny detector's data and model (add --task): 8 shapes images of 32², mf-tiny + mf-dec-tiny, 10 queries.
 TINY_DETR = ["--data", "shapes", "--data-options", '{"n": 8, "size": 32}', "--encoder", "mf-tiny", "--decoder",
              "mf-dec-tiny", "--num-queries", "10", "--image-size", "32", "--batch-size", "4", "--log-every", "1"]

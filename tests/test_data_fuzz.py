@@ -110,7 +110,7 @@ def match(colours: torch.Tensor, good: dict) -> list[str]:
 FINOLA = ["--task", "finola", "--data-options", "{}", "--encoder", "mf-tiny", "--channels", "16", "--grid", "2",
           "--image-size", "32", "--widths", "16", "16", "16", "16", "16", "--batch-size", "4", "--lr", "0.05",
           "--warmup-epochs", "0", "--log-every", "1", "--pca-images", "0", "--spectral-loss", "0",
-          "--colour-jitter", "0"]
+          "--colour-jitter", "0", "--optimizer", "adamw"]
 
 
 @pytest.mark.parametrize("streaming, workers", [(False, 0), (False, 1), (True, 0)])

@@ -242,7 +242,7 @@ def test_masked_tasks_run_and_rebuild(pretrained, task, capsys):
 def test_app_d_reconstruction_keeps_the_pretrained_encoder_frozen(pretrained, tmp_path):
     pre = pretrained / "masked-b"
     out = tmp_path / "appd"
-    train.main(["--task", "finola", *SMALL, "--pca-images", "0", "--spectral-loss", "0", "--channels", "16", "--widths", "16", "16", "16", "16", "16",
+    train.main(["--task", "finola", *SMALL, "--pca-images", "0", "--spectral-loss", "0", "--optimizer", "adamw", "--channels", "16", "--widths", "16", "16", "16", "16", "16",
                 "--init", str(pre / "model.safetensors"), "--freeze-encoder", "--out", str(out)])
     before, after = load_file(pre / "model.safetensors"), load_file(out / "model.safetensors")
     encoder = [k for k in after if k.startswith("encoder.")]

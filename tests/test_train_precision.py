@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ["--data", "photos", "--data-options", '{"crops_per_photo": 2, "with_wallpapers": false}']
 FAMILIES = {
     "finola": ["--task", "finola", *PHOTOS, "--channels", "16", "--grid", "2", "--widths", "16", "16", "16", "16",
-               "16", "--spectral-loss", "0"],
+               "16", "--spectral-loss", "0", "--optimizer", "adamw"],
     "masked-b": ["--task", "masked-b", *PHOTOS, "--image-size", "64", "--grid", "4", "--upsampler-width", "32",
                  "--upsampler-depth", "1"],
     "detr-probe": ["--task", "detr-probe", "--data", "shapes", "--data-options", '{"n": 8, "size": 32}',
