@@ -136,7 +136,8 @@ def crops(args) -> tuple[torch.Tensor, torch.Tensor]:
 def train_rung(rung: str, x_train: torch.Tensor, x_val: torch.Tensor, args, pca: dict | None = None) -> dict:
     """AdamW (0.9, 0.95) (``--optimizer muon``: Muon on matrices), wd 0.1 on matrices, linear warm-up over
     ``--warmup`` steps then cosine decay over the ``--minutes`` of wall-clock, on the pixel MSE (with
-    ``--spectral-loss``, weighted along ``pca``'s directions); returns PSNR on the evaluation images and on 512 training crops."""
+    ``--spectral-loss``, weighted along ``pca``'s directions); returns PSNR on the evaluation images and on 512
+    training crops."""
     torch.manual_seed(args.seed)
     model = build(rung, args, pca)
     criterion = autoencoder.SpectralMSE(pca, args.spectral_loss) if args.spectral_loss else F.mse_loss
@@ -182,7 +183,8 @@ def main(argv=None) -> dict:
                    help="weigh the error along the crops' leading --channels principal directions (train.py's flag, "
                         "autoencoder.SpectralMSE; 0: plain MSE)")
     p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
-                   help="muon: Muon on the weight matrices and kernels, AdamW on the vectors (train.py's flag, muon.py)")
+                   help="muon: Muon on the weight matrices and kernels, AdamW on the vectors (train.py's flag, "
+                        "muon.py)")
     p.add_argument("--channels", type=int, default=256)
     p.add_argument("--grid", type=int, default=4)
     p.add_argument("--image-size", type=int, default=32)

@@ -103,8 +103,8 @@ class Muon(torch.optim.Optimizer):
             return
         for p in params:
             if "step" not in self.state[p]:
-                self.state[p].update(step=torch.zeros((), device=p.device if self.fused else "cpu"), exp_avg=torch.zeros_like(p),
-                                     exp_avg_sq=torch.zeros_like(p))
+                self.state[p].update(step=torch.zeros((), device=p.device if self.fused else "cpu"),
+                                     exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
         state = [self.state[p] for p in params]
         adamw(params, [p.grad for p in params], [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state], [],
               [s["step"] for s in state], fused=self.fused, amsgrad=False, beta1=group["betas"][0],
